@@ -1,0 +1,92 @@
+//! The block-device seam: the one small trait every device implements, real or simulated.
+//!
+//! Devices are byte-addressed and positional, and take `&self` so that many threads may have
+//! I/O in flight on one device at once (as `pread`/`pwrite` allow). Implementations live at
+//! the edges: files and block devices in `clonebd-io`, simulated disks with volatile caches
+//! and injected faults in `clonebd-testkit`. Nothing in this crate calls these methods.
+
+use std::io;
+
+/// What a device can do beyond reads, writes and flushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Caps {
+    /// `discard` releases space (and reads back as zeros or stale data afterwards).
+    pub discard: bool,
+    /// `write_zeroes` is cheaper than writing a buffer of zeros (e.g. `FALLOC_FL_ZERO_RANGE`).
+    pub write_zeroes: bool,
+    /// The device has a volatile write cache, so `flush` matters.
+    pub volatile_cache: bool,
+}
+
+/// A positional block device.
+pub trait BlockDev: Send + Sync {
+    /// Size in bytes.
+    fn size_bytes(&self) -> u64;
+
+    /// Logical block size in bytes: the smallest unit of I/O the device accepts.
+    fn logical_block_size(&self) -> u32 {
+        512
+    }
+
+    /// Optional capabilities.
+    fn caps(&self) -> Caps {
+        Caps::default()
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`. Not durable until a later `flush` returns (unless the
+    /// device has no volatile cache).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Discards `[offset, offset+len)`. Devices without [`Caps::discard`] return
+    /// [`io::ErrorKind::Unsupported`].
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. The default writes zero buffers.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.write_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn logical_block_size(&self) -> u32 {
+        (**self).logical_block_size()
+    }
+    fn caps(&self) -> Caps {
+        (**self).caps()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+}

@@ -1,0 +1,20 @@
+//! clonebd-core: the parts of clonebd that are pure logic.
+//!
+//! - [`geometry`]: sectors, regions and their conversions (all `u64`);
+//! - [`bitmap`]: the lock-free in-core hydration map and the sparse per-transaction dirty set;
+//! - [`dev`]: the block-device trait that real and simulated devices implement.
+//!
+//! Nothing in this crate performs I/O, reads a clock, spawns a thread or allocates on behalf of
+//! an untrusted peer; everything that happens is an input passed in, and everything the crate
+//! wants done is an output returned.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod bitmap;
+pub mod dev;
+pub mod geometry;
+
+pub use bitmap::{DirtySet, HydrationMap};
+pub use dev::{BlockDev, Caps};
+pub use geometry::{Geometry, GeometryError, RegionId, SECTOR_SIZE};

@@ -1,0 +1,1 @@
+//! clonebd-driver (placeholder while the crate is written).

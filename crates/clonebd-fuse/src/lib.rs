@@ -1,0 +1,1 @@
+//! clonebd-fuse (placeholder while the crate is written).

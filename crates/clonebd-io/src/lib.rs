@@ -1,0 +1,16 @@
+//! clonebd-io: the devices clonebd runs on, at the edge where the system is called.
+//!
+//! [`FileDevice`] serves regular files and block devices through the
+//! [`clonebd_core::BlockDev`] trait: positional reads and writes (with `O_DIRECT` where the
+//! device allows it and the request is aligned), `fdatasync`, discard (hole punching or
+//! `BLKDISCARD`), zeroing (`FALLOC_FL_ZERO_RANGE` or `BLKZEROOUT`), and an exclusive
+//! advisory lock so that one process owns a device at a time (SPEC 9, H2).
+//!
+//! This is one of the two crates allowed `unsafe` (for `ioctl` and `fallocate`); each block
+//! says why it is sound.
+
+#![deny(missing_docs)]
+
+mod file;
+
+pub use file::{AccessMode, FileDevice, OpenError, OpenOptions};

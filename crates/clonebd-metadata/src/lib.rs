@@ -1,0 +1,1 @@
+//! clonebd-metadata (placeholder while the crate is written).

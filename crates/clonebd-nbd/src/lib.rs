@@ -1,0 +1,1 @@
+//! clonebd-nbd (placeholder while the crate is written).

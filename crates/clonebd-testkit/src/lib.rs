@@ -1,0 +1,17 @@
+//! clonebd-testkit: deterministic test equipment.
+//!
+//! - [`SimDisk`]: a [`clonebd_core::BlockDev`] held in memory with a volatile write cache.
+//!   Writes are visible at once but durable only after a flush; [`SimDisk::power_cut`] keeps
+//!   the durable image plus any subset of the unflushed writes, torn at 512-byte sectors, as a
+//!   real disk losing power may. Faults can be injected per operation and per range, and every
+//!   operation can be recorded in a [`Trace`] shared between disks, so tests can check the order
+//!   of writes and flushes across devices.
+//! - [`Rng`]: a small seeded generator (SplitMix64), so every simulation replays from its seed.
+
+#![deny(missing_docs)]
+
+mod rng;
+mod sim;
+
+pub use rng::Rng;
+pub use sim::{CutStyle, FaultOp, SimDisk, Trace, TraceEvent, TraceOp};

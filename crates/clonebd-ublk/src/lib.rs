@@ -1,0 +1,1 @@
+//! clonebd-ublk (placeholder while the crate is written).
