@@ -2,7 +2,9 @@
 //!
 //! - [`geometry`]: sectors, regions and their conversions (all `u64`);
 //! - [`bitmap`]: the lock-free in-core hydration map and the sparse per-transaction dirty set;
-//! - [`dev`]: the block-device trait that real and simulated devices implement.
+//! - [`dev`]: the block-device trait that real and simulated devices implement;
+//! - [`dmclone`]: the dm-clone table line, status line and messages, byte-exact;
+//! - [`engine`]: the region state machine, hydration and the commit protocol.
 //!
 //! Nothing in this crate performs I/O, reads a clock, spawns a thread or allocates on behalf of
 //! an untrusted peer; everything that happens is an input passed in, and everything the crate
@@ -13,6 +15,8 @@
 
 pub mod bitmap;
 pub mod dev;
+pub mod dmclone;
+pub mod engine;
 pub mod geometry;
 
 pub use bitmap::{DirtySet, HydrationMap};
