@@ -205,7 +205,7 @@ impl HydrationMap {
 /// The set is split into chunks of 512 words (32 768 regions); a chunk exists only once one
 /// of its regions is dirty. Iteration is in ascending word order, which is the order the
 /// metadata store writes array blocks in.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DirtySet {
     chunks: std::collections::BTreeMap<u64, Box<[u64; CHUNK_WORDS]>>,
     nr_dirty: u64,

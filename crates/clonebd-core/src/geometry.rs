@@ -143,7 +143,7 @@ impl Geometry {
 
     /// Whether the last region is shorter than the others.
     pub fn has_short_tail(&self) -> bool {
-        self.target_sectors % self.region_sectors != 0
+        !self.target_sectors.is_multiple_of(self.region_sectors)
     }
 
     /// The regions that a byte range `[offset, offset+len)` touches at all: `(first, count)`.

@@ -222,7 +222,13 @@ impl FileDevice {
     fn pick(&self, ptr: *const u8, len: usize, offset: u64) -> &File {
         let a = u64::from(self.logical_block_size);
         match &self.direct {
-            Some(d) if offset % a == 0 && len as u64 % a == 0 && (ptr as u64) % a == 0 => d,
+            Some(d)
+                if offset.is_multiple_of(a)
+                    && (len as u64).is_multiple_of(a)
+                    && (ptr as u64).is_multiple_of(a) =>
+            {
+                d
+            }
             _ => &self.file,
         }
     }

@@ -148,7 +148,7 @@ impl SimDisk {
     /// A disk whose durable content is `bytes` (length a multiple of 512).
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Self {
         assert!(
-            bytes.len() as u64 % SECTOR == 0,
+            (bytes.len() as u64).is_multiple_of(SECTOR),
             "SimDisk size must be a multiple of 512"
         );
         Self {
@@ -264,7 +264,9 @@ impl SimDisk {
             if let Some(data) = choice {
                 g.durable[r.clone()].copy_from_slice(data);
             }
-            let Inner { current, durable, .. } = &mut *g;
+            let Inner {
+                current, durable, ..
+            } = &mut *g;
             current[r.clone()].copy_from_slice(&durable[r]);
         }
     }
@@ -372,7 +374,9 @@ impl BlockDev for SimDisk {
         let r = self.check_fault(&mut g, FaultOp::Flush, 0, 0);
         if r.is_ok() {
             let pending = std::mem::take(&mut g.pending);
-            let Inner { current, durable, .. } = &mut *g;
+            let Inner {
+                current, durable, ..
+            } = &mut *g;
             for sector in pending.keys() {
                 let o = (sector * SECTOR) as usize;
                 let r = o..o + SECTOR as usize;

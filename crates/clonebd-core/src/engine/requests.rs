@@ -1,0 +1,586 @@
+//! Request routing (SPEC 3) and the completion of the operations it starts.
+//!
+//! Requests are split at region boundaries (a device-mapper core duty, SPEC 1.3), but
+//! adjacent pieces that go the same way are issued as one operation, so a 1 MiB write over
+//! hydrated regions is one destination write, not 256.
+
+use super::{
+    Action, CommitWaiter, CopyOrigin, Engine, Event, Flight, FlightKind, IoStatus, Mode, Op, OpId,
+    Part, ReqId, ReqKind, ReqState, Request, Waiter, WriteData,
+};
+use crate::geometry::RegionId;
+
+/// A piece ready to go to the destination at once, before merging.
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    /// A write to a hydrated region.
+    Direct(Part),
+    /// A full-region write of unhydrated region `r`.
+    Overwrite(Part, RegionId),
+}
+
+impl Engine {
+    pub(super) fn submit(&mut self, req: ReqId, r: Request) {
+        if self.mode == Mode::Fail {
+            // SPEC 3.0 step 1: every bio fails.
+            self.emit(Action::Reply {
+                req,
+                status: IoStatus::Io,
+            });
+            return;
+        }
+        let range = match r {
+            Request::Read { offset, len }
+            | Request::Write { offset, len, .. }
+            | Request::WriteZeroes { offset, len, .. }
+            | Request::Discard { offset, len }
+            | Request::Hydrate { offset, len } => Some((offset, len)),
+            Request::Flush => None,
+        };
+        if let Some((offset, len)) = range
+            && !self.valid_range(offset, len)
+        {
+            self.emit(Action::Reply {
+                req,
+                status: IoStatus::Invalid,
+            });
+            return;
+        }
+        let kind = match r {
+            Request::Read { .. } => ReqKind::Read,
+            Request::Write { .. } | Request::WriteZeroes { .. } => ReqKind::Write,
+            Request::Flush => ReqKind::Flush,
+            Request::Discard { offset, len } => ReqKind::Discard { offset, len },
+            Request::Hydrate { .. } => ReqKind::Hydrate,
+        };
+        // A duplicate id would corrupt the books: refuse it rather than trust it.
+        if self.reqs.contains_key(&req) {
+            self.emit(Action::Reply {
+                req,
+                status: IoStatus::Invalid,
+            });
+            return;
+        }
+        self.reqs.insert(
+            req,
+            ReqState {
+                kind,
+                pending: 1,
+                status: IoStatus::Ok,
+                hold_for_commit: false,
+            },
+        );
+        match r {
+            Request::Read { offset, len } => self.submit_read(req, offset, len),
+            Request::Write { offset, len, fua } => {
+                self.submit_write(req, offset, len, WriteData::Buffer { at: 0 }, fua)
+            }
+            Request::WriteZeroes { offset, len, fua } => {
+                self.submit_write(req, offset, len, WriteData::Zeroes, fua)
+            }
+            Request::Flush => self.submit_flush(req),
+            Request::Discard { .. } => self.dispatch_discard(req),
+            Request::Hydrate { offset, len } => self.submit_hydrate(req, offset, len),
+        }
+        // Drop the submission's own reference.
+        self.settle(req, 1, IoStatus::Ok);
+    }
+
+    fn valid_range(&self, offset: u64, len: u64) -> bool {
+        let lbs = u64::from(self.cfg.logical_block_size.max(1));
+        len > 0
+            && offset.is_multiple_of(lbs)
+            && len.is_multiple_of(lbs)
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.geometry().target_bytes())
+    }
+
+    /// Adds `n` pieces the request must wait for.
+    fn hold(&mut self, req: ReqId, n: u64) {
+        if let Some(s) = self.reqs.get_mut(&req) {
+            s.pending += n;
+        }
+    }
+
+    /// Settles `n` pieces of `req` with `status`, and replies once nothing is pending.
+    pub(super) fn settle(&mut self, req: ReqId, n: u64, status: IoStatus) {
+        let Some(s) = self.reqs.get_mut(&req) else {
+            return;
+        };
+        if !status.is_ok() && s.status.is_ok() {
+            s.status = status;
+        }
+        s.pending = s.pending.saturating_sub(n);
+        if s.pending > 0 {
+            return;
+        }
+        if s.hold_for_commit && s.status.is_ok() {
+            // SPEC 3.5: a FUA overwrite completes only after a metadata commit.
+            s.hold_for_commit = false;
+            s.pending = 1;
+            if self.mode != Mode::ReadWrite {
+                s.pending = 0;
+                s.status = IoStatus::Io;
+            } else {
+                self.next_round.push(CommitWaiter::HeldReply(req));
+                return;
+            }
+        }
+        let status = s.status;
+        self.reqs.remove(&req);
+        self.emit(Action::Reply { req, status });
+    }
+
+    // ----- reads -----
+
+    fn submit_read(&mut self, req: ReqId, offset: u64, len: u64) {
+        // Runs of regions with the same routing become one read each (SPEC 3.1: hydrated
+        // regions from the destination, the others from the source; reads never wait).
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let r = self.geometry().region_of_byte(pos);
+            let hydrated = self.view.map().is_hydrated(r);
+            let nr = self.geometry().nr_regions();
+            let run_end_region = if hydrated {
+                self.view.map().first_unhydrated_in(r, nr).unwrap_or(nr)
+            } else {
+                self.view.map().first_hydrated_in(r, nr).unwrap_or(nr)
+            };
+            let run_end = self.geometry().region_start_byte(run_end_region).min(end);
+            let op = self.new_op(Op::Read { req });
+            self.hold(req, 1);
+            let (o, l, at) = (pos, run_end - pos, pos - offset);
+            let a = if hydrated {
+                Action::ReadDest {
+                    op,
+                    req,
+                    offset: o,
+                    len: l,
+                    at,
+                }
+            } else {
+                Action::ReadSource {
+                    op,
+                    req,
+                    offset: o,
+                    len: l,
+                    at,
+                }
+            };
+            self.emit(a);
+            pos = run_end;
+        }
+    }
+
+    // ----- writes -----
+
+    fn submit_write(&mut self, req: ReqId, offset: u64, len: u64, data: WriteData, fua: bool) {
+        let g = *self.geometry();
+        let mut ready = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let r = g.region_of_byte(pos);
+            let piece_end = (g.region_start_byte(r) + g.region_len_bytes(r)).min(end);
+            let at = pos - offset;
+            let part = Part {
+                req,
+                offset: pos,
+                len: piece_end - pos,
+                data: match data {
+                    WriteData::Buffer { .. } => WriteData::Buffer { at },
+                    WriteData::Zeroes => WriteData::Zeroes,
+                },
+                fua,
+            };
+            self.dispatch_part(part, &mut ready);
+            pos = piece_end;
+        }
+        self.issue_ready(ready);
+    }
+
+    /// Routes one write piece (one region) per SPEC 3.2 and 3.3.
+    fn dispatch_part(&mut self, part: Part, ready: &mut Vec<Ready>) {
+        let g = *self.geometry();
+        let r = g.region_of_byte(part.offset);
+        if self.mode == Mode::Fail {
+            self.fail_part(part, IoStatus::Io);
+        } else if self.view.map().is_hydrated(r) {
+            if part.fua && self.changed() {
+                // SPEC 3.3: commit first, then write with FUA.
+                self.hold(part.req, 1);
+                if self.mode != Mode::ReadWrite {
+                    self.settle(part.req, 1, IoStatus::Io);
+                } else {
+                    self.next_round.push(CommitWaiter::FuaWrite(part));
+                }
+            } else {
+                self.hold(part.req, 1);
+                ready.push(Ready::Direct(part));
+            }
+        } else if let Some(f) = self.inflight.get_mut(&r) {
+            // Queue behind the region's hydration (SPEC 3.2 step 1).
+            f.waiters.push(Waiter::Write(part));
+            self.hold(part.req, 1);
+        } else if self.mode != Mode::ReadWrite {
+            self.fail_part(part, IoStatus::Io);
+        } else if part.len == g.region_bytes() {
+            // A full-region write hydrates the region without a copy. The short last region
+            // can never match, as its length is below the region size (SPEC 3.7).
+            self.hold(part.req, 1);
+            self.inflight.insert(
+                r,
+                Flight {
+                    op: 0,
+                    kind: FlightKind::Overwrite,
+                    waiters: Vec::new(),
+                },
+            );
+            ready.push(Ready::Overwrite(part, r));
+        } else {
+            self.hold(part.req, 1);
+            let op = self.start_copy(r, 1, CopyOrigin::Write, Some(part.req));
+            if let Some(f) = self.inflight.get_mut(&r) {
+                debug_assert_eq!(f.op, op);
+                f.waiters.push(Waiter::Write(part));
+            }
+        }
+    }
+
+    fn fail_part(&mut self, part: Part, status: IoStatus) {
+        self.hold(part.req, 1);
+        self.settle(part.req, 1, status);
+    }
+
+    /// Issues ready pieces, merging adjacent ones of the same kind into one operation.
+    fn issue_ready(&mut self, ready: Vec<Ready>) {
+        let mut i = 0;
+        while i < ready.len() {
+            let mut j = i + 1;
+            let same = |a: &Ready, b: &Ready| match (a, b) {
+                (Ready::Direct(x), Ready::Direct(y)) => {
+                    x.req == y.req && x.fua == y.fua && x.offset + x.len == y.offset
+                }
+                (Ready::Overwrite(x, rx), Ready::Overwrite(y, ry)) => {
+                    x.req == y.req && x.fua == y.fua && rx + 1 == *ry
+                }
+                _ => false,
+            };
+            while j < ready.len() && same(&ready[j - 1], &ready[j]) {
+                j += 1;
+            }
+            let group = &ready[i..j];
+            let (first, last) = match (group[0], group[group.len() - 1]) {
+                (Ready::Direct(a), Ready::Direct(b))
+                | (Ready::Overwrite(a, _), Ready::Overwrite(b, _)) => (a, b),
+                _ => unreachable!("groups hold one kind"),
+            };
+            let n = group.len() as u64;
+            let op = match group[0] {
+                Ready::Direct(p) => self.new_op(Op::Write {
+                    req: p.req,
+                    parts: n,
+                }),
+                Ready::Overwrite(p, r) => {
+                    let op = self.new_op(Op::Overwrite {
+                        req: p.req,
+                        first: r,
+                        n,
+                        fua: p.fua,
+                    });
+                    for k in 0..n {
+                        if let Some(f) = self.inflight.get_mut(&(r + k)) {
+                            f.op = op;
+                        }
+                    }
+                    op
+                }
+            };
+            self.emit(Action::WriteDest {
+                op,
+                req: first.req,
+                offset: first.offset,
+                len: last.offset + last.len - first.offset,
+                data: first.data,
+                fua: first.fua,
+            });
+            i = j;
+        }
+    }
+
+    /// Issues a FUA write piece after its commit round (SPEC 3.3).
+    pub(super) fn issue_after_commit(&mut self, part: Part) {
+        let op = self.new_op(Op::Write {
+            req: part.req,
+            parts: 1,
+        });
+        self.emit(Action::WriteDest {
+            op,
+            req: part.req,
+            offset: part.offset,
+            len: part.len,
+            data: part.data,
+            fua: true,
+        });
+    }
+
+    // ----- flush -----
+
+    fn submit_flush(&mut self, req: ReqId) {
+        self.hold(req, 1);
+        if self.changed() {
+            // SPEC 3.4: wait for a commit, whose destination flush stands in for this one.
+            self.next_round.push(CommitWaiter::Flush(req));
+        } else {
+            // Nothing changed: pass the flush to the destination only.
+            let op = self.new_op(Op::PlainFlush { req });
+            self.emit(Action::FlushDest { op });
+        }
+    }
+
+    // ----- discard -----
+
+    /// Routes a discard per SPEC 3.6, deferring it while a hydration is in flight in its
+    /// range (H1).
+    pub(super) fn dispatch_discard(&mut self, req: ReqId) {
+        let Some(ReqKind::Discard { offset, len }) = self.reqs.get(&req).map(|s| s.kind) else {
+            return;
+        };
+        let (rs, n) = self.geometry().covered_regions(offset, len);
+        if n == 0 {
+            // F4: nothing wholly covered, nothing passed down.
+            return;
+        }
+        if self.mode == Mode::Fail {
+            self.hold(req, 1);
+            self.settle(req, 1, IoStatus::Io);
+            return;
+        }
+        if self.view.map().is_range_hydrated(rs, n) {
+            self.pass_down(req, rs, n);
+            return;
+        }
+        if self.mode != Mode::ReadWrite {
+            // SPEC 3.6 step 4: ignored, reported as success.
+            return;
+        }
+        if let Some((&r, _)) = self.inflight.range(rs..rs + n).next() {
+            // H1: marking now would let new writes race the copy's destination write.
+            self.hold(req, 1);
+            if let Some(f) = self.inflight.get_mut(&r) {
+                f.waiters.push(Waiter::Discard(req));
+            }
+            return;
+        }
+        self.mark_range(rs, n);
+        self.pass_down(req, rs, n);
+    }
+
+    /// Marks every unhydrated region of `[rs, rs+n)` (the kernel's `cond_set_range`).
+    fn mark_range(&mut self, rs: RegionId, n: u64) {
+        let end = rs + n;
+        let mut w = rs / 64;
+        while w * 64 < end {
+            let lo = (w * 64).max(rs) - w * 64;
+            let hi = ((w + 1) * 64).min(end) - w * 64;
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let new = mask & !self.view.map().word(w);
+            if new != 0 {
+                self.view.map().set_word_bits(w, new);
+                self.current.insert_word_bits(w, new);
+            }
+            w += 1;
+        }
+    }
+
+    fn pass_down(&mut self, req: ReqId, rs: RegionId, n: u64) {
+        if !self.discard_passdown {
+            return;
+        }
+        let (start, end) = self.geometry().regions_byte_range(rs, n);
+        let op = self.new_op(Op::Discard { req });
+        self.hold(req, 1);
+        self.emit(Action::DiscardDest {
+            op,
+            req,
+            offset: start,
+            len: end - start,
+        });
+    }
+
+    // ----- hydrate -----
+
+    fn submit_hydrate(&mut self, req: ReqId, offset: u64, len: u64) {
+        if self.mode != Mode::ReadWrite {
+            self.hold(req, 1);
+            self.settle(req, 1, IoStatus::ReadOnly);
+            return;
+        }
+        let (first, n) = self.geometry().touched_regions(offset, len);
+        self.hold(req, 1);
+        self.priority.push_back(super::PriorityRange {
+            req,
+            next: first,
+            end: first + n,
+        });
+    }
+
+    // ----- completions -----
+
+    pub(super) fn complete(&mut self, op: OpId, status: IoStatus) {
+        let Some(o) = self.ops.remove(&op) else {
+            return;
+        };
+        match o {
+            Op::Read { req } => self.settle(req, 1, status),
+            Op::Write { req, parts } => self.settle(req, parts, status),
+            Op::Overwrite { req, first, n, fua } => {
+                self.complete_overwrite(req, first, n, fua, status)
+            }
+            Op::Copy { first, n, origin } => self.complete_copy(first, n, origin, status),
+            Op::Discard { req } => self.settle(req, 1, status),
+            Op::PlainFlush { req } => self.settle(req, 1, status),
+            Op::CommitFlush | Op::CommitWrite => self.complete_round_step(op, status),
+            Op::Abort => self.complete_abort(status),
+        }
+    }
+
+    fn complete_overwrite(
+        &mut self,
+        req: ReqId,
+        first: RegionId,
+        n: u64,
+        fua: bool,
+        status: IoStatus,
+    ) {
+        let ok = status.is_ok() && self.mode == Mode::ReadWrite;
+        let mut released = Vec::new();
+        for r in first..first + n {
+            if let Some(f) = self.inflight.remove(&r) {
+                released.extend(f.waiters);
+            }
+            if ok {
+                self.mark(r);
+            }
+        }
+        if ok
+            && fua
+            && let Some(s) = self.reqs.get_mut(&req)
+        {
+            s.hold_for_commit = true;
+        }
+        let st = if ok {
+            IoStatus::Ok
+        } else if status.is_ok() {
+            // Written, but the metadata cannot record it (SPEC 3.8, ro).
+            IoStatus::Io
+        } else {
+            status
+        };
+        self.settle(req, n, st);
+        // H4, fixed: writes queued behind a failed overwrite are routed afresh (they start
+        // a copy) instead of inheriting its error.
+        self.release(released, None);
+    }
+
+    fn complete_copy(&mut self, first: RegionId, n: u64, origin: CopyOrigin, status: IoStatus) {
+        match origin {
+            CopyOrigin::Background => {
+                self.bg_regions = self.bg_regions.saturating_sub(n);
+                self.bg_jobs = self.bg_jobs.saturating_sub(1);
+            }
+            CopyOrigin::Priority => self.priority_jobs = self.priority_jobs.saturating_sub(1),
+            CopyOrigin::Write => {}
+        }
+        let ok = status.is_ok() && self.mode == Mode::ReadWrite;
+        let mut released = Vec::new();
+        for r in first..first + n {
+            if let Some(f) = self.inflight.remove(&r) {
+                released.extend(f.waiters);
+            }
+            if ok {
+                self.mark(r);
+            }
+        }
+        if status.is_ok() {
+            let (s, e) = self.geometry().regions_byte_range(first, n);
+            self.bytes_hydrated += e - s;
+            if origin == CopyOrigin::Background {
+                self.consecutive_failures = 0;
+            }
+        } else {
+            self.copy_errors += 1;
+            let background = origin == CopyOrigin::Background;
+            if background {
+                self.note_background_failure();
+            }
+            self.emit(Action::Event(Event::CopyFailed {
+                first,
+                n,
+                background,
+            }));
+        }
+        // On failure the waiting writes fail with EIO (SPEC 3.2); hydrate requests too.
+        let fail = if ok { None } else { Some(IoStatus::Io) };
+        self.release(released, fail);
+    }
+
+    /// Settles or re-routes what waited on a region. With `fail`, writes and hydrate requests
+    /// fail with that status; otherwise they are dispatched again (now hydrated, they go to
+    /// the destination; after a failed overwrite, they start a copy).
+    fn release(&mut self, waiters: Vec<Waiter>, fail: Option<IoStatus>) {
+        let mut ready = Vec::new();
+        for w in waiters {
+            match w {
+                Waiter::Write(part) => match fail {
+                    Some(st) => self.settle(part.req, 1, st),
+                    None => {
+                        self.dispatch_part(part, &mut ready);
+                        self.settle(part.req, 1, IoStatus::Ok);
+                    }
+                },
+                Waiter::Discard(req) => {
+                    self.dispatch_discard(req);
+                    self.settle(req, 1, IoStatus::Ok);
+                }
+                Waiter::Hydrate(req) => self.settle(req, 1, fail.unwrap_or(IoStatus::Ok)),
+            }
+        }
+        self.issue_ready(ready);
+    }
+
+    /// Starts a copy of `[first, first+n)` (all unhydrated and idle) and records the flights.
+    pub(super) fn start_copy(
+        &mut self,
+        first: RegionId,
+        n: u64,
+        origin: CopyOrigin,
+        owner: Option<ReqId>,
+    ) -> OpId {
+        let op = self.new_op(Op::Copy { first, n, origin });
+        for r in first..first + n {
+            self.inflight.insert(
+                r,
+                Flight {
+                    op,
+                    kind: FlightKind::Copy,
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        let (offset, end) = self.geometry().regions_byte_range(first, n);
+        self.emit(Action::Copy {
+            op,
+            offset,
+            len: end - offset,
+            owner,
+        });
+        op
+    }
+}

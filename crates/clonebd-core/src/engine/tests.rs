@@ -1,0 +1,950 @@
+//! Unit tests of the engine, scenario by scenario, driving it by hand. The model-based test
+//! and the simulations with real metadata live in the driver crate's tests.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::bitmap::HydrationMap;
+use crate::geometry::Geometry;
+
+/// A hand-driven engine: requests in, actions collected, completions chosen by the test.
+struct H {
+    e: Engine,
+    now: Tick,
+    out: Vec<Action>,
+}
+
+const RB: u64 = 4096;
+
+impl H {
+    fn new(nr_regions: u64) -> Self {
+        Self::with(nr_regions * 8, |_| {})
+    }
+
+    fn with(target_sectors: u64, f: impl FnOnce(&mut Config)) -> Self {
+        Self::with_region(target_sectors, 8, f)
+    }
+
+    fn with_region(target_sectors: u64, region_sectors: u64, f: impl FnOnce(&mut Config)) -> Self {
+        let g = Geometry::new(target_sectors, region_sectors).expect("geometry");
+        let mut cfg = Config::new(g);
+        cfg.hydration_enabled = false;
+        f(&mut cfg);
+        let view = Arc::new(SharedView::new(HydrationMap::new(g.nr_regions())));
+        let mut e = Engine::new(cfg, view, 0);
+        e.apply(0, Input::Control(Control::Resume));
+        let mut h = Self {
+            e,
+            now: 0,
+            out: Vec::new(),
+        };
+        h.pump();
+        h
+    }
+
+    fn pump(&mut self) {
+        while let Some(a) = self.e.poll_action() {
+            self.out.push(a);
+        }
+        self.e.check_invariants().expect("invariants");
+    }
+
+    fn apply(&mut self, i: Input) -> Vec<Action> {
+        self.e.apply(self.now, i);
+        self.pump();
+        std::mem::take(&mut self.out)
+    }
+
+    fn req(&mut self, id: ReqId, r: Request) -> Vec<Action> {
+        self.apply(Input::Request(id, r))
+    }
+
+    fn done(&mut self, op: OpId, st: IoStatus) -> Vec<Action> {
+        self.apply(Input::Completed(op, st))
+    }
+
+    fn advance(&mut self, dt: Tick) -> Vec<Action> {
+        self.now += dt;
+        self.apply(Input::Tick)
+    }
+
+    fn hydrated(&self, r: u64) -> bool {
+        self.e.view().map().is_hydrated(r)
+    }
+
+    /// Completes every I/O action in `acts` successfully (commit steps included) until
+    /// quiet, returning all replies.
+    fn settle_all(&mut self, mut acts: Vec<Action>) -> Vec<(ReqId, IoStatus)> {
+        let mut replies = Vec::new();
+        while !acts.is_empty() {
+            let mut next = Vec::new();
+            for a in acts {
+                match a {
+                    Action::Reply { req, status } => replies.push((req, status)),
+                    a => {
+                        if let Some(op) = op_of(&a) {
+                            next.extend(self.done(op, IoStatus::Ok));
+                        }
+                    }
+                }
+            }
+            acts = next;
+        }
+        replies
+    }
+}
+
+fn op_of(a: &Action) -> Option<OpId> {
+    match *a {
+        Action::ReadSource { op, .. }
+        | Action::ReadDest { op, .. }
+        | Action::WriteDest { op, .. }
+        | Action::Copy { op, .. }
+        | Action::DiscardDest { op, .. }
+        | Action::FlushDest { op }
+        | Action::CommitMetadata { op, .. }
+        | Action::AbortMetadata { op } => Some(op),
+        _ => None,
+    }
+}
+
+fn only(acts: &[Action], pred: impl Fn(&Action) -> bool) -> Vec<&Action> {
+    acts.iter().filter(|a| pred(a)).collect()
+}
+
+fn is_reply(a: &Action, id: ReqId, st: IoStatus) -> bool {
+    *a == Action::Reply {
+        req: id,
+        status: st,
+    }
+}
+
+#[test]
+fn read_of_unhydrated_region_goes_to_source() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Read {
+            offset: RB,
+            len: 512,
+        },
+    );
+    assert!(matches!(a[..], [Action::ReadSource { offset, len: 512, at: 0, .. }] if offset == RB));
+    assert!(!h.hydrated(1), "reads never hydrate");
+}
+
+#[test]
+fn read_across_hydrated_and_unhydrated_regions_is_split_into_runs() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: RB,
+            len: 2 * RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    let a = h.req(
+        2,
+        Request::Read {
+            offset: 0,
+            len: 4 * RB,
+        },
+    );
+    let kinds: Vec<(bool, u64, u64)> = a
+        .iter()
+        .filter_map(|x| match *x {
+            Action::ReadSource { offset, len, .. } => Some((false, offset, len)),
+            Action::ReadDest { offset, len, .. } => Some((true, offset, len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(false, 0, RB), (true, RB, 2 * RB), (false, 3 * RB, RB)]
+    );
+}
+
+#[test]
+fn write_to_unhydrated_region_waits_for_copy() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 2 * RB + 512,
+            len: 1024,
+            fua: false,
+        },
+    );
+    let [
+        Action::Copy {
+            op,
+            offset,
+            len,
+            owner: Some(1),
+        },
+    ] = a[..]
+    else {
+        panic!("{a:?}")
+    };
+    assert_eq!((offset, len), (2 * RB, RB));
+    // A second write to the same region queues behind the same copy.
+    let a2 = h.req(
+        2,
+        Request::Write {
+            offset: 2 * RB,
+            len: 512,
+            fua: false,
+        },
+    );
+    assert!(a2.is_empty(), "{a2:?}");
+    let a = h.done(op, IoStatus::Ok);
+    assert!(h.hydrated(2));
+    let writes = only(&a, |x| matches!(x, Action::WriteDest { .. }));
+    assert_eq!(writes.len(), 2);
+    let replies = h.settle_all(a);
+    assert_eq!(replies.len(), 2);
+    assert!(replies.iter().all(|(_, s)| s.is_ok()));
+}
+
+#[test]
+fn full_region_write_skips_copy() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 3 * RB,
+            len: RB,
+            fua: false,
+        },
+    );
+    assert!(
+        matches!(a[..], [Action::WriteDest { len: RB, .. }]),
+        "{a:?}"
+    );
+    assert!(!h.hydrated(3), "marked only once the write completes");
+    let r = h.settle_all(a);
+    assert_eq!(r, vec![(1, IoStatus::Ok)]);
+    assert!(h.hydrated(3));
+}
+
+#[test]
+fn adjacent_full_region_writes_merge_into_one_destination_write() {
+    let mut h = H::new(64);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: 32 * RB,
+            fua: false,
+        },
+    );
+    assert!(
+        matches!(a[..], [Action::WriteDest { offset: 0, len, .. }] if len == 32 * RB),
+        "{a:?}"
+    );
+    h.settle_all(a);
+    assert!(h.e.view().map().is_range_hydrated(0, 32));
+}
+
+#[test]
+fn short_tail_region_write_always_copies() {
+    // 10 regions of 8 sectors plus a 4-sector tail.
+    let mut h = H::with(84, |_| {});
+    let tail_start = 10 * RB;
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: tail_start,
+            len: 2048,
+            fua: false,
+        },
+    );
+    assert!(matches!(a[..], [Action::Copy { len: 2048, .. }]), "{a:?}");
+}
+
+#[test]
+fn flush_with_changes_commits_with_exactly_one_destination_flush() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    let a = h.req(2, Request::Flush);
+    let [Action::FlushDest { op }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Ok);
+    let [Action::CommitMetadata { op, ref dirty }] = a[..] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(dirty.regions().collect::<Vec<_>>(), vec![0]);
+    let a = h.done(op, IoStatus::Ok);
+    // The commit's destination flush stands in for the user's: no second flush (F3).
+    assert_eq!(
+        a,
+        vec![Action::Reply {
+            req: 2,
+            status: IoStatus::Ok
+        }]
+    );
+}
+
+#[test]
+fn flush_without_changes_passes_through_to_destination_only() {
+    let mut h = H::new(16);
+    let a = h.req(1, Request::Flush);
+    let [Action::FlushDest { op }] = a[..] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(
+        h.done(op, IoStatus::Ok),
+        vec![Action::Reply {
+            req: 1,
+            status: IoStatus::Ok
+        }]
+    );
+}
+
+#[test]
+fn fua_write_to_hydrated_region_waits_for_commit_when_metadata_changed() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    let a = h.req(
+        2,
+        Request::Write {
+            offset: 0,
+            len: 512,
+            fua: true,
+        },
+    );
+    // The commit goes first, then the write with FUA.
+    let [Action::FlushDest { op }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Ok);
+    let [Action::CommitMetadata { op, .. }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Ok);
+    assert!(
+        matches!(
+            a[..],
+            [Action::WriteDest {
+                fua: true,
+                len: 512,
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
+    assert_eq!(h.settle_all(a), vec![(2, IoStatus::Ok)]);
+    // Nothing changed since: a FUA write goes straight down.
+    let a = h.req(
+        3,
+        Request::Write {
+            offset: 0,
+            len: 512,
+            fua: true,
+        },
+    );
+    assert!(
+        matches!(a[..], [Action::WriteDest { fua: true, .. }]),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn fua_overwrite_completion_is_held_until_commit() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: RB,
+            len: RB,
+            fua: true,
+        },
+    );
+    let [Action::WriteDest { op, fua: true, .. }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Ok);
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Reply { .. })),
+        "{a:?}"
+    );
+    let [Action::FlushDest { .. }] = a[..] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(h.settle_all(a), vec![(1, IoStatus::Ok)]);
+}
+
+#[test]
+fn discard_inside_one_region_does_nothing_f4() {
+    // Region size 64 sectors; discard sectors [R+5, R+20): nothing covered, nothing passed
+    // down, nothing marked.
+    let mut h = H::with_region(64 * 10, 64, |_| {});
+    let a = h.req(
+        1,
+        Request::Discard {
+            offset: (64 + 5) * 512,
+            len: 15 * 512,
+        },
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reply {
+            req: 1,
+            status: IoStatus::Ok
+        }]
+    );
+    assert_eq!(h.e.view().map().nr_hydrated(), 0);
+    // Ending exactly on a boundary covers the region before it, and only that one.
+    let a = h.req(
+        2,
+        Request::Discard {
+            offset: (64 + 5) * 512,
+            len: (192 - 69) * 512,
+        },
+    );
+    assert!(
+        matches!(a[..], [Action::DiscardDest { offset, len, .. }] if offset == 128 * 512 && len == 64 * 512),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn discard_marks_whole_regions_and_passes_down_trimmed() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Discard {
+            offset: RB + 512,
+            len: 3 * RB,
+        },
+    );
+    let [
+        Action::DiscardDest {
+            op, offset, len, ..
+        },
+    ] = a[..]
+    else {
+        panic!("{a:?}")
+    };
+    assert_eq!((offset, len), (2 * RB, 2 * RB));
+    assert!(h.hydrated(2) && h.hydrated(3) && !h.hydrated(1) && !h.hydrated(4));
+    assert_eq!(
+        h.done(op, IoStatus::Ok),
+        vec![Action::Reply {
+            req: 1,
+            status: IoStatus::Ok
+        }]
+    );
+}
+
+#[test]
+fn discard_without_passdown_completes_at_once() {
+    let mut h = H::with(16 * 8, |c| c.discard_passdown = false);
+    let a = h.req(
+        1,
+        Request::Discard {
+            offset: 0,
+            len: 16 * RB,
+        },
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reply {
+            req: 1,
+            status: IoStatus::Ok
+        }]
+    );
+    assert!(h.e.view().map().is_complete());
+}
+
+#[test]
+fn discard_during_copy_waits_for_the_copy_h1() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 2 * RB,
+            len: 512,
+            fua: false,
+        },
+    );
+    let [Action::Copy { op: copy, .. }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.req(
+        2,
+        Request::Discard {
+            offset: 0,
+            len: 4 * RB,
+        },
+    );
+    assert!(a.is_empty(), "the discard must wait for the copy: {a:?}");
+    assert!(!h.hydrated(0), "nothing marked while the copy is in flight");
+    // A write to region 0 now must not go straight to the destination.
+    let a = h.req(
+        3,
+        Request::Write {
+            offset: 0,
+            len: 512,
+            fua: false,
+        },
+    );
+    assert!(matches!(a[..], [Action::Copy { .. }]), "{a:?}");
+    let a = h.done(copy, IoStatus::Ok);
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::WriteDest { req: 1, .. })),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn failed_destination_flush_goes_read_only() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    let a = h.req(2, Request::Flush);
+    let [Action::FlushDest { op }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Io);
+    assert!(a.contains(&Action::Event(Event::ModeChanged(Mode::ReadOnly))));
+    assert!(a.contains(&Action::Reply {
+        req: 2,
+        status: IoStatus::Io
+    }));
+    let [abort] = only(&a, |x| matches!(x, Action::AbortMetadata { .. }))[..] else {
+        panic!("{a:?}")
+    };
+    let op = op_of(abort).expect("op");
+    h.e.view().map().store_word(0, 0); // the driver's reload from disk
+    h.done(op, IoStatus::Ok);
+    assert_eq!(h.e.mode(), Mode::ReadOnly);
+    // Writes to unhydrated regions now fail; every flush fails (the transaction stays
+    // changed, SPEC 3.8).
+    assert!(is_reply(
+        &h.req(
+            3,
+            Request::Write {
+                offset: RB,
+                len: 512,
+                fua: false
+            }
+        )[0],
+        3,
+        IoStatus::Io
+    ));
+    assert!(h.req(4, Request::Flush).contains(&Action::Reply {
+        req: 4,
+        status: IoStatus::Io
+    }));
+    // Discards touching unhydrated regions are ignored, reported as success.
+    assert_eq!(
+        h.req(
+            5,
+            Request::Discard {
+                offset: RB,
+                len: RB
+            }
+        ),
+        vec![Action::Reply {
+            req: 5,
+            status: IoStatus::Ok
+        }]
+    );
+    assert!(!h.hydrated(1));
+}
+
+#[test]
+fn failed_abort_goes_fail_and_everything_fails() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    let a = h.req(2, Request::Flush);
+    let [Action::FlushDest { op }] = a[..] else {
+        panic!()
+    };
+    let a = h.done(op, IoStatus::Ok);
+    let [Action::CommitMetadata { op, .. }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Io);
+    let op = a.iter().find_map(|x| match x {
+        Action::AbortMetadata { op } => Some(*op),
+        _ => None,
+    });
+    let a = h.done(op.expect("abort"), IoStatus::Io);
+    assert!(a.contains(&Action::Event(Event::ModeChanged(Mode::Fail))));
+    assert_eq!(
+        h.req(
+            3,
+            Request::Read {
+                offset: 0,
+                len: 512
+            }
+        ),
+        vec![Action::Reply {
+            req: 3,
+            status: IoStatus::Io
+        }]
+    );
+}
+
+#[test]
+fn writes_queued_behind_failed_overwrite_start_a_copy_h4() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: RB,
+            fua: false,
+        },
+    );
+    let [Action::WriteDest { op, .. }] = a[..] else {
+        panic!()
+    };
+    assert!(
+        h.req(
+            2,
+            Request::Write {
+                offset: 512,
+                len: 512,
+                fua: false
+            }
+        )
+        .is_empty()
+    );
+    let a = h.done(op, IoStatus::Io);
+    assert!(a.contains(&Action::Reply {
+        req: 1,
+        status: IoStatus::Io
+    }));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Copy { owner: Some(2), .. })),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn failed_copy_fails_the_writes_waiting_on_it() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 512,
+            len: 512,
+            fua: false,
+        },
+    );
+    let [Action::Copy { op, .. }] = a[..] else {
+        panic!()
+    };
+    let a = h.done(op, IoStatus::Io);
+    assert!(a.contains(&Action::Reply {
+        req: 1,
+        status: IoStatus::Io
+    }));
+    assert!(!h.hydrated(0));
+}
+
+#[test]
+fn background_hydration_respects_threshold_and_batch() {
+    let mut h = H::with(1024 * 8, |c| {
+        c.hydration_enabled = true;
+        c.hydration_threshold = 64;
+        c.hydration_batch_size = 32;
+    });
+    let a = h.advance(SECOND);
+    let copies: Vec<(u64, u64)> = a
+        .iter()
+        .filter_map(|x| match *x {
+            Action::Copy {
+                offset,
+                len,
+                owner: None,
+                ..
+            } => Some((offset / RB, len / RB)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copies, vec![(0, 32), (32, 32)]);
+    assert_eq!(h.e.status().hydrating, 64);
+    h.settle_all(a);
+    // Settling copies keeps the pass going until everything is hydrated.
+    let mut guard = 0;
+    while !h.e.view().map().is_complete() && guard < 1000 {
+        let a = h.advance(SECOND);
+        h.settle_all(a);
+        guard += 1;
+    }
+    assert!(h.e.view().map().is_complete());
+}
+
+#[test]
+fn background_copy_failure_backs_off_and_is_counted() {
+    let mut h = H::with(16 * 8, |c| c.hydration_enabled = true);
+    let a = h.advance(1);
+    let [Action::Copy { op, offset: 0, .. }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Io);
+    assert!(
+        a.iter().all(|x| !matches!(x, Action::Copy { .. })),
+        "backs off: {a:?}"
+    );
+    assert_eq!(h.e.status().copy_errors, 1);
+    assert_eq!(h.e.next_deadline(), Some(h.now + 100 * MS));
+    let a = h.advance(100 * MS);
+    assert!(matches!(a[..], [Action::Copy { .. }]), "{a:?}");
+}
+
+#[test]
+fn background_hydration_progresses_under_busy_foreground() {
+    let mut h = H::with(64 * 8, |c| {
+        c.hydration_enabled = true;
+        c.hydration_threshold = 8;
+    });
+    // A foreground request in flight the whole time.
+    let mut a = h.req(
+        99,
+        Request::Read {
+            offset: 0,
+            len: 512,
+        },
+    );
+    assert!(
+        a.iter().any(|x| matches!(x, Action::ReadSource { .. })),
+        "{a:?}"
+    );
+    let mut copied = 0;
+    for _ in 0..10 {
+        a.extend(h.advance(MS));
+        let copies: Vec<OpId> = a
+            .iter()
+            .filter(|x| matches!(x, Action::Copy { .. }))
+            .filter_map(op_of)
+            .collect();
+        assert!(copies.len() <= 1, "one copy job at most while busy: {a:?}");
+        a.clear();
+        for op in copies {
+            a.extend(h.done(op, IoStatus::Ok));
+            copied += 1;
+        }
+    }
+    assert!(
+        copied >= 5,
+        "hydration must progress while busy, got {copied}"
+    );
+}
+
+#[test]
+fn periodic_commit_runs_after_the_interval_only_when_dirty() {
+    let mut h = H::new(16);
+    assert!(
+        h.advance(2 * SECOND).is_empty(),
+        "nothing changed, nothing committed"
+    );
+    // More than the interval since the last commit (at resume): the kernel's worker commits
+    // at its next run, so a change now is committed at once.
+    let a = h.req(1, Request::Discard { offset: 0, len: RB });
+    assert!(
+        a.iter().any(|x| matches!(x, Action::FlushDest { .. })),
+        "{a:?}"
+    );
+    h.settle_all(a);
+    // The next change waits for the interval.
+    h.advance(SECOND / 10);
+    let a = h.req(
+        2,
+        Request::Discard {
+            offset: RB,
+            len: RB,
+        },
+    );
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::FlushDest { .. })),
+        "{a:?}"
+    );
+    h.settle_all(a);
+    assert!(h.advance(SECOND / 2).is_empty());
+    let a = h.advance(SECOND / 2);
+    assert!(matches!(a[..], [Action::FlushDest { .. }]), "{a:?}");
+}
+
+#[test]
+fn commit_token_answers_at_once_when_nothing_changed() {
+    let mut h = H::new(16);
+    let a = h.apply(Input::Control(Control::Commit { token: 7 }));
+    assert_eq!(
+        a,
+        vec![Action::ControlDone {
+            token: 7,
+            status: IoStatus::Ok
+        }]
+    );
+}
+
+#[test]
+fn suspend_waits_for_copies_then_commits() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 512,
+            len: 512,
+            fua: false,
+        },
+    );
+    let [Action::Copy { op, .. }] = a[..] else {
+        panic!()
+    };
+    assert!(
+        h.apply(Input::Control(Control::Suspend { token: 5 }))
+            .is_empty()
+    );
+    let a = h.done(op, IoStatus::Ok);
+    let write = a.iter().find_map(op_of).expect("queued write issued");
+    let a = h.done(write, IoStatus::Ok);
+    assert!(a.contains(&Action::Reply {
+        req: 1,
+        status: IoStatus::Ok
+    }));
+    let flush = a.iter().find_map(op_of).expect("suspend commit");
+    let a = h.done(flush, IoStatus::Ok);
+    let commit = a.iter().find_map(op_of).expect("metadata write");
+    assert_eq!(
+        h.done(commit, IoStatus::Ok),
+        vec![Action::ControlDone {
+            token: 5,
+            status: IoStatus::Ok
+        }]
+    );
+}
+
+#[test]
+fn hydrate_request_copies_its_range_and_replies_when_done() {
+    let mut h = H::new(64);
+    let a = h.req(
+        1,
+        Request::Hydrate {
+            offset: RB,
+            len: 3 * RB,
+        },
+    );
+    let copies = only(&a, |x| matches!(x, Action::Copy { .. }));
+    assert_eq!(copies.len(), 1);
+    assert_eq!(h.settle_all(a), vec![(1, IoStatus::Ok)]);
+    assert!(h.e.view().map().is_range_hydrated(1, 3));
+}
+
+#[test]
+fn requests_past_the_end_or_misaligned_are_invalid() {
+    let mut h = H::new(16);
+    for (id, r) in [
+        (
+            1,
+            Request::Read {
+                offset: 16 * RB,
+                len: 512,
+            },
+        ),
+        (
+            2,
+            Request::Write {
+                offset: 100,
+                len: 512,
+                fua: false,
+            },
+        ),
+        (
+            3,
+            Request::Read {
+                offset: u64::MAX - 511,
+                len: 512,
+            },
+        ),
+        (4, Request::Discard { offset: 0, len: 0 }),
+    ] {
+        assert_eq!(
+            h.req(id, r),
+            vec![Action::Reply {
+                req: id,
+                status: IoStatus::Invalid
+            }]
+        );
+    }
+}
+
+#[test]
+fn only_the_exact_regions_of_a_transaction_are_committed_f1() {
+    // Region 0 is marked and its round starts (the dirty set is swapped); region 1, in the
+    // same 64-bit word, finishes hydrating before the metadata write: it must not be in it.
+    let mut h = H::new(64);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    let a = h.req(
+        2,
+        Request::Write {
+            offset: RB + 512,
+            len: 512,
+            fua: false,
+        },
+    );
+    let [Action::Copy { op: copy, .. }] = a[..] else {
+        panic!()
+    };
+    let a = h.req(3, Request::Flush);
+    let [Action::FlushDest { op }] = a[..] else {
+        panic!("{a:?}")
+    };
+    let writes = h.done(copy, IoStatus::Ok);
+    h.settle_all(writes);
+    assert!(h.hydrated(1));
+    let a = h.done(op, IoStatus::Ok);
+    let [Action::CommitMetadata { ref dirty, .. }] = a[..] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(dirty.regions().collect::<Vec<_>>(), vec![0]);
+}
