@@ -1,0 +1,627 @@
+//! One connection: the handshake, the request reader, the reply writer, and request execution.
+//!
+//! The reader thread drives the [`Handshake`] over the socket, then decodes requests with the
+//! codec. A request to execute is admitted against the connection's in-flight budget, its
+//! write payload is read into a pooled buffer, and it is queued for the worker pool. A rejected
+//! request has its payload skipped and its error reply queued directly. Workers call the
+//! [`Backend`](crate::Backend) and send the reply frame to the connection's writer thread,
+//! which gathers each frame (header and data) into one vectored write, so frames never
+//! interleave. The reader holds no lock while reading the socket; the budget lock is taken only
+//! to count.
+
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread;
+
+use crate::backend::{Extent, NbdError, ZeroFlags};
+use crate::codec::{
+    DecodeError, Disposition, ReplyHeader, ReplyTo, RequestHeader, TransmissionParams,
+    encode_block_status, error_message,
+};
+use crate::handshake::{Handshake, HandshakeError, MetaContext, Negotiated, Status};
+use crate::pool::{Buf, JobQueue};
+use crate::proto::{Command, HeaderStyle, MAX_EXTENTS, command_flags as cf};
+use crate::server::{Counters, Inner};
+
+/// A connected socket of either family.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
+        })
+    }
+
+    pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.shutdown(how),
+            Self::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(timeout),
+            Self::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What follows a reply header on the wire.
+#[derive(Debug)]
+enum Body {
+    None,
+    /// An error message for a structured error chunk.
+    Message(&'static str),
+    /// Read data.
+    Pooled(Buf),
+    /// Block status chunks, headers included.
+    Owned(Vec<u8>),
+}
+
+/// One complete reply, written in one go.
+#[derive(Debug)]
+struct ReplyFrame {
+    head: Option<ReplyHeader>,
+    body: Body,
+    /// In-flight budget the request took, given back once the frame is out.
+    cost: usize,
+    error: bool,
+}
+
+impl ReplyFrame {
+    fn ok(head: ReplyHeader, cost: usize) -> Self {
+        Self {
+            head: Some(head),
+            body: Body::None,
+            cost,
+            error: false,
+        }
+    }
+
+    fn error(style: HeaderStyle, h: &RequestHeader, error: NbdError, cost: usize) -> Self {
+        let message = error_message(message(error));
+        let head = ReplyHeader::error(style, h.cookie, h.offset, error.to_wire(), message);
+        let body = if style == HeaderStyle::Simple {
+            Body::None
+        } else {
+            Body::Message(message)
+        };
+        Self {
+            head: Some(head),
+            body,
+            cost,
+            error: true,
+        }
+    }
+}
+
+/// A human-readable message for an error reply.
+fn message(error: NbdError) -> &'static str {
+    match error {
+        NbdError::Io => "input/output error",
+        NbdError::Permission => "operation not permitted on this export",
+        NbdError::NoMemory => "out of memory",
+        NbdError::Invalid => "invalid request for this export",
+        NbdError::NoSpace => "no space left, or request beyond the end of the export",
+        NbdError::Overflow => "request too large",
+        NbdError::NotSupported => "operation not supported",
+        NbdError::Shutdown => "server is shutting down",
+    }
+}
+
+enum Outgoing {
+    Reply(ReplyFrame),
+    Close,
+}
+
+#[derive(Debug, Default)]
+struct Inflight {
+    count: usize,
+    bytes: usize,
+}
+
+/// State of one connection in the transmission phase, shared by its reader, its writer and the
+/// workers running its requests.
+pub(crate) struct Conn {
+    inner: Arc<Inner>,
+    params: TransmissionParams,
+    contexts: Vec<MetaContext>,
+    replies: Sender<Outgoing>,
+    inflight: Mutex<Inflight>,
+    room: Condvar,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    /// Wait until the request fits in the budget, then take its share. A request is always
+    /// admitted when nothing else is in flight.
+    fn admit(&self, cost: usize) {
+        let cfg = &self.inner.config;
+        let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        while f.count > 0
+            && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
+        {
+            f = self.room.wait(f).unwrap_or_else(PoisonError::into_inner);
+        }
+        f.count += 1;
+        f.bytes += cost;
+    }
+
+    fn release(&self, cost: usize) {
+        let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        f.count -= 1;
+        f.bytes -= cost;
+        drop(f);
+        self.room.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        while f.count > 0 {
+            f = self.room.wait(f).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn send(&self, frame: ReplyFrame) {
+        let cost = frame.cost;
+        if self.replies.send(Outgoing::Reply(frame)).is_err() {
+            // The writer is gone (it only leaves after `Close`): nothing will release this.
+            self.release(cost);
+        }
+    }
+}
+
+/// A request for the worker pool.
+pub(crate) struct Job {
+    conn: Arc<Conn>,
+    header: RequestHeader,
+    payload: Option<Buf>,
+    cost: usize,
+}
+
+/// A worker thread: run jobs until the queue closes.
+pub(crate) fn worker(jobs: &JobQueue<Job>) {
+    while let Some(job) = jobs.pop() {
+        let style = job.conn.params.style;
+        let frame = catch_unwind(AssertUnwindSafe(|| execute(&job))).unwrap_or_else(|_| {
+            tracing::error!("backend panicked; answering EIO");
+            ReplyFrame::error(style, &job.header, NbdError::Io, job.cost)
+        });
+        job.conn.send(frame);
+    }
+}
+
+fn execute(job: &Job) -> ReplyFrame {
+    let conn = &job.conn;
+    let h = &job.header;
+    let style = conn.params.style;
+    let backend = conn.inner.backend.as_ref();
+    let fua = h.flags & cf::FUA != 0;
+    let done = || ReplyFrame::ok(ReplyHeader::done(style, h.cookie, h.offset), job.cost);
+    let result = match h.command {
+        Command::Read => {
+            // Lengths were checked against the 32 MiB cap.
+            let mut buf = conn.inner.buffers.get(h.length as usize);
+            backend
+                .read(h.offset, buf.as_mut_slice())
+                .map(|()| ReplyFrame {
+                    head: Some(ReplyHeader::read_data(style, h.cookie, h.offset, h.length)),
+                    body: Body::Pooled(buf),
+                    cost: job.cost,
+                    error: false,
+                })
+        }
+        Command::Write => {
+            let data = job.payload.as_ref().map_or(&[][..], Buf::as_slice);
+            backend.write(h.offset, data, fua).map(|()| done())
+        }
+        Command::Flush => backend.flush().map(|()| done()),
+        Command::Trim => backend.trim(h.offset, h.length, fua).map(|()| done()),
+        Command::WriteZeroes => {
+            let flags = ZeroFlags {
+                fua,
+                no_hole: h.flags & cf::NO_HOLE != 0,
+                fast_zero: h.flags & cf::FAST_ZERO != 0,
+            };
+            backend
+                .write_zeroes(h.offset, h.length, flags)
+                .map(|()| done())
+        }
+        Command::Cache => backend.cache(h.offset, h.length).map(|()| done()),
+        Command::BlockStatus => block_status(conn, h, job.cost),
+        Command::Disc | Command::Unknown(_) => Err(NbdError::Invalid),
+    };
+    result.unwrap_or_else(|e| ReplyFrame::error(style, h, e, job.cost))
+}
+
+/// Keep the extents a reply may carry: nonzero, covering at most `limit` bytes, one only with
+/// `NBD_CMD_FLAG_REQ_ONE` ("every reply chunk MUST contain exactly one descriptor, and that
+/// descriptor MUST NOT exceed the *length* of the original request").
+fn clip_extents(extents: &mut Vec<Extent>, limit: u64, req_one: bool) -> Result<(), NbdError> {
+    if extents.is_empty() || extents.iter().any(|e| e.length == 0) {
+        tracing::error!("backend returned an empty block status or a zero-length extent");
+        return Err(NbdError::Io);
+    }
+    let max = if req_one { 1 } else { MAX_EXTENTS };
+    let mut covered = 0u64;
+    let mut keep = 0;
+    for e in extents.iter_mut().take(max) {
+        keep += 1;
+        if e.length >= limit - covered {
+            e.length = limit - covered;
+            break;
+        }
+        covered += e.length;
+    }
+    extents.truncate(keep);
+    Ok(())
+}
+
+/// "the server MUST use a structured reply, containing exactly one chunk of type
+/// `NBD_REPLY_TYPE_BLOCK_STATUS` per selected context id".
+fn block_status(conn: &Conn, h: &RequestHeader, cost: usize) -> Result<ReplyFrame, NbdError> {
+    let p = &conn.params;
+    // Checked: offset + length <= size and length > 0.
+    let limit = h.length.min(p.size - h.offset);
+    let req_one = h.flags & cf::REQ_ONE != 0;
+    let mut body = Vec::new();
+    let last = conn.contexts.len().saturating_sub(1);
+    for (i, ctx) in conn.contexts.iter().enumerate() {
+        let mut extents = conn
+            .inner
+            .backend
+            .block_status(&ctx.name, h.offset, limit)?;
+        clip_extents(&mut extents, limit, req_one)?;
+        let to = ReplyTo {
+            style: p.style,
+            cookie: h.cookie,
+            offset: h.offset,
+        };
+        encode_block_status(to, ctx.id, &extents, i == last, p.min_block, &mut body);
+    }
+    Ok(ReplyFrame {
+        head: None,
+        body: Body::Owned(body),
+        cost,
+        error: false,
+    })
+}
+
+/// Serve one connection to its end.
+pub(crate) fn run(inner: &Arc<Inner>, id: u64, stream: Stream) {
+    let (read_half, mut write_half) = match stream.try_clone() {
+        Ok(r) => (r, stream),
+        Err(err) => {
+            tracing::warn!(id, %err, "cannot clone connection socket");
+            return;
+        }
+    };
+    let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+    let negotiated = match handshake(inner, &mut reader, &mut write_half) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            tracing::debug!(id, "client ended the handshake");
+            return;
+        }
+        Err(HandshakeEnd::Protocol(err)) => {
+            Counters::add(&inner.counters.protocol_errors, 1);
+            tracing::warn!(id, %err, "handshake failed");
+            return;
+        }
+        Err(HandshakeEnd::Io(err)) => {
+            tracing::debug!(id, %err, "connection lost during handshake");
+            return;
+        }
+    };
+    Counters::add(&inner.counters.handshakes, 1);
+    tracing::debug!(id, style = ?negotiated.style, contexts = negotiated.meta_contexts.len(), "transmission");
+    let _ = reader.get_ref().set_read_timeout(None);
+    transmission(inner, id, negotiated, reader, write_half);
+}
+
+enum HandshakeEnd {
+    Protocol(HandshakeError),
+    Io(io::Error),
+}
+
+fn handshake(
+    inner: &Inner,
+    reader: &mut BufReader<Stream>,
+    writer: &mut Stream,
+) -> Result<Option<Negotiated>, HandshakeEnd> {
+    reader
+        .get_ref()
+        .set_read_timeout(inner.config.handshake_timeout)
+        .map_err(HandshakeEnd::Io)?;
+    let mut hs = Handshake::new(inner.export.clone());
+    let mut buf = Vec::new();
+    loop {
+        if !hs.output().is_empty() {
+            writer.write_all(hs.output()).map_err(HandshakeEnd::Io)?;
+            hs.consume_output(hs.output().len());
+        }
+        match hs.status() {
+            Status::Negotiating => {}
+            Status::Transmission(n) => return Ok(Some(n.clone())),
+            Status::Aborted => return Ok(None),
+            Status::Failed(err) => return Err(HandshakeEnd::Protocol(err.clone())),
+        }
+        // `wanted` is at most 64 KiB.
+        buf.resize(hs.wanted(), 0);
+        reader.read_exact(&mut buf).map_err(HandshakeEnd::Io)?;
+        if let Err(err) = hs.feed(&buf) {
+            return Err(HandshakeEnd::Protocol(err));
+        }
+    }
+}
+
+fn transmission(
+    inner: &Arc<Inner>,
+    id: u64,
+    n: Negotiated,
+    mut reader: BufReader<Stream>,
+    write_half: Stream,
+) {
+    let export = &inner.export;
+    let params = TransmissionParams {
+        style: n.style,
+        size: export.size,
+        min_block: export.block_sizes.minimum,
+        max_payload: export.block_sizes.maximum,
+        transmission_flags: n.transmission_flags,
+        has_meta_contexts: !n.meta_contexts.is_empty(),
+    };
+    let closer = write_half.try_clone().ok();
+    let (tx, rx) = mpsc::channel();
+    let conn = Arc::new(Conn {
+        inner: Arc::clone(inner),
+        params,
+        contexts: n.meta_contexts,
+        replies: tx,
+        inflight: Mutex::new(Inflight::default()),
+        room: Condvar::new(),
+        broken: AtomicBool::new(false),
+    });
+    let writer = thread::Builder::new()
+        .name(format!("nbd-write-{id}"))
+        .spawn({
+            let conn = Arc::clone(&conn);
+            move || write_loop(&conn, write_half, &rx)
+        });
+    let writer = match writer {
+        Ok(w) => w,
+        Err(err) => {
+            tracing::warn!(id, %err, "cannot start the writer thread");
+            return;
+        }
+    };
+    if let Err(err) = read_loop(&conn, &mut reader) {
+        Counters::add(&inner.counters.protocol_errors, 1);
+        tracing::warn!(id, %err, "closing connection after a protocol error");
+    }
+    // "The server MUST handle all outstanding requests ... and close the TCP session."
+    conn.wait_idle();
+    let _ = conn.replies.send(Outgoing::Close);
+    let _ = writer.join();
+    if let Some(s) = closer {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    tracing::debug!(id, "connection closed");
+}
+
+/// Read and dispatch requests until the client disconnects, the stream breaks or a protocol
+/// error makes the stream unusable.
+fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), DecodeError> {
+    let inner = &conn.inner;
+    let style = conn.params.style;
+    let mut header_buf = [0u8; 32];
+    let header = &mut header_buf[..style.request_len()];
+    loop {
+        if conn.broken.load(Ordering::Acquire) || reader.read_exact(header).is_err() {
+            return Ok(());
+        }
+        let h = RequestHeader::parse(style, header)?;
+        let disposition = match conn.params.check(&h) {
+            Ok(d) => d,
+            Err(DecodeError::PayloadTooLarge(h)) => {
+                // Answer, so the client learns why, then close: the payload is not read.
+                conn.admit(0);
+                conn.send(ReplyFrame::error(style, &h, NbdError::Invalid, 0));
+                return Err(DecodeError::PayloadTooLarge(h));
+            }
+            Err(err) => return Err(err),
+        };
+        match disposition {
+            Disposition::Disconnect => return Ok(()),
+            Disposition::Reject { error, skip } => {
+                Counters::add(&inner.counters.requests, 1);
+                // Keep the stream in step: drop exactly the declared payload.
+                let skipped = io::copy(&mut reader.by_ref().take(u64::from(skip)), &mut io::sink());
+                if !matches!(skipped, Ok(n) if n == u64::from(skip)) {
+                    return Ok(());
+                }
+                conn.admit(0);
+                conn.send(ReplyFrame::error(style, &h, error, 0));
+            }
+            Disposition::Execute => {
+                Counters::add(&inner.counters.requests, 1);
+                let cost = match h.command {
+                    // Lengths of reads and writes were checked against the 32 MiB cap.
+                    Command::Read | Command::Write => h.length as usize,
+                    _ => 0,
+                };
+                conn.admit(cost);
+                let mut payload = None;
+                if h.command == Command::Write {
+                    let mut buf = inner.buffers.get(cost);
+                    if reader.read_exact(buf.as_mut_slice()).is_err() {
+                        conn.release(cost);
+                        return Ok(());
+                    }
+                    Counters::add(&inner.counters.bytes_received, cost as u64);
+                    payload = Some(buf);
+                }
+                let job = Job {
+                    conn: Arc::clone(conn),
+                    header: h,
+                    payload,
+                    cost,
+                };
+                if let Err(job) = inner.jobs.push(job) {
+                    conn.send(ReplyFrame::error(
+                        style,
+                        &job.header,
+                        NbdError::Shutdown,
+                        cost,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Frames gathered into one vectored write.
+const BATCH: usize = 16;
+
+fn write_loop(conn: &Conn, mut stream: Stream, rx: &Receiver<Outgoing>) {
+    let counters = &conn.inner.counters;
+    let mut batch: Vec<ReplyFrame> = Vec::with_capacity(BATCH);
+    let mut closing = false;
+    while !closing {
+        match rx.recv() {
+            Ok(Outgoing::Reply(frame)) => batch.push(frame),
+            Ok(Outgoing::Close) | Err(_) => break,
+        }
+        // Take whatever else is ready so that several replies share one system call.
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(Outgoing::Reply(frame)) => batch.push(frame),
+                Ok(Outgoing::Close) => {
+                    closing = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !conn.broken.load(Ordering::Acquire) {
+            match write_frames(&mut stream, &batch) {
+                Ok(n) => Counters::add(&counters.bytes_sent, n as u64),
+                Err(err) => {
+                    tracing::debug!(%err, "reply write failed; closing connection");
+                    conn.broken.store(true, Ordering::Release);
+                    // Wake the reader; replies still in flight are dropped below.
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+            }
+        }
+        for frame in batch.drain(..) {
+            if frame.error {
+                Counters::add(&counters.request_errors, 1);
+            }
+            conn.release(frame.cost);
+        }
+    }
+}
+
+/// Write the frames with as few `writev` calls as the socket allows.
+fn write_frames(stream: &mut Stream, frames: &[ReplyFrame]) -> io::Result<usize> {
+    let mut slices: [IoSlice<'_>; 2 * BATCH] = std::array::from_fn(|_| IoSlice::new(&[]));
+    let mut n = 0;
+    for frame in frames {
+        if let Some(head) = &frame.head {
+            slices[n] = IoSlice::new(head.as_bytes());
+            n += 1;
+        }
+        let body: &[u8] = match &frame.body {
+            Body::None => &[],
+            Body::Message(m) => m.as_bytes(),
+            Body::Pooled(buf) => buf.as_slice(),
+            Body::Owned(v) => v,
+        };
+        if !body.is_empty() {
+            slices[n] = IoSlice::new(body);
+            n += 1;
+        }
+    }
+    let total: usize = slices[..n].iter().map(|s| s.len()).sum();
+    let mut remaining = &mut slices[..n];
+    while !remaining.is_empty() {
+        match stream.write_vectored(remaining) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut remaining, written),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(length: u64) -> Extent {
+        Extent { length, flags: 0 }
+    }
+
+    #[test]
+    fn clip_extents_cuts_at_limit() {
+        let mut v = vec![e(512), e(1024), e(4096)];
+        clip_extents(&mut v, 1024, false).unwrap();
+        assert_eq!(v, vec![e(512), e(512)]);
+    }
+
+    #[test]
+    fn clip_extents_req_one_keeps_first_within_request() {
+        let mut v = vec![e(8192), e(512)];
+        clip_extents(&mut v, 4096, true).unwrap();
+        assert_eq!(v, vec![e(4096)]);
+    }
+
+    #[test]
+    fn clip_extents_refuses_empty_and_zero_length() {
+        assert_eq!(clip_extents(&mut vec![], 512, false), Err(NbdError::Io));
+        assert_eq!(clip_extents(&mut vec![e(0)], 512, false), Err(NbdError::Io));
+    }
+}

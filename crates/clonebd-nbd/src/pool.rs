@@ -1,0 +1,194 @@
+//! Reusable payload buffers and the worker pool that runs requests.
+//!
+//! [`BufferPool`] hands out buffers in power-of-two size classes from 4 KiB to 32 MiB and takes
+//! them back when a [`Buf`] is dropped, so the request path allocates only when the pool is
+//! empty. It keeps a bounded number of buffers per class. [`JobQueue`] is the shared queue the
+//! worker threads take jobs from; its lock is held only to push or pop, never across I/O.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+const MIN_CLASS_SHIFT: u32 = 12;
+const MAX_CLASS_SHIFT: u32 = 25;
+const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
+/// Bytes kept per size class when buffers come back.
+const RETAIN_BYTES_PER_CLASS: usize = 64 << 20;
+/// Buffers kept per size class, whatever their size.
+const RETAIN_COUNT_PER_CLASS: usize = 256;
+
+/// Size-classed free lists of buffers.
+#[derive(Debug, Default)]
+pub(crate) struct BufferPool {
+    classes: [Mutex<Vec<Vec<u8>>>; CLASSES],
+}
+
+fn class_of(len: usize) -> Option<usize> {
+    let shift = len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS_SHIFT);
+    (shift <= MAX_CLASS_SHIFT).then(|| (shift - MIN_CLASS_SHIFT) as usize)
+}
+
+impl BufferPool {
+    /// A buffer of exactly `len` usable bytes (contents unspecified).
+    pub(crate) fn get(self: &Arc<Self>, len: usize) -> Buf {
+        let Some(class) = class_of(len) else {
+            return Buf {
+                vec: vec![0; len],
+                len,
+                pool: None,
+            };
+        };
+        let cached = self.classes[class]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let vec = cached.unwrap_or_else(|| vec![0; 1 << (class as u32 + MIN_CLASS_SHIFT)]);
+        Buf {
+            vec,
+            len,
+            pool: Some(Arc::clone(self)),
+        }
+    }
+
+    fn put(&self, vec: Vec<u8>) {
+        let Some(class) = class_of(vec.len()) else {
+            return;
+        };
+        if vec.len() != 1 << (class as u32 + MIN_CLASS_SHIFT) {
+            return;
+        }
+        let limit = (RETAIN_BYTES_PER_CLASS / vec.len()).clamp(1, RETAIN_COUNT_PER_CLASS);
+        let mut free = self.classes[class]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if free.len() < limit {
+            free.push(vec);
+        }
+    }
+}
+
+/// A buffer on loan from a [`BufferPool`]; returns itself on drop.
+#[derive(Debug)]
+pub(crate) struct Buf {
+    vec: Vec<u8>,
+    len: usize,
+    pool: Option<Arc<BufferPool>>,
+}
+
+impl Buf {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.vec[..self.len]
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.vec[..self.len]
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.put(std::mem::take(&mut self.vec));
+        }
+    }
+}
+
+/// A multi-consumer job queue for the worker threads.
+#[derive(Debug)]
+pub(crate) struct JobQueue<J> {
+    state: Mutex<QueueState<J>>,
+    ready: Condvar,
+}
+
+#[derive(Debug)]
+struct QueueState<J> {
+    jobs: VecDeque<J>,
+    closed: bool,
+}
+
+impl<J> JobQueue<J> {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// Queue a job; returns it back if the queue is closed.
+    pub(crate) fn push(&self, job: J) -> Result<(), J> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.closed {
+            return Err(job);
+        }
+        state.jobs.push_back(job);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Wait for a job; `None` once the queue is closed and empty.
+    pub(crate) fn pop(&self) -> Option<J> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(job) = state.jobs.pop_front() {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Refuse new jobs; workers finish the queued ones and stop.
+    pub(crate) fn close(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
+        self.ready.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_within_a_class() {
+        let pool = Arc::new(BufferPool::default());
+        let ptr = {
+            let b = pool.get(5000);
+            assert_eq!(b.as_slice().len(), 5000);
+            b.as_slice().as_ptr()
+        };
+        let b = pool.get(8192);
+        assert_eq!(b.as_slice().as_ptr(), ptr);
+    }
+
+    #[test]
+    fn oversized_buffers_are_not_pooled() {
+        let pool = Arc::new(BufferPool::default());
+        let b = pool.get((32 << 20) + 1);
+        assert!(b.pool.is_none());
+    }
+
+    #[test]
+    fn closed_queue_drains_then_stops() {
+        let q = JobQueue::new();
+        q.push(1).unwrap();
+        q.close();
+        assert_eq!(q.push(2), Err(2));
+        assert_eq!(q.pop(), Some(1));
+        assert_eq!(q.pop(), None);
+    }
+}
