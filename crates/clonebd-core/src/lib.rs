@@ -2,6 +2,7 @@
 //!
 //! - [`geometry`]: sectors, regions and their conversions (all `u64`);
 //! - [`bitmap`]: the lock-free in-core hydration map and the sparse per-transaction dirty set;
+//! - [`buf`], [`clock`]: direct-I/O buffers and the clock seam;
 //! - [`dev`]: the block-device trait that real and simulated devices implement;
 //! - [`dmclone`]: the dm-clone table line, status line and messages, byte-exact;
 //! - [`engine`]: the region state machine, hydration and the commit protocol.
@@ -14,11 +15,15 @@
 #![deny(missing_docs)]
 
 pub mod bitmap;
+pub mod buf;
+pub mod clock;
 pub mod dev;
 pub mod dmclone;
 pub mod engine;
 pub mod geometry;
 
 pub use bitmap::{DirtySet, HydrationMap};
+pub use buf::AlignedBuf;
+pub use clock::Clock;
 pub use dev::{BlockDev, Caps};
 pub use geometry::{Geometry, GeometryError, RegionId, SECTOR_SIZE};

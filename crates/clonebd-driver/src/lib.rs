@@ -1,1 +1,17 @@
-//! clonebd-driver (placeholder while the crate is written).
+//! clonebd-driver: the engine, run on devices.
+//!
+//! - [`Volume`] runs a [`clonebd_core::engine::Engine`] with threads: request threads execute
+//!   their own I/O, a pool runs background copies, a timer thread delivers deadlines. Reads,
+//!   and plain writes to hydrated regions, take a lock-free fast path straight to the device.
+//! - [`exec`] performs one engine action on the devices; the threaded driver and the
+//!   deterministic simulator share it, so what is simulated is what runs.
+//! - [`MetadataBackend`] is the seam to the metadata store.
+
+#![deny(missing_docs)]
+
+pub mod exec;
+mod meta;
+mod volume;
+
+pub use meta::{BackendError, MetadataBackend, MetadataUsage};
+pub use volume::{MonotonicClock, Volume, VolumeOptions, VolumeStatus};

@@ -1,0 +1,224 @@
+//! Executing one engine action on the devices.
+//!
+//! [`execute`] is the only place where an engine [`Action`] turns into device I/O, and both
+//! the threaded [`crate::Volume`] and the deterministic simulator call it.
+
+use std::io;
+
+use clonebd_core::engine::{Action, IoStatus, Mode, SharedView, WriteData};
+use clonebd_core::{AlignedBuf, BlockDev, Geometry, HydrationMap};
+
+use crate::MetadataBackend;
+
+/// The data devices of a clone.
+pub struct Devices<'a> {
+    /// The source (only ever read).
+    pub source: &'a dyn BlockDev,
+    /// The destination.
+    pub dest: &'a dyn BlockDev,
+}
+
+/// The buffer of the request an action belongs to.
+#[derive(Debug)]
+pub enum ReqBuf<'a> {
+    /// No buffer (flush, discard, write-zeroes, hydrate, or an action of no request).
+    None,
+    /// A read request's buffer.
+    Read(&'a mut [u8]),
+    /// A write request's data.
+    Write(&'a [u8]),
+}
+
+/// Maps a device error to the status the engine understands.
+pub fn status_of(e: &io::Error) -> IoStatus {
+    match e.kind() {
+        io::ErrorKind::InvalidInput => IoStatus::Invalid,
+        io::ErrorKind::Unsupported => IoStatus::NotSupported,
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => IoStatus::ReadOnly,
+        io::ErrorKind::StorageFull => IoStatus::NoSpace,
+        _ => match e.raw_os_error() {
+            Some(28) => IoStatus::NoSpace,
+            _ => IoStatus::Io,
+        },
+    }
+}
+
+fn st(r: io::Result<()>) -> IoStatus {
+    match r {
+        Ok(()) => IoStatus::Ok,
+        Err(e) => status_of(&e),
+    }
+}
+
+fn slice(len: u64, at: u64, total: usize) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(at).ok()?;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    (end <= total).then_some(start..end)
+}
+
+/// Performs a data action (`ReadSource`, `ReadDest`, `WriteDest`, `Copy`, `DiscardDest`,
+/// `FlushDest`) and returns its outcome. `scratch` is the copy buffer. Other actions are
+/// not I/O on the data devices and return `None`.
+pub fn execute_data(
+    devs: &Devices<'_>,
+    action: &Action,
+    buf: &mut ReqBuf<'_>,
+    scratch: &mut AlignedBuf,
+) -> Option<IoStatus> {
+    let status = match *action {
+        Action::ReadSource {
+            offset, len, at, ..
+        }
+        | Action::ReadDest {
+            offset, len, at, ..
+        } => {
+            let dev = if matches!(action, Action::ReadSource { .. }) {
+                devs.source
+            } else {
+                devs.dest
+            };
+            match buf {
+                ReqBuf::Read(b) => match slice(len, at, b.len()) {
+                    Some(r) => st(dev.read_at(&mut b[r], offset)),
+                    None => IoStatus::Invalid,
+                },
+                _ => IoStatus::Invalid,
+            }
+        }
+        Action::WriteDest {
+            offset,
+            len,
+            data,
+            fua,
+            ..
+        } => {
+            let r = match data {
+                WriteData::Zeroes => st(devs.dest.write_zeroes(offset, len)),
+                WriteData::Buffer { at } => match buf {
+                    ReqBuf::Write(b) => match slice(len, at, b.len()) {
+                        Some(r) => st(devs.dest.write_at(&b[r], offset)),
+                        None => IoStatus::Invalid,
+                    },
+                    _ => IoStatus::Invalid,
+                },
+            };
+            if r.is_ok() && fua {
+                st(devs.dest.flush())
+            } else {
+                r
+            }
+        }
+        Action::Copy { offset, len, .. } => match usize::try_from(len) {
+            Ok(n) => {
+                scratch.resize(n);
+                match devs.source.read_at(scratch, offset) {
+                    Ok(()) => st(devs.dest.write_at(scratch, offset)),
+                    Err(e) => status_of(&e),
+                }
+            }
+            Err(_) => IoStatus::Invalid,
+        },
+        Action::DiscardDest { offset, len, .. } => st(devs.dest.discard(offset, len)),
+        Action::FlushDest { .. } => st(devs.dest.flush()),
+        _ => return None,
+    };
+    Some(status)
+}
+
+/// Performs a metadata action (`CommitMetadata`, `AbortMetadata`); `None` for others.
+/// Failures are logged here with the error's text (the engine only sees the status).
+pub fn execute_metadata(
+    meta: &mut dyn MetadataBackend,
+    map: &HydrationMap,
+    action: &Action,
+) -> Option<IoStatus> {
+    match action {
+        Action::CommitMetadata { dirty, .. } => Some(match meta.commit(dirty) {
+            Ok(()) => IoStatus::Ok,
+            Err(e) => {
+                tracing::error!("metadata commit failed: {e}");
+                IoStatus::Io
+            }
+        }),
+        Action::AbortMetadata { .. } => Some(match meta.abort_and_reload(map) {
+            Ok(()) => IoStatus::Ok,
+            Err(e) => {
+                tracing::error!("metadata abort/reload failed: {e}");
+                IoStatus::Io
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// The operation id of an action that must be completed, if any.
+pub fn op_of(a: &Action) -> Option<u64> {
+    match *a {
+        Action::ReadSource { op, .. }
+        | Action::ReadDest { op, .. }
+        | Action::WriteDest { op, .. }
+        | Action::Copy { op, .. }
+        | Action::DiscardDest { op, .. }
+        | Action::FlushDest { op }
+        | Action::CommitMetadata { op, .. }
+        | Action::AbortMetadata { op } => Some(op),
+        _ => None,
+    }
+}
+
+/// The request whose thread should run an action, if any.
+pub fn owner_of(a: &Action) -> Option<u64> {
+    match *a {
+        Action::ReadSource { req, .. }
+        | Action::ReadDest { req, .. }
+        | Action::WriteDest { req, .. }
+        | Action::DiscardDest { req, .. } => Some(req),
+        Action::Copy { owner, .. } => owner,
+        _ => None,
+    }
+}
+
+/// Whether a write may skip the engine (the fast path): not FUA, not in fail mode, and every
+/// region it touches already hydrated, so the destination owns those bytes.
+pub fn fast_write_ok(view: &SharedView, g: &Geometry, offset: u64, len: u64, fua: bool) -> bool {
+    if fua || view.mode() == Mode::Fail {
+        return false;
+    }
+    let (first, n) = g.touched_regions(offset, len);
+    view.map().is_range_hydrated(first, n)
+}
+
+/// Reads `buf` at `offset`, each run of regions from the device that owns it: hydrated ones
+/// from the destination, the others from the source (SPEC 3.1; reads never wait).
+pub fn read_routed(
+    view: &SharedView,
+    g: &Geometry,
+    devs: &Devices<'_>,
+    offset: u64,
+    buf: &mut [u8],
+) -> IoStatus {
+    if view.mode() == Mode::Fail {
+        return IoStatus::Io;
+    }
+    let map = view.map();
+    let end = offset + buf.len() as u64;
+    let last = g.region_of_byte(end - 1) + 1;
+    let mut pos = offset;
+    while pos < end {
+        let r = g.region_of_byte(pos);
+        let hydrated = map.is_hydrated(r);
+        let run_end_region = if hydrated {
+            map.first_unhydrated_in(r, last).unwrap_or(last)
+        } else {
+            map.first_hydrated_in(r, last).unwrap_or(last)
+        };
+        let run_end = g.region_start_byte(run_end_region).min(end);
+        let dev = if hydrated { devs.dest } else { devs.source };
+        let (a, b) = ((pos - offset) as usize, (run_end - offset) as usize);
+        if let Err(e) = dev.read_at(&mut buf[a..b], pos) {
+            return status_of(&e);
+        }
+        pos = run_end;
+    }
+    IoStatus::Ok
+}

@@ -1,0 +1,552 @@
+//! The threaded driver: one engine, many threads.
+//!
+//! Threads and who runs what:
+//! - **request threads** (an export's workers) call [`Volume::read`], [`Volume::write`] and
+//!   friends. Reads, and plain (non-FUA) writes whose regions are all hydrated, go straight
+//!   to the device without entering the engine: this is the hot path, and it never waits for
+//!   a lock held across I/O or for background copies. Everything else enters the engine;
+//!   the request's thread then runs the I/O of its own request (it holds the buffer), and
+//!   receives any of its I/O that another thread's completion released (a write queued behind
+//!   a copy) through a per-request mailbox, until its reply arrives.
+//! - **copy threads** run background copies, so they proceed in parallel up to the
+//!   threshold.
+//! - **the timer thread** delivers [`Input::Tick`] at the engine's deadlines (periodic
+//!   commits, back-off, rate limit).
+//!
+//! Commit and abort actions run on whichever thread drained them; the engine never has two
+//! rounds in flight, so they never run concurrently. The engine lock is held only while the
+//! engine decides, never across I/O.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use clonebd_core::engine::{
+    Action, Config, Control, Engine, EngineStatus, Event, Input, IoStatus, Mode, ReqId, Request,
+    SharedView, Tick,
+};
+use clonebd_core::{AlignedBuf, BlockDev, Clock, Geometry, HydrationMap};
+use crossbeam_channel::{Receiver, Sender, unbounded};
+
+use crate::exec::{
+    Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of, read_routed,
+};
+use crate::{MetadataBackend, MetadataUsage};
+
+/// The system's monotonic clock.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    origin: Instant,
+}
+
+impl MonotonicClock {
+    /// A clock whose origin is now.
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Settings of a [`Volume`].
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeOptions {
+    /// The engine's settings.
+    pub engine: Config,
+    /// Threads running background copies.
+    pub copy_threads: usize,
+}
+
+/// Everything a status report shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeStatus {
+    /// The engine's view.
+    pub engine: EngineStatus,
+    /// Metadata blocks.
+    pub metadata: MetadataUsage,
+    /// The clone's geometry.
+    pub geometry: Geometry,
+}
+
+enum Msg {
+    Do(Action),
+    Reply(IoStatus),
+}
+
+enum Job {
+    Run(Action),
+    Stop,
+}
+
+struct Timer {
+    deadline: Option<Tick>,
+    stop: bool,
+}
+
+struct Shared {
+    engine: Mutex<Engine>,
+    view: Arc<SharedView>,
+    source: Arc<dyn BlockDev>,
+    dest: Arc<dyn BlockDev>,
+    meta: Mutex<Box<dyn MetadataBackend>>,
+    clock: Arc<dyn Clock>,
+    mailboxes: Mutex<HashMap<ReqId, Sender<Msg>>>,
+    tokens: Mutex<HashMap<u64, Sender<IoStatus>>>,
+    subscribers: Mutex<Vec<Sender<Event>>>,
+    next_id: AtomicU64,
+    jobs: Sender<Job>,
+    timer: Mutex<Timer>,
+    timer_cv: Condvar,
+    stopped: AtomicBool,
+    geometry: Geometry,
+    lbs: u64,
+}
+
+/// A running clone: the handle exports use. Cloning gives another handle to the same clone.
+#[derive(Clone)]
+pub struct Volume {
+    sh: Arc<Shared>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("geometry", &self.sh.geometry)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicked thread must not take every other request down with it; the engine's own
+    // state is only changed inside `apply`, which does not panic on valid input.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+thread_local! {
+    static SCRATCH: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(0));
+}
+
+impl Volume {
+    /// Starts a clone over `map` (the committed hydration state the metadata store loaded),
+    /// resumes it (background hydration runs if enabled) and returns its handle.
+    pub fn start(
+        opts: VolumeOptions,
+        source: Arc<dyn BlockDev>,
+        dest: Arc<dyn BlockDev>,
+        meta: Box<dyn MetadataBackend>,
+        map: HydrationMap,
+        clock: Arc<dyn Clock>,
+    ) -> Volume {
+        let view = Arc::new(SharedView::new(map));
+        let now = clock.now();
+        let engine = Engine::new(opts.engine, Arc::clone(&view), now);
+        let (jobs_tx, jobs_rx) = unbounded();
+        let sh = Arc::new(Shared {
+            engine: Mutex::new(engine),
+            view,
+            source,
+            dest,
+            meta: Mutex::new(meta),
+            clock,
+            mailboxes: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            subscribers: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            jobs: jobs_tx,
+            timer: Mutex::new(Timer {
+                deadline: None,
+                stop: false,
+            }),
+            timer_cv: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            geometry: opts.engine.geometry,
+            lbs: u64::from(opts.engine.logical_block_size.max(512)),
+        });
+        let mut threads = Vec::new();
+        for i in 0..opts.copy_threads.max(1) {
+            let sh2 = Arc::clone(&sh);
+            let rx: Receiver<Job> = jobs_rx.clone();
+            threads.push(spawn(&format!("clonebd-copy-{i}"), move || {
+                copy_loop(&sh2, &rx)
+            }));
+        }
+        let sh2 = Arc::clone(&sh);
+        threads.push(spawn("clonebd-timer", move || timer_loop(&sh2)));
+        let acts = sh.apply(Input::Control(Control::Resume));
+        sh.dispatch(acts, None, &mut ReqBuf::None);
+        Volume {
+            sh,
+            threads: Arc::new(Mutex::new(threads)),
+        }
+    }
+
+    /// The clone's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.sh.geometry
+    }
+
+    /// The clone's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.sh.geometry.target_bytes()
+    }
+
+    /// The clone's logical block size in bytes.
+    pub fn logical_block_size(&self) -> u32 {
+        u32::try_from(self.sh.lbs).unwrap_or(512)
+    }
+
+    /// The shared view: hydration map and mode.
+    pub fn view(&self) -> &Arc<SharedView> {
+        &self.sh.view
+    }
+
+    /// Whether the destination can discard (passdown possible).
+    pub fn dest_can_discard(&self) -> bool {
+        self.sh.dest.caps().discard
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Never waits for hydration: unhydrated regions are
+    /// read from the source.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus> {
+        let sh = &self.sh;
+        sh.check_range(offset, buf.len() as u64)?;
+        sh.view.foreground_started(sh.clock.now());
+        let devs = Devices {
+            source: &*sh.source,
+            dest: &*sh.dest,
+        };
+        let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
+        sh.view.foreground_finished(sh.clock.now());
+        if r.is_ok() { Ok(()) } else { Err(r) }
+    }
+
+    /// Writes `data` at `offset`; with `fua`, completes only once the data and the metadata
+    /// recording its region are durable.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoStatus> {
+        let sh = &self.sh;
+        sh.check_range(offset, data.len() as u64)?;
+        if fast_write_ok(&sh.view, &sh.geometry, offset, data.len() as u64, fua) {
+            // Hot path: a hydrated region is the destination's, nothing to decide.
+            sh.view.foreground_started(sh.clock.now());
+            let r = sh
+                .dest
+                .write_at(data, offset)
+                .map_err(|e| crate::exec::status_of(&e));
+            sh.view.foreground_finished(sh.clock.now());
+            return r;
+        }
+        let len = data.len() as u64;
+        sh.submit(Request::Write { offset, len, fua }, ReqBuf::Write(data))
+    }
+
+    /// Flushes: every write completed before this call is durable, and so is the metadata
+    /// that routes it.
+    pub fn flush(&self) -> Result<(), IoStatus> {
+        self.sh.submit(Request::Flush, ReqBuf::None)
+    }
+
+    /// Discards `[offset, offset+len)`.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
+        self.sh
+            .submit(Request::Discard { offset, len }, ReqBuf::None)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoStatus> {
+        self.sh
+            .submit(Request::WriteZeroes { offset, len, fua }, ReqBuf::None)
+    }
+
+    /// Hydrates every region `[offset, offset+len)` touches, and returns once they are.
+    pub fn hydrate(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
+        self.sh
+            .submit(Request::Hydrate { offset, len }, ReqBuf::None)
+    }
+
+    /// Applies a control command (hydration messages, rate limit).
+    pub fn control(&self, c: Control) {
+        let acts = self.sh.apply(Input::Control(c));
+        self.sh.dispatch(acts, None, &mut ReqBuf::None);
+    }
+
+    /// Commits the metadata if anything changed (what a dm-clone status request does first).
+    pub fn commit(&self) -> IoStatus {
+        self.sh.control_wait(|token| Control::Commit { token })
+    }
+
+    /// The status: engine counters and metadata usage.
+    pub fn status(&self) -> VolumeStatus {
+        let engine = lock(&self.sh.engine).status();
+        let metadata = lock(&self.sh.meta).usage();
+        VolumeStatus {
+            engine,
+            metadata,
+            geometry: self.sh.geometry,
+        }
+    }
+
+    /// Events from now on (mode changes, hydration complete, copy failures).
+    pub fn subscribe(&self) -> Receiver<Event> {
+        let (tx, rx) = unbounded();
+        lock(&self.sh.subscribers).push(tx);
+        rx
+    }
+
+    /// The suspend sequence (SPEC 4.5, and H3: shutdown commits): stops background
+    /// hydration, waits for hydrations in flight, commits, then stops the threads. Callers
+    /// stop their exports first so no request is in flight. Returns the commit's outcome.
+    pub fn shutdown(&self) -> IoStatus {
+        let status = self.sh.control_wait(|token| Control::Suspend { token });
+        self.sh.stopped.store(true, Ordering::Release);
+        {
+            let mut t = lock(&self.sh.timer);
+            t.stop = true;
+        }
+        self.sh.timer_cv.notify_all();
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for _ in 0..threads.len() {
+            let _ = self.sh.jobs.send(Job::Stop);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        status
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    match std::thread::Builder::new().name(name.to_string()).spawn(f) {
+        Ok(h) => h,
+        // Without its threads the volume cannot work at all: nothing sensible to continue.
+        Err(e) => panic!("cannot start thread {name}: {e}"),
+    }
+}
+
+fn copy_loop(sh: &Shared, rx: &Receiver<Job>) {
+    while let Ok(Job::Run(action)) = rx.recv() {
+        sh.run_job(&action);
+    }
+}
+
+fn timer_loop(sh: &Shared) {
+    loop {
+        {
+            let mut t = lock(&sh.timer);
+            loop {
+                if t.stop {
+                    return;
+                }
+                let now = sh.clock.now();
+                match t.deadline {
+                    Some(d) if d <= now => {
+                        t.deadline = None;
+                        break;
+                    }
+                    Some(d) => {
+                        let wait = Duration::from_nanos(d - now).min(Duration::from_secs(1));
+                        t = sh
+                            .timer_cv
+                            .wait_timeout(t, wait)
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                    None => {
+                        t = sh
+                            .timer_cv
+                            .wait_timeout(t, Duration::from_secs(1))
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                }
+            }
+        }
+        let acts = sh.apply(Input::Tick);
+        sh.dispatch(acts, None, &mut ReqBuf::None);
+    }
+}
+
+impl Shared {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
+        let ok = len > 0
+            && offset.is_multiple_of(self.lbs)
+            && len.is_multiple_of(self.lbs)
+            && offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.geometry.target_bytes());
+        if ok { Ok(()) } else { Err(IoStatus::Invalid) }
+    }
+
+    /// Feeds the engine and returns what it wants done; re-arms the timer if needed.
+    fn apply(&self, input: Input) -> Vec<Action> {
+        let now = self.clock.now();
+        let mut e = lock(&self.engine);
+        e.apply(now, input);
+        let mut out = Vec::new();
+        while let Some(a) = e.poll_action() {
+            out.push(a);
+        }
+        let deadline = e.next_deadline();
+        drop(e);
+        if let Some(d) = deadline {
+            let mut t = lock(&self.timer);
+            if t.deadline.is_none_or(|x| d < x) {
+                t.deadline = Some(d);
+                drop(t);
+                self.timer_cv.notify_one();
+            }
+        }
+        out
+    }
+
+    /// Submits a request from the calling thread and runs it to its reply.
+    fn submit(&self, req: Request, mut buf: ReqBuf<'_>) -> Result<(), IoStatus> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded();
+        lock(&self.mailboxes).insert(id, tx);
+        let acts = self.apply(Input::Request(id, req));
+        let mut status = self.dispatch(acts, Some(id), &mut buf);
+        while status.is_none() {
+            status = match rx.recv() {
+                Ok(Msg::Do(a)) => self.dispatch(vec![a], Some(id), &mut buf),
+                Ok(Msg::Reply(s)) => Some(s),
+                Err(_) => Some(IoStatus::Io),
+            };
+        }
+        lock(&self.mailboxes).remove(&id);
+        match status {
+            Some(IoStatus::Ok) => Ok(()),
+            Some(s) => Err(s),
+            None => Err(IoStatus::Io),
+        }
+    }
+
+    fn control_wait(&self, make: impl FnOnce(u64) -> Control) -> IoStatus {
+        let token = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded();
+        lock(&self.tokens).insert(token, tx);
+        let acts = self.apply(Input::Control(make(token)));
+        self.dispatch(acts, None, &mut ReqBuf::None);
+        rx.recv().unwrap_or(IoStatus::Io)
+    }
+
+    /// Runs a background copy on this (copy) thread and dispatches what its completion
+    /// produces.
+    fn run_job(&self, a: &Action) {
+        if let Some(op) = op_of(a) {
+            let status = self.execute(a, &mut ReqBuf::None);
+            let acts = self.apply(Input::Completed(op, status));
+            self.dispatch(acts, None, &mut ReqBuf::None);
+        }
+    }
+
+    /// Routes actions: this request's I/O runs here, another request's goes to its mailbox,
+    /// background copies go to the copy threads, commits run here. Returns this request's
+    /// reply if it came.
+    fn dispatch(
+        &self,
+        acts: Vec<Action>,
+        me: Option<ReqId>,
+        buf: &mut ReqBuf<'_>,
+    ) -> Option<IoStatus> {
+        let mut q: VecDeque<Action> = acts.into();
+        let mut mine = None;
+        while let Some(a) = q.pop_front() {
+            match a {
+                Action::Reply { req, status } => {
+                    if Some(req) == me {
+                        mine = Some(status);
+                    } else {
+                        self.send(req, Msg::Reply(status));
+                    }
+                }
+                Action::ControlDone { token, status } => {
+                    if let Some(tx) = lock(&self.tokens).remove(&token) {
+                        let _ = tx.send(status);
+                    }
+                }
+                Action::Event(ev) => self.on_event(ev),
+                a => {
+                    let owner = owner_of(&a);
+                    let background_copy = matches!(a, Action::Copy { owner: None, .. });
+                    if owner.is_some() && owner != me {
+                        if let Some(r) = owner {
+                            self.send(r, Msg::Do(a));
+                        }
+                    } else if background_copy {
+                        let _ = self.jobs.send(Job::Run(a));
+                    } else if let Some(op) = op_of(&a) {
+                        let status = self.execute(&a, buf);
+                        q.extend(self.apply(Input::Completed(op, status)));
+                    }
+                }
+            }
+        }
+        mine
+    }
+
+    fn execute(&self, a: &Action, buf: &mut ReqBuf<'_>) -> IoStatus {
+        let devs = Devices {
+            source: &*self.source,
+            dest: &*self.dest,
+        };
+        let data = SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            execute_data(&devs, a, buf, &mut s)
+        });
+        if let Some(st) = data {
+            return st;
+        }
+        let mut meta = lock(&self.meta);
+        execute_metadata(&mut **meta, self.view.map(), a).unwrap_or(IoStatus::Invalid)
+    }
+
+    fn send(&self, req: ReqId, m: Msg) {
+        match lock(&self.mailboxes).get(&req) {
+            Some(tx) => {
+                let _ = tx.send(m);
+            }
+            None => tracing::error!(req, "no mailbox for request (engine bug)"),
+        }
+    }
+
+    fn on_event(&self, ev: Event) {
+        match &ev {
+            Event::ModeChanged(m) => {
+                let name = match m {
+                    Mode::ReadWrite => "read-write",
+                    Mode::ReadOnly => "read-only",
+                    Mode::Fail => "fail",
+                };
+                tracing::warn!("Switching to {name} mode");
+            }
+            Event::HydrationComplete => tracing::info!("hydration complete"),
+            Event::CopyFailed {
+                first,
+                n,
+                background,
+            } => {
+                tracing::error!(first, n, background, "hydration failed");
+            }
+            Event::MetadataOperationFailed { op } => {
+                tracing::error!("Metadata operation `{op}' failed");
+            }
+        }
+        lock(&self.subscribers).retain(|s| s.send(ev.clone()).is_ok());
+    }
+}
