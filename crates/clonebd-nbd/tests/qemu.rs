@@ -98,9 +98,22 @@ fn qemu_io_negotiates_extended_headers() {
     );
     let out = stdout(&out);
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    let log = std::fs::read_to_string(&trace).unwrap_or_default();
-    println!("{}", &log[..log.len().min(6000)]);
-    let _ = run_status;
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let has = |needle: &str| log.contains(needle);
+    if !has("nbd_send_option_request") {
+        println!("SKIPPED: this qemu-io was built without a usable trace backend");
+        return;
+    }
+    assert!(
+        has("Received option reply 11 (extended headers), type 1 (ack)"),
+        "{log}"
+    );
+    // Every reply came with an extended header: NONE chunks for success, 64-bit block status.
+    assert!(has("type = 0 (none)"), "{log}");
+    assert!(has("type = 6 (block status (64-bit))"), "{log}");
+    // qemu traces any deviation from the protocol it notices.
+    assert!(!has("compliance"), "{log}");
+    assert!(!has("nbd_read_reply_entry_fail"), "{log}");
 }
 
 #[test]
@@ -123,4 +136,92 @@ fn qemu_io_large_writes_up_to_32_mib() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(srv.read_file(0, 3 << 20), vec![0x42; 3 << 20]);
     assert_eq!(srv.read_file(8 << 20, 32 << 20), vec![0x43; 32 << 20]);
+}
+
+#[test]
+fn qemu_img_convert_and_compare_through_the_export() {
+    if !have("qemu-img") {
+        return;
+    }
+    let srv = TestServer::start(SIZE);
+    let src = srv.dir.path().join("src.img");
+    let mut data = pattern(SIZE as usize, 11);
+    // Leave zero runs so that convert has holes to skip or zero.
+    data[(8 << 20)..(24 << 20)].fill(0);
+    std::fs::write(&src, &data).unwrap();
+    let src = src.to_str().unwrap();
+    let uri = srv.unix_uri();
+    run(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src, &uri],
+    );
+    let out = stdout(&run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src, &uri],
+    ));
+    assert!(out.contains("Images are identical"), "{out}");
+    assert!(
+        srv.read_file(0, SIZE as usize) == data,
+        "export differs from source"
+    );
+    // A changed byte is found through the export.
+    srv.write_file(40 << 20, &[0xff]);
+    let out = run_status(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src, &srv.tcp_uri()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    // And out of it, over TCP.
+    let back = srv.dir.path().join("back.img");
+    let back = back.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &srv.tcp_uri(), back],
+    );
+    let mut want = data.clone();
+    want[40 << 20] = 0xff;
+    assert!(
+        std::fs::read(back).unwrap() == want,
+        "converted copy differs"
+    );
+}
+
+#[test]
+fn several_qemu_io_clients_at_once() {
+    if !have("qemu-io") {
+        return;
+    }
+    let srv = TestServer::start(SIZE);
+    let uris: Vec<String> = (0..6)
+        .map(|i| {
+            if i % 2 == 0 {
+                srv.unix_uri()
+            } else {
+                srv.tcp_uri()
+            }
+        })
+        .collect();
+    let handles: Vec<_> = uris
+        .into_iter()
+        .enumerate()
+        .map(|(i, uri)| {
+            std::thread::spawn(move || {
+                let off = i * (8 << 20);
+                let w = format!("write -P {} {off} 4M", i + 1);
+                let r = format!("read -P {} {off} 4M", i + 1);
+                let out = stdout(&run("qemu-io", &["-f", "raw", "-c", &w, "-c", &r, &uri]));
+                assert!(!out.contains("Pattern verification failed"), "{out}");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for i in 0..6u8 {
+        assert_eq!(
+            srv.read_file(u64::from(i) * (8 << 20), 4 << 20),
+            vec![i + 1; 4 << 20]
+        );
+    }
+    assert!(srv.server.stats().total_connections >= 6);
 }

@@ -50,8 +50,9 @@ pub struct FileBackend {
     contexts: Vec<String>,
     allocated: Mutex<Vec<bool>>,
     hydrated: Mutex<Vec<bool>>,
-    /// Delay reads whose offset falls in an odd granule, so that replies come out of order.
-    pub jitter: bool,
+    /// Delay reads whose offset falls in an odd granule by this much, so that replies come out
+    /// of order.
+    pub jitter: Option<Duration>,
     pub calls: Calls,
 }
 
@@ -90,7 +91,7 @@ impl FileBackend {
             ],
             allocated: Mutex::new(vec![false; granules]),
             hydrated: Mutex::new(hydrated),
-            jitter: false,
+            jitter: None,
             calls: Calls::default(),
         }
     }
@@ -185,8 +186,10 @@ impl Backend for FileBackend {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
         self.calls.reads.fetch_add(1, Ordering::Relaxed);
-        if self.jitter && (offset / GRANULE) % 2 == 1 {
-            std::thread::sleep(Duration::from_millis(2));
+        if let Some(delay) = self.jitter
+            && (offset / GRANULE) % 2 == 1
+        {
+            std::thread::sleep(delay);
         }
         self.file
             .read_exact_at(buf, offset)

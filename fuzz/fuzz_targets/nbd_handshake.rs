@@ -1,0 +1,97 @@
+//! Fuzz the server handshake: arbitrary client bytes, fed in arbitrary pieces.
+//!
+//! Asserts: no panic; no allocation above the cap (see `capped_alloc`); the machine never asks
+//! for more than 64 KiB at once; and feeding the same bytes in different pieces gives the same
+//! replies, the same outcome and the same number of consumed bytes (no state depends on how
+//! the stream was split, so the stream cannot desynchronise).
+#![no_main]
+
+mod capped_alloc;
+
+use clonebd_nbd::handshake::{ExportInfo, Handshake, Status};
+use clonebd_nbd::proto::MAX_OPTION_LEN;
+use clonebd_nbd::{BackendFlags, BlockSizes};
+use libfuzzer_sys::fuzz_target;
+
+#[global_allocator]
+static ALLOC: capped_alloc::CappedAlloc = capped_alloc::CappedAlloc;
+
+fn export() -> ExportInfo {
+    let flags = BackendFlags {
+        flush: true,
+        fua: true,
+        trim: true,
+        write_zeroes: true,
+        fast_zero: true,
+        cache: true,
+        multi_conn: true,
+        read_only: false,
+    };
+    let sizes = BlockSizes {
+        minimum: 512,
+        preferred: 65536,
+        maximum: 32 << 20,
+    };
+    let contexts = vec!["base:allocation".to_owned(), "clonebd:hydrated".to_owned()];
+    match ExportInfo::new("disk", "fuzz", 1 << 30, sizes, flags, contexts) {
+        Ok(e) => e,
+        Err(_) => unreachable!("valid export"),
+    }
+}
+
+/// Feed `data` in pieces of the given sizes (cycled); returns (output, status, consumed).
+fn drive(data: &[u8], pieces: &[u8]) -> (Vec<u8>, Status, usize) {
+    let mut hs = Handshake::new(export());
+    let mut out = Vec::new();
+    let mut consumed = 0;
+    let mut i = 0;
+    loop {
+        out.extend_from_slice(hs.output());
+        hs.consume_output(hs.output().len());
+        assert!(hs.wanted() <= MAX_OPTION_LEN as usize);
+        if *hs.status() != Status::Negotiating || consumed == data.len() {
+            break;
+        }
+        let piece = if pieces.is_empty() {
+            data.len()
+        } else {
+            usize::from(pieces[i % pieces.len()]) + 1
+        };
+        i += 1;
+        let end = (consumed + piece).min(data.len());
+        let avail = end - consumed;
+        match hs.feed(&data[consumed..end]) {
+            Ok(n) => {
+                assert!(n <= avail);
+                consumed += n;
+                // Input is left over only once the handshake has finished.
+                assert!(n == avail || *hs.status() != Status::Negotiating);
+            }
+            Err(_) => assert!(matches!(hs.status(), Status::Failed(_))),
+        }
+        if matches!(hs.status(), Status::Failed(_)) {
+            out.extend_from_slice(hs.output());
+            break;
+        }
+    }
+    (out, hs.status().clone(), consumed)
+}
+
+fuzz_target!(|input: &[u8]| {
+    let split = input
+        .first()
+        .map_or(0, |b| usize::from(*b) % 16)
+        .min(input.len().saturating_sub(1));
+    let (pieces, data) = if input.is_empty() {
+        (&[][..], input)
+    } else {
+        input[1..].split_at(split)
+    };
+    let whole = drive(data, &[]);
+    let pieced = drive(data, pieces);
+    assert_eq!(whole.1, pieced.1);
+    assert_eq!(whole.0, pieced.0);
+    if !matches!(whole.1, Status::Failed(_)) {
+        assert_eq!(whole.2, pieced.2);
+    }
+});
