@@ -36,6 +36,7 @@ fn fio_nbd_randwrite_verify_crc32c_iodepth_32() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randrepeat=0",
             "--output-format=terse",
         ],

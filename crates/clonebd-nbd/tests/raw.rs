@@ -1,0 +1,368 @@
+//! Byte-level tests with a hand-written client: error replies that keep the connection alive,
+//! payloads over the cap, extended headers, option handling, ordering, limits and shutdown.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use clonebd_nbd::ServerConfig;
+use common::raw::*;
+use common::{FileBackend, TestServer, pattern};
+
+const SIZE: u64 = 4 << 20;
+
+fn structured(srv: &TestServer) -> RawClient {
+    let mut c = RawClient::connect(&srv.socket);
+    c.negotiate(true, false, &["base:allocation", "clonebd:hydrated"]);
+    c
+}
+
+fn no_data(_: u64) -> usize {
+    0
+}
+
+#[test]
+fn out_of_range_requests_get_errors_and_the_connection_continues() {
+    let srv = TestServer::start(SIZE);
+    let mut c = RawClient::connect(&srv.socket);
+    let (size, _, _) = c.negotiate(false, false, &[]);
+    assert_eq!(size, SIZE);
+    // Read past the end: EINVAL, no data.
+    c.request(0, CMD_READ, 1, SIZE - 512, 1024, &[]);
+    assert_eq!(
+        c.reply(no_data),
+        RawReply {
+            cookie: 1,
+            error: EINVAL,
+            ..Default::default()
+        }
+    );
+    // Offset + length overflowing u64: EINVAL.
+    c.request(0, CMD_TRIM, 2, u64::MAX - 511, 1024, &[]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    // Write past the end: ENOSPC, and its payload is consumed.
+    c.request(0, CMD_WRITE, 3, SIZE - 512, 1024, &[0xee; 1024]);
+    assert_eq!(c.reply(no_data).error, ENOSPC);
+    // Unaligned write: EINVAL, payload consumed.
+    c.request(0, CMD_WRITE, 4, 100, 512, &[0xee; 512]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    // A flag not valid for the command (NO_HOLE on a read): EINVAL.
+    c.request(2, CMD_READ, 5, 0, 512, &[]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    // Zero length read: EINVAL.
+    c.request(0, CMD_READ, 6, 0, 0, &[]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    // Unknown command: EINVAL.
+    c.request(0, 42, 7, 0, 512, &[]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    // Block status without a negotiated context: EINVAL.
+    c.request(0, CMD_BLOCK_STATUS, 8, 0, 512, &[]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    // The stream is still in step: a good write and read work.
+    let data = pattern(4096, 1);
+    c.request(0, CMD_WRITE, 9, 8192, 4096, &data);
+    assert_eq!(
+        c.reply(no_data),
+        RawReply {
+            cookie: 9,
+            ..Default::default()
+        }
+    );
+    c.request(0, CMD_READ, 10, 8192, 4096, &[]);
+    let r = c.reply(|_| 4096);
+    assert_eq!((r.cookie, r.error), (10, 0));
+    assert_eq!(r.data, data);
+    // Nothing written by the rejected requests.
+    assert_eq!(srv.read_file(SIZE - 512, 512), vec![0; 512]);
+    assert_eq!(srv.read_file(0, 1024), vec![0; 1024]);
+    c.request(0, CMD_DISC, 11, 0, 0, &[]);
+    assert!(c.closed());
+    let stats = srv.server.stats();
+    assert_eq!(stats.request_errors, 8);
+    assert_eq!(stats.protocol_errors, 0);
+}
+
+#[test]
+fn structured_errors_carry_a_message() {
+    let srv = TestServer::start(SIZE);
+    let mut c = structured(&srv);
+    c.request(0, CMD_READ, 1, SIZE, 512, &[]);
+    let r = c.reply(no_data);
+    assert_eq!(r.error, EINVAL);
+    let (ty, flags, p) = &r.chunks[0];
+    assert_eq!((*ty, *flags), (0x8001, 1));
+    let msg_len = u16::from_be_bytes([p[4], p[5]]) as usize;
+    assert_eq!(p.len(), 6 + msg_len);
+    assert!(msg_len > 0);
+}
+
+#[test]
+fn payload_over_the_cap_is_refused_without_reading_it() {
+    let srv = TestServer::start(SIZE);
+    let mut c = RawClient::connect(&srv.socket);
+    c.negotiate(false, false, &[]);
+    // Declare a 4 GiB - 1 write and send none of it: the server must answer and close at once
+    // rather than wait for (or allocate) the declared payload.
+    let start = Instant::now();
+    c.request(0, CMD_WRITE, 1, 0, u64::from(u32::MAX), &[]);
+    let r = c.reply(no_data);
+    assert_eq!((r.cookie, r.error), (1, EINVAL));
+    assert!(c.closed());
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // A payload just over 32 MiB, sent in full, gets the same treatment.
+    let mut c = RawClient::connect(&srv.socket);
+    c.negotiate(true, false, &[]);
+    c.request(0, CMD_WRITE, 2, 0, (32 << 20) + 512, &[]);
+    let r = c.reply(no_data);
+    assert_eq!((r.cookie, r.error), (2, EINVAL));
+    assert!(c.closed());
+    assert_eq!(srv.server.stats().protocol_errors, 2);
+    // Other connections are unaffected.
+    let mut c = RawClient::connect(&srv.socket);
+    c.negotiate(false, false, &[]);
+    c.request(0, CMD_READ, 3, 0, 512, &[]);
+    assert_eq!(c.reply(|_| 512).error, 0);
+}
+
+#[test]
+fn write_of_exactly_32_mib_is_accepted() {
+    let srv = TestServer::start(40 << 20);
+    let mut c = RawClient::connect(&srv.socket);
+    c.negotiate(false, false, &[]);
+    let data = pattern(32 << 20, 5);
+    c.request(1, CMD_WRITE, 1, 4 << 20, 32 << 20, &data);
+    assert_eq!(c.reply(no_data).error, 0);
+    assert!(srv.read_file(4 << 20, 32 << 20) == data);
+}
+
+#[test]
+fn bad_request_magic_closes_only_that_connection() {
+    let srv = TestServer::start(SIZE);
+    let mut good = RawClient::connect(&srv.socket);
+    good.negotiate(false, false, &[]);
+    let mut bad = RawClient::connect(&srv.socket);
+    bad.negotiate(false, false, &[]);
+    bad.stream.write_all(&[0xde; 28]).unwrap();
+    assert!(bad.closed());
+    good.request(0, CMD_READ, 1, 0, 512, &[]);
+    assert_eq!(good.reply(|_| 512).error, 0);
+    assert_eq!(srv.server.stats().protocol_errors, 1);
+}
+
+#[test]
+fn extended_headers_round_trip() {
+    let srv = TestServer::start(SIZE);
+    let mut c = RawClient::connect(&srv.socket);
+    let (_, _, ids) = c.negotiate(false, true, &["base:allocation", "clonebd:hydrated"]);
+    assert_eq!(ids.len(), 2);
+    let data = pattern(65536, 9);
+    c.request(0, CMD_WRITE, 1, 65536, 65536, &data);
+    let r = c.reply(no_data);
+    // Success is a NONE chunk with DONE, echoing the request's offset.
+    assert_eq!(r.chunks, vec![(0, 1, vec![])]);
+    assert_eq!(r.header_offsets, vec![65536]);
+    c.request(0, CMD_READ, 2, 65536, 65536, &[]);
+    let r = c.reply(no_data);
+    assert_eq!(r.data, data);
+    assert_eq!(r.chunks[0].0, 1);
+    assert_eq!(r.header_offsets, vec![65536]);
+    // Block status: one BLOCK_STATUS_EXT chunk per context, the last one DONE.
+    c.request(0, CMD_BLOCK_STATUS, 3, 0, SIZE, &[]);
+    let r = c.reply(no_data);
+    assert_eq!(r.chunks.len(), 2);
+    let (id0, ext0) = extents(r.chunks[0].0, &r.chunks[0].2);
+    let (id1, ext1) = extents(r.chunks[1].0, &r.chunks[1].2);
+    assert_eq!(r.chunks[1].1, 1);
+    let alloc = if id0 == ids[0].0 { &ext0 } else { &ext1 };
+    let hydr = if id1 == ids[1].0 { &ext1 } else { &ext0 };
+    assert_eq!(alloc, &vec![(65536, 3), (65536, 0), (SIZE - 131072, 3)]);
+    assert_eq!(hydr, &vec![(SIZE / 2, 1), (SIZE / 2, 0)]);
+    // A 64-bit trim length (above 4 GiB) is checked against the export, not truncated.
+    c.request(0, CMD_TRIM, 4, 0, 1 << 33, &[]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    // A payload on a command that takes none (NBD_CMD_FLAG_PAYLOAD_LEN) is skipped and
+    // refused; the next request still parses.
+    c.request(1 << 5, CMD_BLOCK_STATUS, 5, 0, 16, &[7; 16]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    c.request(0, CMD_FLUSH, 6, 0, 0, &[]);
+    assert_eq!(c.reply(no_data).chunks, vec![(0, 1, vec![])]);
+}
+
+#[test]
+fn compact_block_status_req_one_and_context_ids() {
+    let srv = TestServer::start(SIZE);
+    let mut c = RawClient::connect(&srv.socket);
+    let (_, _, ids) = c.negotiate(true, false, &["clonebd:hydrated"]);
+    assert_eq!(ids.len(), 1);
+    c.request(1 << 3, CMD_BLOCK_STATUS, 1, 4096, 8192, &[]);
+    let r = c.reply(no_data);
+    assert_eq!(r.chunks.len(), 1);
+    let (ty, flags, p) = &r.chunks[0];
+    assert_eq!((*ty, *flags), (5, 1));
+    assert_eq!(extents(*ty, p), (ids[0].0, vec![(8192, 1)]));
+}
+
+#[test]
+fn unknown_options_get_err_unsup_and_negotiation_goes_on() {
+    let srv = TestServer::start(SIZE);
+    let mut c = RawClient::connect(&srv.socket);
+    for (option, len) in [
+        (4u32, 0usize),
+        (12, 3),
+        (0x7fff_ffff, 10),
+        (1000, 200 * 1024),
+    ] {
+        c.send_option(option, &vec![1u8; len]);
+        let (o, ty, _) = c.option_reply();
+        assert_eq!((o, ty), (option, REP_ERR_UNSUP));
+    }
+    // STARTTLS is not supported either.
+    c.send_option(5, &[]);
+    assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
+    // An unknown export name is refused, and a known one accepted.
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"nope");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    c.send_option(OPT_GO, &go);
+    assert_eq!(c.option_reply().1, REP_ERR_UNKNOWN);
+    let (size, flags, _) = c.negotiate(false, false, &[]);
+    assert_eq!(size, SIZE);
+    assert_eq!(flags & 1, 1);
+}
+
+#[test]
+fn list_and_abort() {
+    let srv = TestServer::start(SIZE);
+    let mut c = RawClient::connect(&srv.socket);
+    c.send_option(OPT_LIST, &[]);
+    let replies = c.option_replies();
+    assert_eq!(replies.len(), 2);
+    assert_eq!(replies[0].1, 2);
+    assert_eq!(&replies[0].2[4..8], b"disk");
+    c.send_option(OPT_ABORT, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    assert!(c.closed());
+}
+
+#[test]
+fn export_name_without_zeroes_enters_transmission() {
+    let srv = TestServer::start(SIZE);
+    let mut c = RawClient::connect(&srv.socket);
+    c.send_option(OPT_EXPORT_NAME, b"");
+    let mut b = [0u8; 10];
+    std::io::Read::read_exact(&mut c.stream, &mut b).unwrap();
+    assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), SIZE);
+    c.request(0, CMD_READ, 1, 0, 512, &[]);
+    assert_eq!(c.reply(|_| 512).error, 0);
+}
+
+#[test]
+fn replies_come_out_of_order() {
+    let srv = TestServer::start_with(
+        SIZE,
+        |mut b| {
+            b.jitter = Some(Duration::from_millis(300));
+            b
+        },
+        ServerConfig::default(),
+    );
+    let mut c = structured(&srv);
+    // Granule 1 (offset 64 KiB) is slow, granule 0 fast: the second reply overtakes the first.
+    c.request(0, CMD_READ, 1, 65536, 4096, &[]);
+    c.request(0, CMD_READ, 2, 0, 4096, &[]);
+    assert_eq!(c.reply(no_data).cookie, 2);
+    assert_eq!(c.reply(no_data).cookie, 1);
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = std::sync::Arc::new(FileBackend::create(
+        &dir.path().join("ro.img"),
+        SIZE,
+        common::sizes(),
+        true,
+    ));
+    let srv = TestServer::serve(dir, backend, ServerConfig::default());
+    let mut c = RawClient::connect(&srv.socket);
+    let (_, flags, _) = c.negotiate(false, false, &[]);
+    assert_eq!(flags & 2, 2, "READ_ONLY");
+    assert_eq!(flags & (1 << 5), 0, "no SEND_TRIM");
+    c.request(0, CMD_WRITE, 1, 0, 512, &[1; 512]);
+    assert_eq!(c.reply(no_data).error, 1);
+    c.request(0, CMD_WRITE_ZEROES, 2, 0, 512, &[]);
+    assert_eq!(c.reply(no_data).error, EINVAL);
+    c.request(0, CMD_READ, 3, 0, 512, &[]);
+    assert_eq!(c.reply(|_| 512).error, 0);
+}
+
+#[test]
+fn connection_limit_closes_extra_connections() {
+    let config = ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(SIZE, |b| b, config);
+    let mut first = RawClient::connect(&srv.socket);
+    first.negotiate(false, false, &[]);
+    let mut extra = std::os::unix::net::UnixStream::connect(&srv.socket).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(
+        std::io::Read::read(&mut extra, &mut b),
+        Ok(0) | Err(_)
+    ));
+    assert_eq!(srv.server.stats().rejected_connections, 1);
+    first.request(0, CMD_READ, 1, 0, 512, &[]);
+    assert_eq!(first.reply(|_| 512).error, 0);
+}
+
+#[test]
+fn small_inflight_budget_still_serves_a_deep_pipeline() {
+    let config = ServerConfig {
+        max_inflight_bytes: 64 * 1024,
+        max_inflight_requests: 2,
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(SIZE, |b| b, config);
+    let mut c = structured(&srv);
+    let data = pattern(128 * 1024, 4);
+    for i in 0..32u64 {
+        c.request(0, CMD_WRITE, i, i * 131072 % SIZE, 131072, &data);
+    }
+    for _ in 0..32 {
+        assert_eq!(c.reply(no_data).error, 0);
+    }
+    assert!(srv.read_file(131072, 131072) == data);
+}
+
+#[test]
+fn shutdown_finishes_requests_in_flight_then_closes() {
+    let mut srv = TestServer::start_with(
+        SIZE,
+        |mut b| {
+            b.jitter = Some(Duration::from_millis(300));
+            b
+        },
+        ServerConfig::default(),
+    );
+    let mut c = structured(&srv);
+    c.request(0, CMD_READ, 1, 65536, 4096, &[]);
+    // Let the server read the request before shutting down.
+    std::thread::sleep(Duration::from_millis(100));
+    let stopper = {
+        let handle = srv.server.shutdown_handle();
+        std::thread::spawn(move || handle.shutdown())
+    };
+    let r = c.reply(no_data);
+    assert_eq!((r.cookie, r.error, r.data.len()), (1, 0, 4096));
+    assert!(c.closed());
+    stopper.join().unwrap();
+    srv.stop();
+    assert_eq!(srv.server.stats().active_connections, 0);
+    assert!(std::os::unix::net::UnixStream::connect(&srv.socket).is_err());
+}
