@@ -49,6 +49,8 @@ fn drive(data: &[u8], pieces: &[u8]) -> (Vec<u8>, Status, usize) {
         out.extend_from_slice(hs.output());
         hs.consume_output(hs.output().len());
         assert!(hs.wanted() <= MAX_OPTION_LEN as usize);
+        // While negotiating the machine always wants input, so a caller never spins.
+        assert!(hs.wanted() > 0 || *hs.status() != Status::Negotiating);
         if *hs.status() != Status::Negotiating || consumed == data.len() {
             break;
         }

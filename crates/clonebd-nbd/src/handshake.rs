@@ -2,7 +2,7 @@
 //!
 //! [`Handshake`] is fed the client's bytes and queues the server's bytes; it never touches a
 //! socket. The caller asks [`Handshake::wanted`] how many bytes the machine needs next (never
-//! more than a 16-byte option header or [`MAX_OPTION_LEN`](crate::proto::MAX_OPTION_LEN) of
+//! more than a 16-byte option header or [`MAX_OPTION_LEN`] of
 //! option data), passes them to [`Handshake::feed`], and sends [`Handshake::output`]. The
 //! machine stops consuming input the moment transmission starts, so bytes after the final
 //! option belong to the transmission phase. The outcome is a [`Negotiated`]: the export, the

@@ -12,6 +12,22 @@
 //! and writes replies from one writer thread per connection, so replies go out of order but
 //! never interleave.
 
+//! Protocol choices, where the protocol leaves room:
+//!
+//! - Requests past the end of the export get `NBD_ENOSPC` for writes and write-zeroes and
+//!   `NBD_EINVAL` otherwise, as the protocol recommends; unaligned requests, zero lengths,
+//!   flags not valid for the command and commands not advertised get `NBD_EINVAL`. The
+//!   connection goes on, with any write payload consumed.
+//! - A write payload above 32 MiB is answered with `NBD_EINVAL` and the connection closed
+//!   without reading it.
+//! - `NBD_INFO_BLOCK_SIZE` is always sent and always enforced.
+//! - Reads are answered in one chunk (so `NBD_FLAG_SEND_DF` is advertised with structured
+//!   replies); errors go in `NBD_REPLY_TYPE_ERROR` chunks when structured replies are in use.
+//! - With extended headers every reply uses the extended header (success is
+//!   `NBD_REPLY_TYPE_NONE`), its offset field echoes the request's, block status uses
+//!   `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`, and a payload on any command but a write
+//!   (`NBD_CMD_FLAG_PAYLOAD_LEN`) is skipped and refused with `NBD_EINVAL`.
+
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 // Tests may unwrap: a panic there is a failed test, not a broken connection.

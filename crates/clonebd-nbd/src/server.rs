@@ -32,7 +32,10 @@ pub struct ServerConfig {
     pub export_name: String,
     /// A description shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
     pub description: String,
-    /// Worker threads running backend calls, shared by all connections (at least one).
+    /// Worker threads running backend calls, shared by all connections (at least one). Each
+    /// backend call occupies a worker until it returns, so this bounds how many requests run
+    /// at once across all connections: size it to the queue depth expected, since a call may
+    /// block (a write waiting for its region to hydrate, for instance).
     pub workers: usize,
     /// Connections served at once; more are closed as soon as accepted.
     pub max_connections: usize,
@@ -52,7 +55,7 @@ impl Default for ServerConfig {
         Self {
             export_name: String::new(),
             description: String::new(),
-            workers: (cpus * 2).clamp(4, 64),
+            workers: (cpus * 4).clamp(16, 128),
             max_connections: 64,
             max_inflight_bytes: 64 << 20,
             max_inflight_requests: 256,

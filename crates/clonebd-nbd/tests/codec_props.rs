@@ -248,6 +248,7 @@ proptest! {
             let mut at = 0;
             while *hs.status() == Status::Negotiating && at < input.len() {
                 assert!(hs.wanted() <= MAX_OPTION_LEN as usize);
+                assert!(hs.wanted() > 0, "negotiating but wants nothing");
                 let end = (at + piece).min(input.len());
                 match hs.feed(&input[at..end]) {
                     Ok(n) => at += n,

@@ -137,6 +137,7 @@ fn nbdcopy_both_ways_preserves_content() {
         "copy differs after nbdcopy out"
     );
     let stats = srv.server.stats();
+    println!("{stats:?}");
     assert!(stats.total_connections >= 2);
     assert_eq!(stats.protocol_errors, 0);
 }
