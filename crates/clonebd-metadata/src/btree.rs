@@ -28,6 +28,19 @@ pub(crate) const MAX_DEPTH: usize = 16;
 /// A sibling needs this many free entries for a rebalance to be worth it.
 const SPACE_THRESHOLD: u32 = 8;
 
+/// How often each way of making room was taken (tests check that all are exercised).
+#[cfg(test)]
+static MAKE_ROOM: [std::sync::atomic::AtomicUsize; 5] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 5];
+
+#[cfg(test)]
+fn count_path(i: usize) {
+    MAKE_ROOM[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(not(test))]
+fn count_path(_: usize) {}
+
 /// What a tree's leaf values are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Values {
@@ -398,6 +411,7 @@ fn split_beneath<D: BlockDev>(
     s: &mut Spine,
     tree: Tree,
 ) -> Result<(), MetadataError> {
+    count_path(0);
     let parent = s.current();
     let pn = node_copy(tm, parent)?;
     let pflags = flags(&pn);
@@ -452,6 +466,7 @@ fn rebalance_left<D: BlockDev>(
     parent_index: u32,
     k: u64,
 ) -> Result<(), MetadataError> {
+    count_path(1);
     let parent = s.parent();
     let sib = shadow_child(tm, tree, parent, parent_index - 1)?;
     let cur = s.current();
@@ -476,6 +491,7 @@ fn rebalance_right<D: BlockDev>(
     parent_index: u32,
     k: u64,
 ) -> Result<(), MetadataError> {
+    count_path(2);
     let parent = s.parent();
     let sib = shadow_child(tm, tree, parent, parent_index + 1)?;
     let cur = s.current();
@@ -500,6 +516,7 @@ fn split_one_into_two<D: BlockDev>(
     parent_index: u32,
     k: u64,
 ) -> Result<(), MetadataError> {
+    count_path(3);
     let left = s.current();
     let right = tm.new_block(BlockKind::BtreeNode)?;
     let mut ln = node_copy(tm, left)?;
@@ -527,6 +544,7 @@ fn split_two_into_three<D: BlockDev>(
     parent_index: u32,
     k: u64,
 ) -> Result<(), MetadataError> {
+    count_path(4);
     let parent = s.parent();
     let (middle_index, left, right) = if parent_index == 0 {
         let right = shadow_child(tm, tree, parent, parent_index + 1)?;
@@ -731,4 +749,123 @@ pub(crate) fn check_keys(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clonebd_testkit::{Rng, SimDisk};
+
+    /// Every entry of the tree in order, checking node structure, key order and bounds.
+    fn entries(
+        tm: &mut Tm<SimDisk>,
+        b: u64,
+        tree: Tree,
+        low: u64,
+        high: Option<u64>,
+        out: &mut Vec<(u64, u64)>,
+    ) {
+        let h = read_header(tm, b, tree).expect("valid node");
+        let e: Vec<(u64, u64)> = tm
+            .read(b, BlockKind::BtreeNode, |n| {
+                (0..h.nr_entries)
+                    .map(|i| {
+                        let v = if h.is_internal() || tree.leaf_value_size == 8 {
+                            value64(n, i)
+                        } else {
+                            u64::from(crate::format::btree_node::value32(n, i))
+                        };
+                        (key(n, i), v)
+                    })
+                    .collect()
+            })
+            .expect("read");
+        check_keys(b, &e, low, high).expect("keys in order and in range");
+        if h.is_internal() {
+            for (i, &(k, child)) in e.iter().enumerate() {
+                let next = e.get(i + 1).map(|x| x.0).or(high);
+                entries(tm, child, tree, k, next, out);
+            }
+        } else {
+            out.extend(e);
+        }
+    }
+
+    fn random_inserts(tree: Tree, n: usize, seed: u64) {
+        let dev = SimDisk::new("m", 64 << 20);
+        let mut tm = Tm::create(dev, 16_384).expect("space map");
+        let mut root = empty(&mut tm, tree).expect("empty");
+        let mut rng = Rng::new(seed);
+        let mut model = std::collections::BTreeMap::new();
+        for i in 0..n {
+            let k = rng.below(1 << 20);
+            let v = rng.below(1 << 31);
+            root = insert(&mut tm, root, k, v, tree).expect("insert");
+            model.insert(k, v);
+            if i % 997 == 0 {
+                for (&k, &v) in model.iter().step_by(37) {
+                    assert_eq!(lookup(&mut tm, root, k, tree).expect("lookup"), Some(v));
+                }
+            }
+        }
+        let mut all = Vec::new();
+        entries(&mut tm, root, tree, 0, None, &mut all);
+        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        assert_eq!(lookup(&mut tm, root, 1 << 21, tree).expect("lookup"), None);
+        for (i, c) in MAKE_ROOM.iter().enumerate() {
+            assert!(
+                c.load(std::sync::atomic::Ordering::Relaxed) > 0,
+                "path {i} never taken"
+            );
+        }
+    }
+
+    #[test]
+    fn random_inserts_keep_a_valid_tree_with_8_byte_values() {
+        // Random order exercises every way of making room: splitting the root, moving
+        // entries to either sibling, and splitting one node into two or two into three.
+        random_inserts(
+            Tree {
+                leaf_value_size: 8,
+                values: Values::Counts,
+            },
+            20_000,
+            1,
+        );
+    }
+
+    #[test]
+    fn random_inserts_keep_a_valid_tree_with_4_byte_values() {
+        random_inserts(REF_COUNT_TREE, 20_000, 2);
+    }
+
+    #[test]
+    fn redistribute3_spreads_entries_evenly() {
+        let mut l = [0u8; crate::format::BLOCK_SIZE];
+        let mut c = [0u8; crate::format::BLOCK_SIZE];
+        let mut r = [0u8; crate::format::BLOCK_SIZE];
+        for n in [&mut l, &mut c, &mut r] {
+            set_header(n, LEAF_NODE, 0, 252, 8);
+        }
+        for i in 0..252 {
+            set_key(&mut l, i, u64::from(i));
+            set_value64(&mut l, i, u64::from(i) * 10);
+        }
+        set_nr_entries(&mut l, 252);
+        for i in 0..100 {
+            set_key(&mut r, i, 1000 + u64::from(i));
+            set_value64(&mut r, i, 7);
+        }
+        set_nr_entries(&mut r, 100);
+        redistribute3(&mut l, &mut c, &mut r);
+        assert_eq!(
+            (nr_entries(&l), nr_entries(&c), nr_entries(&r)),
+            (117, 117, 118)
+        );
+        assert_eq!(key(&c, 0), 117);
+        assert_eq!(value64(&c, 0), 1170);
+        assert_eq!(key(&r, 0), 234);
+        assert_eq!(key(&r, 18), 1000);
+        assert_eq!(key(&r, 117), 1099);
+    }
 }

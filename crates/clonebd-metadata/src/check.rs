@@ -610,19 +610,29 @@ fn check_space_map<D: BlockDev>(
                 let in_range = (c.nr_blocks - first_block).min(ENTRIES_PER_BITMAP);
                 let mut used_all = 0u32;
                 let mut first_free: Option<u32> = None;
-                for e in 0..ENTRIES_PER_BITMAP {
-                    let v = bitmap_get(&bm, e);
-                    if v != 0 {
-                        used_all += 1;
-                        if e < in_range {
-                            counted_allocated += 1;
-                        } else {
-                            c.problem(Problem::CountPastEnd {
-                                block: first_block + e,
-                            });
-                        }
-                    } else if first_free.is_none() && e < in_range {
-                        first_free = Some(e as u32);
+                for w in 0..ENTRIES_PER_BITMAP / 32 {
+                    let used = bitmap_used_mask(&bm, w);
+                    used_all += used.count_ones();
+                    let base = w * 32;
+                    // Entries of this word inside the space map.
+                    let inside = in_range.saturating_sub(base).min(32);
+                    let inside_mask = if inside == 32 {
+                        u32::MAX
+                    } else {
+                        (1u32 << inside) - 1
+                    };
+                    counted_allocated += u64::from((used & inside_mask).count_ones());
+                    let mut past = used & !inside_mask;
+                    while past != 0 {
+                        let e = past.trailing_zeros();
+                        past &= past - 1;
+                        c.problem(Problem::CountPastEnd {
+                            block: first_block + base + u64::from(e),
+                        });
+                    }
+                    let free_inside = !used & inside_mask;
+                    if first_free.is_none() && free_inside != 0 {
+                        first_free = Some((base + u64::from(free_inside.trailing_zeros())) as u32);
                     }
                 }
                 let free = ENTRIES_PER_BITMAP as u32 - used_all;
@@ -658,6 +668,20 @@ fn check_space_map<D: BlockDev>(
         });
     }
     all_read
+}
+
+/// Bit `i` set iff entry `i` of bitmap word `w` is non-zero.
+fn bitmap_used_mask(bm: &BlockBuf, w: u64) -> u32 {
+    let v = crate::format::read_u64(bm, 16 + 8 * w as usize);
+    let fields = (v | (v >> 1)) & 0x5555_5555_5555_5555;
+    let mut out = 0u32;
+    let mut f = fields;
+    while f != 0 {
+        let bit = f.trailing_zeros();
+        out |= 1 << (bit / 2);
+        f &= f - 1;
+    }
+    out
 }
 
 /// Checks the bitset against the geometry.

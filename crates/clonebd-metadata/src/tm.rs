@@ -25,6 +25,7 @@
 //! and btree blocks are kept in a bounded read cache.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use clonebd_core::BlockDev;
 
@@ -35,6 +36,27 @@ use crate::format::space_map::{
 };
 use crate::format::superblock::{SUPERBLOCK_LOCATION, Superblock};
 use crate::format::{BLOCK_SIZE, BlockBuf, seal, validate_envelope, zeroed_block};
+
+/// A fast hasher for block numbers (they are not attacker-chosen keys of a long-lived
+/// table, and SipHash dominated the cost of small transactions).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
 /// Blocks of the transaction kept in memory before they are written early.
 const DIRTY_LIMIT: usize = 4096;
@@ -106,9 +128,9 @@ pub(crate) struct Tm<D> {
     allocated_this_transaction: u64,
     bootstrap: bool,
     /// Blocks new or shadowed in this transaction, with their type.
-    shadows: HashMap<u64, BlockKind>,
-    dirty: HashMap<u64, Held>,
-    clean: HashMap<u64, Held>,
+    shadows: BlockMap<BlockKind>,
+    dirty: BlockMap<Held>,
+    clean: BlockMap<Held>,
 }
 
 impl<D: BlockDev> Tm<D> {
@@ -161,9 +183,9 @@ impl<D: BlockDev> Tm<D> {
             bops: VecDeque::new(),
             allocated_this_transaction: 0,
             bootstrap: false,
-            shadows: HashMap::new(),
-            dirty: HashMap::new(),
-            clean: HashMap::new(),
+            shadows: BlockMap::default(),
+            dirty: BlockMap::default(),
+            clean: BlockMap::default(),
         }
     }
 
