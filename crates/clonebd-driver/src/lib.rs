@@ -13,5 +13,5 @@ pub mod exec;
 mod meta;
 mod volume;
 
-pub use meta::{BackendError, MetadataBackend, MetadataUsage};
+pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};
 pub use volume::{MonotonicClock, Volume, VolumeOptions, VolumeStatus};

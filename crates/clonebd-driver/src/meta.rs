@@ -1,6 +1,7 @@
 //! The metadata seam: what the driver needs from a metadata store.
 
-use clonebd_core::{DirtySet, HydrationMap};
+use clonebd_core::{BlockDev, DirtySet, HydrationMap};
+use clonebd_metadata::MetadataStore;
 
 /// A metadata error, kept for the log line and the status.
 pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
@@ -26,4 +27,43 @@ pub trait MetadataBackend: Send {
 
     /// Blocks in use and in total.
     fn usage(&self) -> MetadataUsage;
+}
+
+/// The dm-clone metadata store as the driver's backend.
+#[derive(Debug)]
+pub struct StoreBackend<D: BlockDev> {
+    store: MetadataStore<D>,
+}
+
+impl<D: BlockDev> StoreBackend<D> {
+    /// Wraps an open store.
+    pub fn new(store: MetadataStore<D>) -> Self {
+        Self { store }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &MetadataStore<D> {
+        &self.store
+    }
+}
+
+impl<D: BlockDev> MetadataBackend for StoreBackend<D> {
+    fn commit(&mut self, dirty: &DirtySet) -> Result<(), BackendError> {
+        Ok(self.store.commit(dirty)?)
+    }
+
+    fn abort_and_reload(&mut self, map: &HydrationMap) -> Result<(), BackendError> {
+        self.store.abort()?;
+        // The store refuses commits from here on, as the kernel's metadata does once the
+        // target has gone read-only.
+        self.store.set_read_only();
+        Ok(self.store.reload_into(map)?)
+    }
+
+    fn usage(&self) -> MetadataUsage {
+        MetadataUsage {
+            used: self.store.nr_blocks_used(),
+            total: self.store.nr_blocks_total(),
+        }
+    }
 }

@@ -83,3 +83,32 @@ impl MetaFactory for AtomicMetaModel {
         Ok(())
     }
 }
+
+/// The real dm-clone metadata store on the simulated metadata disk, with `clonebd check`.
+#[derive(Default)]
+pub struct RealMeta;
+
+impl MetaFactory for RealMeta {
+    fn open(
+        &self,
+        disk: &SimDisk,
+        g: Geometry,
+    ) -> Result<(Box<dyn MetadataBackend>, HydrationMap), String> {
+        let (store, map) = clonebd_metadata::MetadataStore::open(
+            disk.clone(),
+            g,
+            clonebd_metadata::StoreOptions::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((Box::new(clonebd_driver::StoreBackend::new(store)), map))
+    }
+
+    fn check(&self, disk: &SimDisk, _g: Geometry) -> Result<(), String> {
+        let report = clonebd_metadata::check(disk).map_err(|e| e.to_string())?;
+        if report.is_clean() {
+            Ok(())
+        } else {
+            Err(format!("{:?}", report.problems))
+        }
+    }
+}

@@ -69,7 +69,8 @@ struct Hist {
     durable: usize,
     /// A mutation is in flight (its value is `vals.last()`).
     inflight: bool,
-    /// A failed mutation: the block may hold this value instead of `vals[completed]`.
+    /// The oldest mutation that failed since the last completed one: the block may hold the
+    /// value of any mutation from there on instead of `vals[completed]`.
     alt: Option<usize>,
 }
 
@@ -162,6 +163,7 @@ pub struct Sim<'f> {
     /// The read-only transition was settled (drained and re-observed).
     ro_settled: bool,
     faults_enabled: bool,
+    trace: bool,
     /// Counters, for reporting.
     pub stats: SimStats,
 }
@@ -223,6 +225,7 @@ impl<'f> Sim<'f> {
             scratch: AlignedBuf::new(0),
             ro_settled: false,
             faults_enabled: cfg.faults,
+            trace: std::env::var_os("CLONEBD_SIM_TRACE").is_some(),
             stats: SimStats::default(),
         };
         s.input(Input::Control(Control::Resume))?;
@@ -287,6 +290,14 @@ impl<'f> Sim<'f> {
 
     /// Runs one step, then settles a mode change if one happened.
     pub fn step(&mut self, op: SimOp) -> Result<(), String> {
+        if self.trace {
+            eprintln!(
+                "t={}ms {op:?} pending={} mode={:?}",
+                self.now / MS,
+                self.pending.len(),
+                self.engine.mode()
+            );
+        }
         self.step_inner(op)?;
         self.after_step()
     }
@@ -421,6 +432,9 @@ impl<'f> Sim<'f> {
 
     fn run(&mut self, a: Action) -> Result<(), String> {
         let Some(op) = op_of(&a) else { return Ok(()) };
+        if self.trace {
+            eprintln!("    run {a:?}");
+        }
         let owner = clonebd_driver::exec::owner_of(&a);
         let devs = Devices {
             source: &self.source,
@@ -650,6 +664,9 @@ impl<'f> Sim<'f> {
     }
 
     fn on_reply(&mut self, id: ReqId, st: IoStatus) -> Result<(), String> {
+        if self.trace {
+            eprintln!("    reply {id} {st:?}");
+        }
         let Some(req) = self.reqs.remove(&id) else {
             return Err(format!("reply for unknown request {id}"));
         };
@@ -695,8 +712,9 @@ impl<'f> Sim<'f> {
                     h.durable = last;
                 }
             } else {
-                // Failed: the block holds the old value or (partly written) the new one.
-                h.alt = Some(last);
+                // Failed: the block holds the old value or (partly written) the new one, or
+                // that of an earlier failed write.
+                h.alt.get_or_insert(last);
             }
         }
     }
@@ -776,7 +794,7 @@ impl<'f> Sim<'f> {
             let h = &self.blocks[blk];
             let mut allowed = vec![h.vals[h.completed]];
             if let Some(a) = h.alt {
-                allowed.push(h.vals[a]);
+                allowed.extend_from_slice(&h.vals[a..]);
             }
             if h.inflight {
                 allowed.push(*h.vals.last().unwrap_or(&Val::Any));
