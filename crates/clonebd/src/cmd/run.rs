@@ -1,0 +1,215 @@
+//! `clonebd run`: the daemon.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use clonebd::daemon::{CloneSpec, Daemon, RunOptions, default_batch, default_threshold};
+use clonebd::units::parse_size;
+
+/// Start a clone and serve it.
+///
+/// Clones SOURCE (opened read-only, never written) onto DEST through the hydration bitmap in
+/// METADATA, serves the clone over NBD, and hydrates it in the background. The clone is
+/// usable at once: reads of regions not yet hydrated go to the source; writes to them first
+/// copy the region (unless they cover it wholly).
+///
+/// Describe the clone with flags, or with the kernel's table language (`--table`), in which
+/// case every default and check is exactly dm-clone's. Either way, errors are the kernel's
+/// ("Region size is not a power of 2", "Device size larger than destination device", ...).
+///
+/// A missing METADATA file is created and formatted (sized for the clone, twice the bitmap
+/// plus 1 MiB); metadata written by the Linux kernel's dm-clone opens as it is. The region
+/// size and clone size are recorded in the metadata and must match on every later start.
+/// METADATA and DEST are locked while the daemon runs, so a second daemon cannot use them.
+///
+/// On SIGTERM or SIGINT the daemon stops accepting connections, finishes requests in
+/// flight, stops hydration, waits for copies in flight, commits the metadata and exits 0.
+/// Writes acknowledged before a flush (or with FUA) survive a crash at any moment.
+///
+/// Examples:
+///
+///   clonebd run --source /dev/vg/snap --dest /dev/nvme0n1p3 --metadata /var/lib/clone.meta \
+///       --nbd-unix /run/clone.sock --control /run/clone.ctl
+///
+///   clonebd run --table "/var/lib/clone.meta /dev/nvme0n1p3 /dev/vg/snap 8 1 no_hydration" \
+///       --nbd-tcp 10809 --control /run/clone.ctl
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct RunArgs {
+    /// The device or image to clone (opened read-only).
+    #[arg(
+        long,
+        value_name = "SRC",
+        required_unless_present = "table",
+        conflicts_with = "table"
+    )]
+    source: Option<PathBuf>,
+    /// Where the copy is made: at least the clone's size.
+    #[arg(
+        long,
+        value_name = "DEST",
+        required_unless_present = "table",
+        conflicts_with = "table"
+    )]
+    dest: Option<PathBuf>,
+    /// The metadata device or file (kernel dm-clone v1 format); created if missing.
+    #[arg(
+        long,
+        value_name = "META",
+        required_unless_present = "table",
+        conflicts_with = "table"
+    )]
+    metadata: Option<PathBuf>,
+    /// Region size: the unit of copying and tracking, 4k to 1g, a power of 2. The kernel
+    /// recommends the filesystem's block size; larger regions copy faster and need less
+    /// metadata, smaller ones copy less on scattered writes.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "4k",
+        conflicts_with = "table"
+    )]
+    region_size: String,
+    /// The clone's size in bytes (suffixes k, m, g, t). Default: the source's size.
+    #[arg(long, value_name = "BYTES")]
+    size: Option<String>,
+    /// Start with background hydration off (`no_hydration`); enable it later with
+    /// `clonebd message --control PATH enable_hydration`.
+    #[arg(long, conflicts_with = "table")]
+    no_hydration: bool,
+    /// Do not pass discards down to DEST (`no_discard_passdown`). Off automatically when DEST
+    /// cannot discard.
+    #[arg(long, conflicts_with = "table")]
+    no_discard_passdown: bool,
+    /// Regions of background copies in flight at most. Default: eight batches, so eight
+    /// copies overlap and keep a disk (or a remote source) busy. dm-clone's own default, kept
+    /// by --table, is 1.
+    #[arg(long, value_name = "N", conflicts_with = "table")]
+    hydration_threshold: Option<u32>,
+    /// Adjacent regions copied as one I/O. Default: as many as make 1 MiB (256 regions of
+    /// 4 KiB), the size at which disks reach their sequential bandwidth. dm-clone's own
+    /// default, kept by --table, is 1.
+    #[arg(long, value_name = "N", conflicts_with = "table")]
+    hydration_batch_size: Option<u32>,
+    /// Limit background hydration to this many bytes per second (suffixes k, m, g), to leave
+    /// bandwidth to the source's other users. Foreground copies (writes, NBD CACHE) are not
+    /// limited. Default: no limit.
+    #[arg(long, value_name = "BYTES")]
+    hydration_rate_limit: Option<String>,
+    /// The clone in dm-clone's table language:
+    /// "META DEST SOURCE REGION_SECTORS [#features FEATURES...] [#core KEY VALUE...]",
+    /// optionally preceded by "<start> <len> clone" as `dmsetup table` prints it.
+    #[arg(long, value_name = "TABLE")]
+    table: Option<String>,
+    /// Serve NBD on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    nbd_unix: Option<PathBuf>,
+    /// Serve NBD over TCP on [ADDR:]PORT. Without ADDR, only on 127.0.0.1: listening on
+    /// another address must be asked for explicitly (NBD has no authentication here).
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    nbd_tcp: Option<String>,
+    /// Create the control socket here (mode 0600), for status, table, message and wait.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Use the page cache instead of O_DIRECT for SOURCE and DEST.
+    #[arg(long)]
+    no_direct_io: bool,
+    /// Threads running background copies.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    copy_threads: usize,
+    /// Threads serving NBD requests (default: twice the CPUs, 4 to 64).
+    #[arg(long, value_name = "N")]
+    nbd_workers: Option<usize>,
+    /// Log format on standard error (the level comes from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_tcp(s: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse()
+        .with_context(|| format!("--nbd-tcp {s}: expected PORT or ADDR:PORT"))
+}
+
+/// Builds the daemon's options from the command line.
+pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
+    let size_bytes = a
+        .size
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .context("--size")?;
+    let spec = match &a.table {
+        Some(t) => CloneSpec::Table(t.clone()),
+        None => {
+            let (Some(source), Some(dest), Some(metadata)) = (&a.source, &a.dest, &a.metadata)
+            else {
+                bail!("--source, --dest and --metadata are required (or --table)");
+            };
+            let region_bytes = parse_size(&a.region_size).context("--region-size")?;
+            if !(4096..=1 << 30).contains(&region_bytes) || !region_bytes.is_power_of_two() {
+                bail!(
+                    "--region-size {}: must be a power of 2 from 4k to 1g",
+                    a.region_size
+                );
+            }
+            CloneSpec::Flags {
+                source: source.clone(),
+                dest: dest.clone(),
+                metadata: metadata.clone(),
+                region_bytes,
+                no_hydration: a.no_hydration,
+                no_discard_passdown: a.no_discard_passdown,
+                hydration_threshold: a
+                    .hydration_threshold
+                    .unwrap_or(default_threshold(region_bytes)),
+                hydration_batch_size: a
+                    .hydration_batch_size
+                    .unwrap_or(default_batch(region_bytes)),
+            }
+        }
+    };
+    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() {
+        tracing::warn!("no export: give --nbd-unix or --nbd-tcp to reach the clone");
+    }
+    Ok(RunOptions {
+        spec,
+        size_bytes,
+        nbd_unix: a.nbd_unix.clone(),
+        nbd_tcp: a.nbd_tcp.as_deref().map(parse_tcp).transpose()?,
+        control: a.control.clone(),
+        direct_io: !a.no_direct_io,
+        copy_threads: a.copy_threads,
+        hydration_rate_limit: a
+            .hydration_rate_limit
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .context("--hydration-rate-limit")?
+            .unwrap_or(0),
+        nbd_workers: a.nbd_workers,
+    })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    super::init_logging(a.log_format == LogFormat::Json);
+    let opts = options(&a)?;
+    let daemon = Daemon::start(&opts)?;
+    daemon.run_until_signal()?;
+    Ok(ExitCode::SUCCESS)
+}

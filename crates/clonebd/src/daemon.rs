@@ -1,0 +1,720 @@
+//! The daemon: open the three devices in the kernel's order, load the metadata, start the
+//! engine, serve the exports and the control socket, and on shutdown run the suspend
+//! sequence so everything is committed (H3).
+//!
+//! Both ways of describing a clone go through the kernel's table parser
+//! ([`clonebd_core::dmclone::parse_table`]), so the checks, their order and their messages
+//! are the kernel's whichever form the user chose.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use clonebd_core::dmclone::{
+    CloneTable, DeviceInfo, Message, OpenFailure, TableDevices, TableError, format_table_line,
+    parse_message, parse_table, split_table_words,
+};
+use clonebd_core::engine::{Config, Control, IoStatus};
+use clonebd_core::{BlockDev, Geometry, SECTOR_SIZE};
+use clonebd_driver::{MonotonicClock, StoreBackend, Volume, VolumeOptions};
+use clonebd_io::{FileDevice, OpenError, OpenOptions};
+use clonebd_metadata::{MetadataError, MetadataStore, StoreOptions};
+use clonebd_nbd::{Server, ServerConfig, ServerError, ShutdownHandle};
+use thiserror::Error;
+
+use crate::control::{ControlError, ControlHandler, ControlReply, ControlRequest, ControlServer};
+use crate::export_nbd::CloneExport;
+use crate::status::{RateMeter, status_json, status_line};
+
+/// How the clone is described.
+#[derive(Debug, Clone)]
+pub enum CloneSpec {
+    /// With flags (`--source --dest --metadata ...`).
+    Flags {
+        /// Source path.
+        source: PathBuf,
+        /// Destination path.
+        dest: PathBuf,
+        /// Metadata path (created and formatted if missing).
+        metadata: PathBuf,
+        /// Region size in bytes.
+        region_bytes: u64,
+        /// `no_hydration`.
+        no_hydration: bool,
+        /// `no_discard_passdown`.
+        no_discard_passdown: bool,
+        /// `hydration_threshold` (ours by default, see `--help`).
+        hydration_threshold: u32,
+        /// `hydration_batch_size`.
+        hydration_batch_size: u32,
+    },
+    /// With the kernel's table language:
+    /// `META DEST SOURCE REGION_SECTORS [#features FEATURES...] [#core KEY VALUE...]`,
+    /// optionally preceded by `<start> <len> clone`.
+    Table(String),
+}
+
+/// Everything `clonebd run` is told.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The clone.
+    pub spec: CloneSpec,
+    /// The clone's size in bytes (default: the source's).
+    pub size_bytes: Option<u64>,
+    /// Serve NBD on this unix socket.
+    pub nbd_unix: Option<PathBuf>,
+    /// Serve NBD on this TCP address.
+    pub nbd_tcp: Option<SocketAddr>,
+    /// The control socket.
+    pub control: Option<PathBuf>,
+    /// Use O_DIRECT on the data devices where they allow it.
+    pub direct_io: bool,
+    /// Threads running background copies.
+    pub copy_threads: usize,
+    /// Background hydration bandwidth limit, bytes per second (0: none).
+    pub hydration_rate_limit: u64,
+    /// NBD worker threads (default: the server's).
+    pub nbd_workers: Option<usize>,
+}
+
+/// Why the daemon could not start or stopped badly.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The table (or the flags) were refused; the text is the kernel's.
+    #[error("{error}{}", detail_of(.error))]
+    Table {
+        /// The parser's error.
+        error: TableError,
+    },
+    /// A path could not be examined.
+    #[error("cannot open {path}: {source}", path = .path.display())]
+    Device {
+        /// The device.
+        path: PathBuf,
+        /// The open error.
+        source: OpenError,
+    },
+    /// The metadata could not be loaded or created.
+    #[error("Failed to load metadata: {source} ({path})", path = .path.display())]
+    Metadata {
+        /// The metadata path.
+        path: PathBuf,
+        /// The store's error.
+        source: MetadataError,
+    },
+    /// The metadata file could not be created.
+    #[error("cannot create metadata file {path}: {source}", path = .path.display())]
+    CreateMetadata {
+        /// The metadata path.
+        path: PathBuf,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// An NBD listener could not start.
+    #[error("cannot serve NBD on {what}: {source}")]
+    Listen {
+        /// The socket.
+        what: String,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// The NBD server refused the export.
+    #[error("NBD server: {0}")]
+    Nbd(#[from] ServerError),
+    /// The control socket could not start.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Waiting for signals failed.
+    #[error("cannot wait for signals: {0}")]
+    Signals(io::Error),
+    /// The final commit failed: the metadata may not hold the last hydrations.
+    #[error("the final metadata commit failed ({0:?}); the next start re-copies what was lost")]
+    FinalCommit(IoStatus),
+}
+
+fn detail_of(e: &TableError) -> String {
+    match std::error::Error::source(e) {
+        Some(s) => format!(": {s}"),
+        None => String::new(),
+    }
+}
+
+/// Our default `hydration_batch_size` for a region size: enough regions for a 1 MiB copy.
+pub fn default_batch(region_bytes: u64) -> u32 {
+    u32::try_from(((1u64 << 20) / region_bytes.max(1)).max(1)).unwrap_or(u32::MAX)
+}
+
+/// Our default `hydration_threshold` for a region size: eight such copies in flight.
+pub fn default_threshold(region_bytes: u64) -> u32 {
+    default_batch(region_bytes).saturating_mul(8)
+}
+
+/// Metadata bytes to create for a geometry: twice the bitmap (shadowing may copy every
+/// block once in a transaction) plus 1 MiB, at least 4 MiB, whole 4 KiB blocks (SPEC 5.6).
+pub fn metadata_size_for(g: &Geometry) -> u64 {
+    let bitmap = g.nr_regions().div_ceil(8);
+    let bytes = (2 * bitmap + (1 << 20)).max(4 << 20);
+    bytes.div_ceil(4096) * 4096
+}
+
+/// Opens devices for the table parser, in the order it asks.
+struct Opener {
+    direct: bool,
+    create_meta: Option<u64>,
+    created_meta: Option<PathBuf>,
+    meta: Option<FileDevice>,
+    dest: Option<FileDevice>,
+    source: Option<FileDevice>,
+}
+
+fn failure(e: &OpenError) -> OpenFailure {
+    let errno = match e {
+        OpenError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound => libc::ENODEV,
+        OpenError::Open { source, .. } | OpenError::Query { source, .. } => {
+            source.raw_os_error().unwrap_or(libc::EIO)
+        }
+        OpenError::InUse { .. } => libc::EBUSY,
+        OpenError::NotADevice { .. } => libc::ENOTBLK,
+        _ => libc::EIO,
+    };
+    OpenFailure {
+        errno,
+        detail: e.to_string(),
+    }
+}
+
+impl TableDevices for Opener {
+    fn open_metadata(&mut self, path: &str) -> Result<u64, OpenFailure> {
+        let p = Path::new(path);
+        if let Some(size) = self.create_meta
+            && !p.exists()
+        {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .and_then(|f| f.set_len(size));
+            match f {
+                Ok(()) => self.created_meta = Some(p.to_path_buf()),
+                Err(e) => {
+                    return Err(OpenFailure {
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        detail: format!("cannot create {path}: {e}"),
+                    });
+                }
+            }
+        }
+        let d = FileDevice::open(p, OpenOptions::read_write().exclusive(true))
+            .map_err(|e| failure(&e))?;
+        let size = d.size_bytes();
+        self.meta = Some(d);
+        Ok(size)
+    }
+
+    fn open_destination(&mut self, path: &str) -> Result<DeviceInfo, OpenFailure> {
+        let d = FileDevice::open(
+            path,
+            OpenOptions::read_write()
+                .direct(self.direct)
+                .exclusive(true),
+        )
+        .map_err(|e| failure(&e))?;
+        let info = DeviceInfo {
+            size_bytes: d.size_bytes(),
+            logical_block_size: d.logical_block_size(),
+        };
+        self.dest = Some(d);
+        Ok(info)
+    }
+
+    fn open_source(&mut self, path: &str) -> Result<DeviceInfo, OpenFailure> {
+        // Read-only, always: the source is never written. Not locked: several clones may
+        // share one source.
+        let d = FileDevice::open(path, OpenOptions::read_only().direct(self.direct))
+            .map_err(|e| failure(&e))?;
+        let info = DeviceInfo {
+            size_bytes: d.size_bytes(),
+            logical_block_size: d.logical_block_size(),
+        };
+        self.source = Some(d);
+        Ok(info)
+    }
+}
+
+fn dev_word(d: &FileDevice) -> String {
+    if d.is_block_device() {
+        match d.dev_numbers() {
+            Ok((maj, min)) => format!("{maj}:{min}"),
+            Err(_) => d.path().display().to_string(),
+        }
+    } else {
+        d.path().display().to_string()
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    volume: Volume,
+    table: CloneTable,
+    table_line: String,
+    nbd: Vec<(ShutdownHandle, JoinHandle<()>)>,
+    nbd_servers: Vec<Arc<Server>>,
+    nbd_unix: Option<PathBuf>,
+    control: Option<ControlServer>,
+    stop_sampler: Arc<AtomicBool>,
+    sampler: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("table", &self.table_line)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Handler {
+    volume: Volume,
+    table_line: String,
+    rate: Arc<RateMeter>,
+    servers: Arc<Mutex<Vec<Arc<Server>>>>,
+    started: Instant,
+}
+
+impl Handler {
+    fn connections(&self) -> (u64, u64) {
+        let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        servers.iter().map(|s| s.stats()).fold((0, 0), |(a, t), s| {
+            (a + s.active_connections, t + s.total_connections)
+        })
+    }
+
+    fn commit_unless(&self, noflush: bool) {
+        if !noflush {
+            // The kernel's INFO status commits first; a failure shows in the mode.
+            let _ = self.volume.commit();
+        }
+    }
+}
+
+fn control_of(m: Message) -> Control {
+    match m {
+        Message::EnableHydration => Control::EnableHydration,
+        Message::DisableHydration => Control::DisableHydration,
+        Message::HydrationThreshold(n) => Control::SetHydrationThreshold(n),
+        Message::HydrationBatchSize(n) => Control::SetHydrationBatchSize(n),
+    }
+}
+
+impl ControlHandler for Handler {
+    fn handle(&self, req: ControlRequest) -> ControlReply {
+        match req {
+            ControlRequest::Status { noflush } => {
+                self.commit_unless(noflush);
+                ControlReply::ok(status_line(&self.volume.status()))
+            }
+            ControlRequest::StatusJson { noflush } => {
+                self.commit_unless(noflush);
+                let j = status_json(
+                    &self.volume.status(),
+                    self.rate.rate(),
+                    self.connections(),
+                    self.started.elapsed(),
+                );
+                match serde_json::to_string_pretty(&j) {
+                    Ok(s) => ControlReply::ok(s),
+                    Err(e) => ControlReply::err(e.to_string()),
+                }
+            }
+            ControlRequest::Table => ControlReply::ok(self.table_line.clone()),
+            ControlRequest::Message { words } => {
+                let w: Vec<&str> = words.iter().map(String::as_str).collect();
+                match parse_message(&w) {
+                    Ok(m) => {
+                        tracing::info!("message: {m}");
+                        self.volume.control(control_of(m));
+                        ControlReply::ok(String::new())
+                    }
+                    Err(e) => ControlReply::err(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+    let listen_err = |source| DaemonError::Listen {
+        what: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(listen_err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another server answers on it",
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(listen_err)
+}
+
+impl Daemon {
+    /// Opens everything and starts serving.
+    pub fn start(opts: &RunOptions) -> Result<Daemon, DaemonError> {
+        let (words, target_sectors, create_meta) = Self::table_words(opts)?;
+        let refs: Vec<&str> = words.iter().map(String::as_str).collect();
+        let mut opener = Opener {
+            direct: opts.direct_io,
+            create_meta,
+            created_meta: None,
+            meta: None,
+            dest: None,
+            source: None,
+        };
+        let table = match parse_table(target_sectors, &refs, &mut opener) {
+            Ok(t) => t,
+            Err(error) => {
+                if let Some(p) = opener.created_meta.take() {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(DaemonError::Table { error });
+            }
+        };
+        for w in &table.warnings {
+            tracing::warn!("{w}");
+        }
+        let (Some(meta_dev), Some(dest), Some(source)) =
+            (opener.meta.take(), opener.dest.take(), opener.source.take())
+        else {
+            return Err(DaemonError::Table {
+                error: TableError::ArgumentCount { argc: words.len() },
+            });
+        };
+        let meta_path = PathBuf::from(&table.metadata_path);
+        let devs = [dev_word(&meta_dev), dev_word(&dest), dev_word(&source)];
+        let table_line = format_table_line(
+            table.geometry.target_sectors(),
+            [&devs[0], &devs[1], &devs[2]],
+            &table.ctr_args,
+        );
+        let geometry = table.geometry;
+        let (store, map) = match MetadataStore::open(meta_dev, geometry, StoreOptions::default()) {
+            Ok(x) => x,
+            Err(source) => {
+                if let Some(p) = opener.created_meta.take() {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(DaemonError::Metadata {
+                    path: meta_path,
+                    source,
+                });
+            }
+        };
+        let mut passdown = !table.no_discard_passdown;
+        if passdown && !dest.caps().discard {
+            tracing::warn!(
+                "Destination device ({}) discard unsupported: Disabling discard passdown.",
+                table.destination_path
+            );
+            passdown = false;
+        }
+        let mut cfg = Config::new(geometry);
+        cfg.logical_block_size = table.logical_block_size();
+        cfg.hydration_enabled = !table.no_hydration;
+        cfg.discard_passdown = passdown;
+        cfg.hydration_threshold = table.hydration_threshold;
+        cfg.hydration_batch_size = table.hydration_batch_size;
+        cfg.hydration_rate_limit = opts.hydration_rate_limit;
+        tracing::info!(
+            "clone of {} onto {}: {} regions of {} KiB, {} hydrated; {} (direct I/O: source {}, destination {})",
+            table.source_path,
+            table.destination_path,
+            geometry.nr_regions(),
+            geometry.region_bytes() / 1024,
+            map.nr_hydrated(),
+            table_line,
+            source.is_direct(),
+            dest.is_direct(),
+        );
+        let volume = Volume::start(
+            VolumeOptions {
+                engine: cfg,
+                copy_threads: opts.copy_threads.max(1),
+            },
+            Arc::new(source),
+            Arc::new(dest),
+            Box::new(StoreBackend::new(store)),
+            map,
+            Arc::new(MonotonicClock::new()),
+        );
+        let mut daemon = Daemon {
+            volume: volume.clone(),
+            table,
+            table_line: table_line.clone(),
+            nbd: Vec::new(),
+            nbd_servers: Vec::new(),
+            nbd_unix: None,
+            control: None,
+            stop_sampler: Arc::new(AtomicBool::new(false)),
+            sampler: None,
+        };
+        // From here on, a failure must still shut the volume down cleanly.
+        match daemon.start_services(opts) {
+            Ok(()) => Ok(daemon),
+            Err(e) => {
+                let _ = daemon.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    fn start_services(&mut self, opts: &RunOptions) -> Result<(), DaemonError> {
+        let mut cfg = ServerConfig {
+            export_name: "clonebd".to_string(),
+            description: format!("clonebd clone of {}", self.table.source_path),
+            ..ServerConfig::default()
+        };
+        if let Some(w) = opts.nbd_workers {
+            cfg.workers = w.max(1);
+        }
+        if let Some(p) = &opts.nbd_unix {
+            let l = bind_unix(p)?;
+            let server = Arc::new(Server::new(
+                Arc::new(CloneExport::new(self.volume.clone())),
+                cfg.clone(),
+            )?);
+            let h = server.shutdown_handle();
+            let s2 = Arc::clone(&server);
+            let t = spawn("clonebd-nbd-unix", move || {
+                if let Err(e) = s2.serve_unix(l) {
+                    tracing::error!("NBD unix server: {e}");
+                }
+            })?;
+            tracing::info!(
+                "serving NBD on unix socket {} (nbd+unix:///clonebd?socket={})",
+                p.display(),
+                p.display()
+            );
+            self.nbd.push((h, t));
+            self.nbd_servers.push(server);
+            self.nbd_unix = Some(p.clone());
+        }
+        if let Some(addr) = opts.nbd_tcp {
+            let l = TcpListener::bind(addr).map_err(|source| DaemonError::Listen {
+                what: addr.to_string(),
+                source,
+            })?;
+            let server = Arc::new(Server::new(
+                Arc::new(CloneExport::new(self.volume.clone())),
+                cfg,
+            )?);
+            let h = server.shutdown_handle();
+            let s2 = Arc::clone(&server);
+            let t = spawn("clonebd-nbd-tcp", move || {
+                if let Err(e) = s2.serve_tcp(l) {
+                    tracing::error!("NBD TCP server: {e}");
+                }
+            })?;
+            tracing::info!("serving NBD on {addr} (nbd://{addr}/clonebd)");
+            self.nbd.push((h, t));
+            self.nbd_servers.push(server);
+        }
+        let rate = Arc::new(RateMeter::new(Duration::from_secs(10)));
+        {
+            let (vol, rate, stop) = (
+                self.volume.clone(),
+                Arc::clone(&rate),
+                Arc::clone(&self.stop_sampler),
+            );
+            self.sampler = Some(spawn("clonebd-rate", move || {
+                while !stop.load(Ordering::Acquire) {
+                    rate.sample(Instant::now(), vol.status().engine.bytes_hydrated);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })?);
+        }
+        if let Some(p) = &opts.control {
+            let handler = Handler {
+                volume: self.volume.clone(),
+                table_line: self.table_line.clone(),
+                rate,
+                servers: Arc::new(Mutex::new(self.nbd_servers.clone())),
+                started: Instant::now(),
+            };
+            self.control = Some(ControlServer::start(p, Arc::new(handler))?);
+            tracing::info!("control socket {}", p.display());
+        }
+        Ok(())
+    }
+
+    /// Words for the table parser, the target length, and whether (and how big) to create a
+    /// missing metadata file.
+    fn table_words(opts: &RunOptions) -> Result<(Vec<String>, u64, Option<u64>), DaemonError> {
+        let source_size = |p: &Path| -> Result<u64, DaemonError> {
+            FileDevice::open(p, OpenOptions::read_only())
+                .map(|d| d.size_bytes())
+                .map_err(|source| DaemonError::Device {
+                    path: p.to_path_buf(),
+                    source,
+                })
+        };
+        match &opts.spec {
+            CloneSpec::Flags {
+                source,
+                dest,
+                metadata,
+                region_bytes,
+                no_hydration,
+                no_discard_passdown,
+                hydration_threshold,
+                hydration_batch_size,
+            } => {
+                let size = match opts.size_bytes {
+                    Some(s) => s,
+                    None => source_size(source)?,
+                };
+                let target_sectors = size / SECTOR_SIZE;
+                let region_sectors = region_bytes / SECTOR_SIZE;
+                let mut w = vec![
+                    metadata.display().to_string(),
+                    dest.display().to_string(),
+                    source.display().to_string(),
+                    region_sectors.to_string(),
+                ];
+                let feats: Vec<&str> = [
+                    (*no_hydration, "no_hydration"),
+                    (*no_discard_passdown, "no_discard_passdown"),
+                ]
+                .into_iter()
+                .filter_map(|(on, f)| on.then_some(f))
+                .collect();
+                w.push(feats.len().to_string());
+                w.extend(feats.iter().map(|s| s.to_string()));
+                w.extend([
+                    "4".to_string(),
+                    "hydration_threshold".to_string(),
+                    hydration_threshold.to_string(),
+                    "hydration_batch_size".to_string(),
+                    hydration_batch_size.to_string(),
+                ]);
+                let create = Geometry::new(target_sectors, region_sectors)
+                    .ok()
+                    .map(|g| metadata_size_for(&g));
+                Ok((w, target_sectors, create))
+            }
+            CloneSpec::Table(line) => {
+                let mut words = split_table_words(line);
+                let mut target = opts.size_bytes.map(|b| b / SECTOR_SIZE);
+                // Accept the full dmsetup form `<start> <len> clone ...` too.
+                if words.len() >= 3 && words[2] == "clone" {
+                    if target.is_none() {
+                        target = words[1].parse::<u64>().ok();
+                    }
+                    words.drain(..3);
+                }
+                let target = match target {
+                    Some(t) => t,
+                    None => match words.get(2) {
+                        Some(src) => source_size(Path::new(src))? / SECTOR_SIZE,
+                        None => 0,
+                    },
+                };
+                Ok((words, target, None))
+            }
+        }
+    }
+
+    /// The running volume.
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+
+    /// The dm-clone table line.
+    pub fn table_line(&self) -> &str {
+        &self.table_line
+    }
+
+    /// Waits for SIGTERM or SIGINT, then shuts down.
+    pub fn run_until_signal(self) -> Result<(), DaemonError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals =
+            signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!("signal {sig}: stopping");
+        }
+        self.shutdown()
+    }
+
+    /// Stops the exports (requests in flight finish), then runs the suspend sequence:
+    /// stop hydration, wait for copies, commit.
+    pub fn shutdown(mut self) -> Result<(), DaemonError> {
+        for (h, _) in &self.nbd {
+            h.shutdown();
+        }
+        for (_, t) in self.nbd.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(p) = self.nbd_unix.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(c) = self.control.take() {
+            c.stop();
+        }
+        self.stop_sampler.store(true, Ordering::Release);
+        if let Some(t) = self.sampler.take() {
+            let _ = t.join();
+        }
+        let st = self.volume.shutdown();
+        let s = self.volume.status();
+        tracing::info!(
+            "stopped: {} of {} regions hydrated",
+            s.engine.nr_hydrated,
+            s.engine.nr_regions
+        );
+        if st.is_ok() {
+            Ok(())
+        } else {
+            Err(DaemonError::FinalCommit(st))
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, DaemonError> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(|source| DaemonError::Listen {
+            what: format!("thread {name}"),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_copy_a_mebibyte_per_io_with_eight_in_flight() {
+        assert_eq!(default_batch(4096), 256);
+        assert_eq!(default_threshold(4096), 2048);
+        assert_eq!(default_batch(64 << 10), 16);
+        assert_eq!(default_batch(1 << 30), 1);
+        assert_eq!(default_threshold(1 << 30), 8);
+    }
+
+    #[test]
+    fn metadata_size_covers_twice_the_bitmap() {
+        let g = Geometry::new(1 << 31, 8).expect("1 TiB");
+        // 2^28 regions: 32 MiB of bitmap.
+        assert_eq!(metadata_size_for(&g), 2 * (32 << 20) + (1 << 20));
+        let small = Geometry::new(2048, 8).expect("1 MiB");
+        assert_eq!(metadata_size_for(&small), 4 << 20);
+    }
+}

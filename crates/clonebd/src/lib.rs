@@ -1,0 +1,15 @@
+//! The clonebd daemon and its tools, as a library the `clonebd` binary runs.
+//!
+//! - [`daemon`]: `clonebd run`: open, serve, shut down cleanly;
+//! - [`export_nbd`]: the clone as an NBD export;
+//! - [`control`]: the control socket protocol, server and client;
+//! - [`status`]: the dm-clone status line and the JSON status;
+//! - [`units`]: sizes as people write them.
+
+#![deny(missing_docs)]
+
+pub mod control;
+pub mod daemon;
+pub mod export_nbd;
+pub mod status;
+pub mod units;

@@ -1,0 +1,196 @@
+//! Status reports: the dm-clone status line (byte-exact) and the JSON form with rates.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use clonebd_core::dmclone::{MetadataMode, StatusInfo, format_status_line};
+use clonebd_core::engine::Mode;
+use clonebd_driver::VolumeStatus;
+use serde::{Deserialize, Serialize};
+
+/// The dm-clone INFO status of a volume.
+pub fn status_info(s: &VolumeStatus) -> StatusInfo {
+    StatusInfo {
+        md_used: s.metadata.used,
+        md_total: s.metadata.total,
+        region_sectors: s.geometry.region_sectors(),
+        nr_hydrated: s.engine.nr_hydrated,
+        nr_regions: s.engine.nr_regions,
+        hydrating: s.engine.hydrating,
+        hydration_enabled: s.engine.hydration_enabled,
+        discard_passdown: s.engine.discard_passdown,
+        hydration_threshold: s.engine.hydration_threshold,
+        hydration_batch_size: s.engine.hydration_batch_size,
+        mode: match s.engine.mode {
+            Mode::ReadWrite => MetadataMode::ReadWrite,
+            Mode::ReadOnly => MetadataMode::ReadOnly,
+            Mode::Fail => MetadataMode::Fail,
+        },
+    }
+}
+
+/// The status line as `dmsetup status` prints it, prefix included.
+pub fn status_line(s: &VolumeStatus) -> String {
+    format_status_line(s.geometry.target_sectors(), &status_info(s))
+}
+
+/// The JSON status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusJson {
+    /// The dm-clone status line.
+    pub status_line: String,
+    /// Clone length in sectors.
+    pub target_sectors: u64,
+    /// Region size in sectors.
+    pub region_sectors: u64,
+    /// Regions in all.
+    pub nr_regions: u64,
+    /// Hydrated regions.
+    pub nr_hydrated: u64,
+    /// Regions with a hydration in flight.
+    pub hydrating: u64,
+    /// Whether every region is hydrated.
+    pub complete: bool,
+    /// Metadata blocks in use.
+    pub metadata_blocks_used: u64,
+    /// Metadata blocks in all.
+    pub metadata_blocks_total: u64,
+    /// `rw`, `ro` or `Fail`.
+    pub mode: String,
+    /// Features currently off, as in the status line.
+    pub features: Vec<String>,
+    /// Background hydration enabled.
+    pub hydration_enabled: bool,
+    /// Discards passed down.
+    pub discard_passdown: bool,
+    /// Current `hydration_threshold`.
+    pub hydration_threshold: u32,
+    /// Current `hydration_batch_size`.
+    pub hydration_batch_size: u32,
+    /// Background hydration bandwidth limit, bytes per second (0: none).
+    pub hydration_rate_limit: u64,
+    /// Recent hydration rate, bytes per second.
+    pub hydration_rate: f64,
+    /// Estimated seconds until every region is hydrated, at the recent rate.
+    pub eta_seconds: Option<f64>,
+    /// Bytes copied from the source so far (this run).
+    pub bytes_hydrated: u64,
+    /// Failed copies so far (this run).
+    pub copy_errors: u64,
+    /// Regions hydrated but not yet committed.
+    pub dirty_regions: u64,
+    /// NBD connections open now.
+    pub connections: u64,
+    /// NBD connections since start.
+    pub total_connections: u64,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: f64,
+}
+
+/// Measures the hydration rate over a sliding window of samples.
+#[derive(Debug)]
+pub struct RateMeter {
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+    window: Duration,
+}
+
+impl RateMeter {
+    /// A meter averaging over `window`.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            samples: Mutex::new(VecDeque::new()),
+            window,
+        }
+    }
+
+    /// Records `bytes` (a running total) at `now`.
+    pub fn sample(&self, now: Instant, bytes: u64) {
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        s.push_back((now, bytes));
+        while s.len() > 2
+            && s.front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > self.window)
+        {
+            s.pop_front();
+        }
+    }
+
+    /// Bytes per second over the window (0 with fewer than two samples).
+    pub fn rate(&self) -> f64 {
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        match (s.front(), s.back()) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => {
+                b1.saturating_sub(*b0) as f64 / t1.duration_since(*t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Builds the JSON status.
+pub fn status_json(
+    s: &VolumeStatus,
+    rate: f64,
+    connections: (u64, u64),
+    uptime: Duration,
+) -> StatusJson {
+    let info = status_info(s);
+    let mut features = Vec::new();
+    if !info.hydration_enabled {
+        features.push("no_hydration".to_string());
+    }
+    if !info.discard_passdown {
+        features.push("no_discard_passdown".to_string());
+    }
+    let remaining = s.engine.nr_regions.saturating_sub(s.engine.nr_hydrated);
+    let remaining_bytes = remaining.saturating_mul(s.geometry.region_bytes());
+    let eta = if remaining == 0 {
+        Some(0.0)
+    } else if rate > 0.0 {
+        Some(remaining_bytes as f64 / rate)
+    } else {
+        None
+    };
+    StatusJson {
+        status_line: status_line(s),
+        target_sectors: s.geometry.target_sectors(),
+        region_sectors: s.geometry.region_sectors(),
+        nr_regions: s.engine.nr_regions,
+        nr_hydrated: s.engine.nr_hydrated,
+        hydrating: s.engine.hydrating,
+        complete: remaining == 0,
+        metadata_blocks_used: s.metadata.used,
+        metadata_blocks_total: s.metadata.total,
+        mode: info.mode.as_str().to_string(),
+        features,
+        hydration_enabled: info.hydration_enabled,
+        discard_passdown: info.discard_passdown,
+        hydration_threshold: info.hydration_threshold,
+        hydration_batch_size: info.hydration_batch_size,
+        hydration_rate_limit: s.engine.hydration_rate_limit,
+        hydration_rate: rate,
+        eta_seconds: eta,
+        bytes_hydrated: s.engine.bytes_hydrated,
+        copy_errors: s.engine.copy_errors,
+        dirty_regions: s.engine.nr_dirty,
+        connections: connections.0,
+        total_connections: connections.1,
+        uptime_seconds: uptime.as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_meter_averages_over_its_window() {
+        let m = RateMeter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(m.rate(), 0.0);
+        m.sample(t0, 0);
+        m.sample(t0 + Duration::from_secs(2), 200);
+        assert!((m.rate() - 100.0).abs() < 1e-9);
+    }
+}
