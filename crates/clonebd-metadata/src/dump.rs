@@ -37,9 +37,26 @@ pub struct DumpReport {
 }
 
 impl DumpReport {
-    /// The report as pretty-printed JSON.
+    /// The report as JSON, laid out like the fixtures' `fixture.json`: one key per line,
+    /// each range as a compact `[first_region, count]` pair.
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
+        let ranges: Vec<String> = self
+            .hydrated_ranges
+            .iter()
+            .map(|[first, count]| format!("[{first}, {count}]"))
+            .collect();
+        format!(
+            "{{\n \"target_sectors\": {},\n \"region_sectors\": {},\n \"nr_regions\": {},\n \
+             \"nr_hydrated\": {},\n \"metadata_blocks_used\": {},\n \
+             \"metadata_blocks_total\": {},\n \"hydrated_ranges\": [{}]\n}}",
+            self.target_sectors,
+            self.region_sectors,
+            self.nr_regions,
+            self.nr_hydrated,
+            self.metadata_blocks_used,
+            self.metadata_blocks_total,
+            ranges.join(", ")
+        )
     }
 }
 
