@@ -485,13 +485,14 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
                 conn.send(ReplyFrame::error(style, &h, error, 0));
             }
             Disposition::Execute => {
-                Counters::add(&inner.counters.requests, 1);
                 let cost = match h.command {
                     // Lengths of reads and writes were checked against the 32 MiB cap.
                     Command::Read | Command::Write => h.length as usize,
                     _ => 0,
                 };
+                // Past the budget the reader waits here, before reading any payload.
                 conn.admit(cost);
+                Counters::add(&inner.counters.requests, 1);
                 let mut payload = None;
                 if h.command == Command::Write {
                     let mut buf = inner.buffers.get(cost);

@@ -90,7 +90,8 @@ pub struct ServerStats {
     pub rejected_connections: u64,
     /// Handshakes that reached the transmission phase.
     pub handshakes: u64,
-    /// Requests decoded in the transmission phase (disconnects excluded).
+    /// Requests taken in the transmission phase (disconnects excluded): rejected ones, and
+    /// valid ones once admitted within the in-flight budget.
     pub requests: u64,
     /// Requests answered with an error.
     pub request_errors: u64,

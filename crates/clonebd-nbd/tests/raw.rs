@@ -340,6 +340,87 @@ fn small_inflight_budget_still_serves_a_deep_pipeline() {
     assert!(srv.read_file(131072, 131072) == data);
 }
 
+/// Opens the gate when dropped, so a failing test does not leave the server waiting.
+struct OpenOnDrop(std::sync::Arc<common::Gate>);
+
+impl OpenOnDrop {
+    fn open(&self) {
+        self.0.open();
+    }
+}
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+/// Start a server whose reads wait at a gate, with the given in-flight limits.
+fn gated(max_bytes: usize, max_requests: usize) -> (TestServer, OpenOnDrop) {
+    let gate = std::sync::Arc::new(common::Gate::default());
+    let config = ServerConfig {
+        max_inflight_bytes: max_bytes,
+        max_inflight_requests: max_requests,
+        ..ServerConfig::default()
+    };
+    let g = gate.clone();
+    let srv = TestServer::start_with(
+        SIZE,
+        move |mut b| {
+            b.gate = Some(g);
+            b
+        },
+        config,
+    );
+    (srv, OpenOnDrop(gate))
+}
+
+#[test]
+fn reader_stops_at_the_inflight_request_limit() {
+    let (srv, gate) = gated(64 << 20, 2);
+    let mut c = structured(&srv);
+    for i in 0..6 {
+        c.request(0, CMD_READ, i, i * 4096, 4096, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Two requests reached the backend; the rest wait unread in the socket.
+    assert_eq!(
+        srv.backend
+            .calls
+            .reads
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    assert_eq!(srv.server.stats().requests, 2);
+    gate.open();
+    for _ in 0..6 {
+        assert_eq!(c.reply(no_data).error, 0);
+    }
+    assert_eq!(srv.server.stats().requests, 6);
+}
+
+#[test]
+fn reader_stops_at_the_inflight_byte_limit() {
+    let (srv, gate) = gated(128 * 1024, 256);
+    let mut c = structured(&srv);
+    for i in 0..4 {
+        c.request(0, CMD_READ, i, i * 65536, 65536, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // 128 KiB admits two 64 KiB reads; the third waits for a reply to go out.
+    assert_eq!(
+        srv.backend
+            .calls
+            .reads
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    gate.open();
+    for _ in 0..4 {
+        assert_eq!(c.reply(no_data).error, 0);
+    }
+}
+
 #[test]
 fn shutdown_finishes_requests_in_flight_then_closes() {
     let mut srv = TestServer::start_with(

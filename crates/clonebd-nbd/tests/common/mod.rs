@@ -53,7 +53,30 @@ pub struct FileBackend {
     /// Delay reads whose offset falls in an odd granule by this much, so that replies come out
     /// of order.
     pub jitter: Option<Duration>,
+    /// When set, reads wait until the gate is opened.
+    pub gate: Option<Arc<Gate>>,
     pub calls: Calls,
+}
+
+/// A latch that holds backend calls until opened.
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.changed.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.changed.wait(open).unwrap();
+        }
+    }
 }
 
 impl FileBackend {
@@ -92,6 +115,7 @@ impl FileBackend {
             allocated: Mutex::new(vec![false; granules]),
             hydrated: Mutex::new(hydrated),
             jitter: None,
+            gate: None,
             calls: Calls::default(),
         }
     }
@@ -186,6 +210,9 @@ impl Backend for FileBackend {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
         self.calls.reads.fetch_add(1, Ordering::Relaxed);
+        if let Some(gate) = &self.gate {
+            gate.wait();
+        }
         if let Some(delay) = self.jitter
             && (offset / GRANULE) % 2 == 1
         {
