@@ -237,7 +237,10 @@ pub(crate) fn for_each_word<D: BlockDev>(
         while i < entries.len() {
             let start = entries[i].1;
             let mut j = i + 1;
-            while j < entries.len() && entries[j].1 == start + (j - i) as u64 && j - i < 256 {
+            while j < entries.len()
+                && start.checked_add((j - i) as u64) == Some(entries[j].1)
+                && j - i < 256
+            {
                 j += 1;
             }
             tm.read_run_raw(start, j - i, &mut run_buf)?;

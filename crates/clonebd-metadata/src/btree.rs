@@ -180,10 +180,10 @@ fn inc_children<D: BlockDev>(tm: &mut Tm<D>, b: u64, tree: Tree) -> Result<(), M
         while i < values.len() {
             let start = values[i];
             let mut j = i + 1;
-            while j < values.len() && values[j] == start + (j - i) as u64 {
+            while j < values.len() && start.checked_add((j - i) as u64) == Some(values[j]) {
                 j += 1;
             }
-            tm.inc_range(start, start + (j - i) as u64)?;
+            tm.inc_range(start, start.saturating_add((j - i) as u64))?;
             i = j;
         }
     }

@@ -739,9 +739,9 @@ fn check_bitset<D: BlockDev>(c: &mut Checker<'_, D>, root: u64, g: Geometry) {
         found_words += u64::from(h.nr_entries);
         let base = k.saturating_mul(u64::from(ARRAY_BLOCK_ENTRIES));
         for e in 0..h.nr_entries {
-            let w = base + u64::from(e);
+            let w = base.saturating_add(u64::from(e));
             let v = word(&ab, e);
-            let valid_bits = g.nr_regions().saturating_sub(w * 64).min(64);
+            let valid_bits = g.nr_regions().saturating_sub(w.saturating_mul(64)).min(64);
             let valid = if valid_bits == 64 {
                 u64::MAX
             } else {

@@ -484,7 +484,7 @@ impl<D: BlockDev> Tm<D> {
                 nr_blocks: self.ll.nr_blocks,
             });
         }
-        self.sm_dec_range(orig, orig + 1)?;
+        self.sm_dec_range(orig, orig.saturating_add(1))?;
         let data = self.copy(orig, kind)?;
         self.hold_new(new, kind, data);
         Ok((new, shared))
@@ -492,7 +492,7 @@ impl<D: BlockDev> Tm<D> {
 
     /// Increments the count of `b` (`dm_tm_inc`).
     pub fn inc(&mut self, b: u64) -> Result<(), MetadataError> {
-        self.sm_inc_range(b, b + 1)
+        self.sm_inc_range(b, b.saturating_add(1))
     }
 
     /// Increments the counts of `[b, e)`.
@@ -502,7 +502,7 @@ impl<D: BlockDev> Tm<D> {
 
     /// Decrements the count of `b` (`dm_tm_dec`).
     pub fn dec(&mut self, b: u64) -> Result<(), MetadataError> {
-        self.sm_dec_range(b, b + 1)
+        self.sm_dec_range(b, b.saturating_add(1))
     }
 
     // ----------------------------------------------------------------------------------
