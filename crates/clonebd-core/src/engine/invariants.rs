@@ -1,5 +1,5 @@
 //! The engine's invariants, checked after every step by the model-based tests and the
-//! simulations (and by `strict` builds).
+//! simulations.
 
 use thiserror::Error;
 

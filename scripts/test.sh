@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# clonebd's whole test suite, as CI runs it:
+#  - every crate's tests: unit and scenario tests, the model-based engine test, 10,000 seeds
+#    of the power-cut simulation, golden tests against kernel-written metadata, real NBD
+#    clients (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) against the real binary, the
+#    SIGKILL-and-restart test, and (as root, with /dev/fuse) ext4 on a loop device over FUSE;
+#  - a short run of every fuzz target (CLONEBD_FUZZ_SECONDS per target, default 30).
+#
+# The real-client tests need: qemu-utils libnbd-bin fio fuse3 e2fsprogs util-linux
+# (.ci/run installs them). Without them those tests say they are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace --all-targets --locked
+bash fuzz/run-smoke.sh "${CLONEBD_FUZZ_SECONDS:-30}"
