@@ -127,14 +127,27 @@ fn style_of(rng: &mut Rng) -> CutStyle {
     }
 }
 
-/// One seeded run; returns an error text naming what went wrong.
-fn run(seed: u64) -> Result<(), String> {
+/// Where the device died in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Death {
+    /// While formatting.
+    InFormat,
+    /// While committing (or aborting).
+    InTransaction,
+    /// Never: the cut only loses what was not flushed.
+    Survived,
+}
+
+/// One seeded run; returns where the device died, or an error text naming what went wrong.
+fn run(seed: u64) -> Result<Death, String> {
     let mut rng = Rng::new(seed);
     let g = random_geometry(&mut rng);
     let need = required_metadata_bytes(&g);
     let size = need + 4096 * rng.below(24);
     let disk = SimDisk::new("meta", size);
-    let budget = Arc::new(AtomicU64::new(rng.range(0, 120)));
+    // A format takes about 5 writes and flushes, a commit about 4: most runs die somewhere
+    // inside the sequence, some survive it.
+    let budget = Arc::new(AtomicU64::new(rng.range(0, 28)));
     let dev = DyingDisk {
         inner: disk.clone(),
         budget: budget.clone(),
@@ -145,7 +158,9 @@ fn run(seed: u64) -> Result<(), String> {
     // commit attempted after it.
     let mut allowed: Vec<Set> = vec![empty.clone()];
 
+    let mut death = Death::InFormat;
     if let Ok((mut store, map)) = MetadataStore::open(dev.clone(), g, StoreOptions::default()) {
+        death = Death::InTransaction;
         let mut base = set_of(&map);
         let steps = rng.range(1, 8);
         for _ in 0..steps {
@@ -204,6 +219,9 @@ fn run(seed: u64) -> Result<(), String> {
         }
     }
 
+    if death == Death::InTransaction && !dev.dead() {
+        death = Death::Survived;
+    }
     // Power cut, then recovery on a device that works again.
     disk.clear_faults();
     let style = style_of(&mut rng);
@@ -230,7 +248,7 @@ fn run(seed: u64) -> Result<(), String> {
             allowed.len()
         ));
     }
-    Ok(())
+    Ok(death)
 }
 
 fn seeds(part: u64, parts: u64) -> std::ops::Range<u64> {
@@ -248,11 +266,17 @@ fn seeds(part: u64, parts: u64) -> std::ops::Range<u64> {
 
 fn run_part(part: u64) {
     let mut failures = Vec::new();
+    let mut deaths = [0u64; 3];
     for seed in seeds(part, 4) {
-        if let Err(e) = run(seed) {
-            failures.push(format!("seed {seed}: {e}"));
+        match run(seed) {
+            Ok(d) => deaths[d as usize] += 1,
+            Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
     }
+    eprintln!(
+        "part {part}: died in format {}, in a transaction {}, survived {}",
+        deaths[0], deaths[1], deaths[2]
+    );
     assert!(
         failures.is_empty(),
         "{} failing seeds (replay one with CLONEBD_SEED=<seed>):\n{}",
