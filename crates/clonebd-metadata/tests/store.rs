@@ -189,3 +189,44 @@ fn a_metadata_device_over_16_gib_uses_4161600_blocks_and_warns() {
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.metadata_blocks_total, 4_161_600);
 }
+
+/// 2^31 regions, the kernel's maximum (8 TiB of 4 KiB regions): a 256 MiB bitmap in
+/// 65 923 array blocks. Heavy (about 800 MiB written, 1 GiB of memory), so not in the
+/// default run: `cargo test --release -p clonebd-metadata --test store -- --ignored`.
+#[test]
+#[ignore]
+fn two_to_the_31_regions_format_fill_and_reopen() {
+    let g = Geometry::new(8 << 31, 8).expect("2^31 regions");
+    assert_eq!(g.nr_regions(), 1 << 31);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("meta-2e31.img");
+    let size = clonebd_metadata::required_metadata_bytes(&g).next_multiple_of(1 << 20);
+    let file = std::fs::File::create(&path).expect("create");
+    file.set_len(size).expect("size");
+    drop(file);
+    let open = || {
+        clonebd_io::FileDevice::open(&path, clonebd_io::OpenOptions::read_write())
+            .expect("open file")
+    };
+    let (mut store, map) = MetadataStore::open(open(), g, StoreOptions::default()).expect("format");
+    let used = store.nr_blocks_used();
+    let mut d = DirtySet::new();
+    for r in [0, (1 << 30) + 17, (1 << 31) - 1] {
+        d.insert(r);
+    }
+    store.commit(&d).expect("commit");
+    // Everything hydrated (a whole-device discard), in one transaction.
+    let mut all = DirtySet::new();
+    for w in 0..map.nr_words() {
+        all.insert_word_bits(w, u64::MAX);
+    }
+    store.commit(&all).expect("commit all");
+    assert_eq!(store.nr_blocks_used(), used);
+    drop(store);
+    let (_, map) = MetadataStore::open(open(), g, StoreOptions { read_only: true }).expect("open");
+    assert_eq!(map.nr_hydrated(), 1 << 31);
+    assert!(map.is_complete());
+    let report = check(&open()).expect("readable");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.nr_hydrated, 1 << 31);
+}
