@@ -9,7 +9,7 @@
 //! leaves either the old or the new state, never a mix (see `docs/FORMAT.md`).
 //!
 //! The crate is layered:
-//! - [`format`]: pure encode/decode of every block type on `&[u8]`, with the kernel's
+//! - [`format`](mod@format): pure encode/decode of every block type on `&[u8]`, with the kernel's
 //!   checksums and validation order;
 //! - `tm` (private): the transaction manager and the metadata space map: copy-on-write
 //!   shadowing, block allocation and reference counting, following the kernel's allocation

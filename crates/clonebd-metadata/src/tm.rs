@@ -404,6 +404,11 @@ impl<D: BlockDev> Tm<D> {
         b: u64,
         f: impl FnOnce(&mut BlockBuf) -> R,
     ) -> Result<R, MetadataError> {
+        // The whole crash-safety argument rests on this: committed blocks are never written.
+        assert!(
+            self.shadows.contains_key(&b),
+            "write to block {b}, which is not part of the transaction"
+        );
         if !self.dirty.contains_key(&b) {
             // Written early: bring it back (it is on disk, sealed, and still ours).
             let kind = match (self.shadows.get(&b), self.clean.get(&b)) {
