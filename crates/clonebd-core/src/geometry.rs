@@ -193,7 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn geometry_allows_exactly_two_to_the_31_regions() {
+    fn geometry_allows_exactly_two_to_the_31_regions_f5() {
         assert_eq!(
             Geometry::new(8 << 31, 8).map(|g| g.nr_regions()),
             Ok(1 << 31)

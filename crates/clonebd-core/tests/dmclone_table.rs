@@ -144,7 +144,7 @@ fn ctr_open_failure_keeps_the_callers_errno() {
 }
 
 #[test]
-fn ctr_row2a_large_metadata_warns_but_is_accepted() {
+fn ctr_row2a_large_metadata_warns_naming_the_device_f10() {
     let mut devs = FakeDevs::new(LEN);
     devs.meta_bytes = 16 * 1024 * MIB + 512;
     let table = ctr_with(LEN, "/dev/vdc /dev/vdb /dev/vda 8", &mut devs).expect("accepted");
