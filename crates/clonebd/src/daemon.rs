@@ -80,6 +80,10 @@ pub struct RunOptions {
     pub hydration_rate_limit: u64,
     /// NBD worker threads (default: the server's).
     pub nbd_workers: Option<usize>,
+    /// Serve the clone as this regular file over FUSE (created if missing).
+    pub fuse: Option<PathBuf>,
+    /// Serve the clone as a ublk block device (/dev/ublkbN).
+    pub ublk: bool,
 }
 
 /// Why the daemon could not start or stopped badly.
@@ -130,6 +134,12 @@ pub enum DaemonError {
     /// The control socket could not start.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The FUSE export could not start.
+    #[error(transparent)]
+    Fuse(#[from] clonebd_fuse::FuseError),
+    /// The ublk export could not start.
+    #[error(transparent)]
+    Ublk(#[from] clonebd_ublk::UblkError),
     /// Waiting for signals failed.
     #[error("cannot wait for signals: {0}")]
     Signals(io::Error),
@@ -269,6 +279,8 @@ pub struct Daemon {
     control: Option<ControlServer>,
     stop_sampler: Arc<AtomicBool>,
     sampler: Option<JoinHandle<()>>,
+    fuse: Option<clonebd_fuse::FuseExport>,
+    ublk: Option<clonebd_ublk::UblkExport>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -464,6 +476,8 @@ impl Daemon {
             control: None,
             stop_sampler: Arc::new(AtomicBool::new(false)),
             sampler: None,
+            fuse: None,
+            ublk: None,
         };
         // From here on, a failure must still shut the volume down cleanly.
         match daemon.start_services(opts) {
@@ -525,6 +539,26 @@ impl Daemon {
             tracing::info!("serving NBD on {addr} (nbd://{addr}/clonebd)");
             self.nbd.push((h, t));
             self.nbd_servers.push(server);
+        }
+        if let Some(p) = &opts.fuse {
+            let fuse = clonebd_fuse::FuseExport::start(
+                self.volume.clone(),
+                p,
+                &clonebd_fuse::FuseOptions::default(),
+            )?;
+            tracing::info!(
+                "serving the clone as the file {} (FUSE; losetup it for a block device)",
+                fuse.path().display()
+            );
+            self.fuse = Some(fuse);
+        }
+        if opts.ublk {
+            let ublk = clonebd_ublk::UblkExport::start(
+                self.volume.clone(),
+                &clonebd_ublk::UblkOptions::default(),
+            )?;
+            tracing::info!("serving the clone as {}", ublk.device().display());
+            self.ublk = Some(ublk);
         }
         let rate = Arc::new(RateMeter::new(Duration::from_secs(10)));
         {
@@ -663,6 +697,14 @@ impl Daemon {
         }
         if let Some(p) = self.nbd_unix.take() {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(f) = self.fuse.take()
+            && let Err(e) = f.stop()
+        {
+            tracing::error!("{e}");
+        }
+        if let Some(u) = self.ublk.take() {
+            u.stop();
         }
         if let Some(c) = self.control.take() {
             c.stop();

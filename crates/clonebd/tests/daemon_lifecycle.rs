@@ -34,6 +34,8 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         copy_threads: 2,
         hydration_rate_limit: 0,
         nbd_workers: Some(2),
+        fuse: None,
+        ublk: false,
     }
 }
 

@@ -111,6 +111,15 @@ pub struct RunArgs {
     /// another address must be asked for explicitly (NBD has no authentication here).
     #[arg(long, value_name = "[ADDR:]PORT")]
     nbd_tcp: Option<String>,
+    /// Serve the clone as the regular file FILE (created if missing) over FUSE, for
+    /// `losetup` where no NBD client is at hand. A stale mount left there by a daemon that
+    /// was killed is cleaned up, or refused with the command that cleans it.
+    #[arg(long, value_name = "FILE")]
+    fuse: Option<PathBuf>,
+    /// Serve the clone as a ublk block device, /dev/ublkbN (Linux's ublk_drv; clonebd built
+    /// with the `ublk` feature).
+    #[arg(long)]
+    ublk: bool,
     /// Create the control socket here (mode 0600), for status, table, message and wait.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -183,8 +192,8 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
             }
         }
     };
-    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() {
-        tracing::warn!("no export: give --nbd-unix or --nbd-tcp to reach the clone");
+    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() && a.fuse.is_none() && !a.ublk {
+        tracing::warn!("no export: give --nbd-unix, --nbd-tcp, --fuse or --ublk to reach the clone");
     }
     Ok(RunOptions {
         spec,
@@ -202,6 +211,8 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
             .context("--hydration-rate-limit")?
             .unwrap_or(0),
         nbd_workers: a.nbd_workers,
+        fuse: a.fuse.clone(),
+        ublk: a.ublk,
     })
 }
 
