@@ -19,6 +19,7 @@
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -54,6 +55,7 @@ pub(crate) struct Gate {
 struct GateState {
     closed: bool,
     inflight: usize,
+    max_inflight: usize,
 }
 
 /// A request let through the gate; leaving it on drop.
@@ -72,7 +74,13 @@ impl Gate {
             return None;
         }
         s.inflight += 1;
+        s.max_inflight = s.max_inflight.max(s.inflight);
         Some(Pass(self))
+    }
+
+    /// The most requests that were in flight at once.
+    pub(crate) fn max_inflight(&self) -> usize {
+        self.state().max_inflight
     }
 
     /// Closes the gate and waits (up to `limit`) for the requests in flight; returns how
@@ -108,6 +116,44 @@ impl Drop for Pass<'_> {
     }
 }
 
+/// Counters of what the kernel asked, for the log at unmount (and for tuning: request
+/// sizes and concurrency are what FUSE performance hangs on).
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+    writes: AtomicU64,
+    write_bytes: AtomicU64,
+    partial_writes: AtomicU64,
+}
+
+impl Stats {
+    fn count(n: &AtomicU64, by: u64) {
+        n.fetch_add(by, Ordering::Relaxed);
+    }
+
+    /// One line for the log.
+    pub(crate) fn summary(&self, max_inflight: usize) -> String {
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let avg_kib = |bytes: u64, n: u64| {
+            if n == 0 {
+                0.0
+            } else {
+                bytes as f64 / n as f64 / 1024.0
+            }
+        };
+        format!(
+            "{} reads (average {:.1} KiB), {} writes (average {:.1} KiB, {} not whole blocks), at most {} requests at once",
+            get(&self.reads),
+            avg_kib(get(&self.read_bytes), get(&self.reads)),
+            get(&self.writes),
+            avg_kib(get(&self.write_bytes), get(&self.writes)),
+            get(&self.partial_writes),
+            max_inflight,
+        )
+    }
+}
+
 /// How the kernel is told to talk to us.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tuning {
@@ -123,11 +169,12 @@ pub(crate) struct CloneFs<B> {
     file: BlockFile<B>,
     attr: FileAttr,
     gate: Arc<Gate>,
+    stats: Arc<Stats>,
     tuning: Tuning,
 }
 
 impl<B: BlockBackend> CloneFs<B> {
-    pub(crate) fn new(backend: B, gate: Arc<Gate>, tuning: Tuning) -> Self {
+    pub(crate) fn new(backend: B, gate: Arc<Gate>, stats: Arc<Stats>, tuning: Tuning) -> Self {
         let file = BlockFile::new(backend);
         let now = SystemTime::now();
         let attr = FileAttr {
@@ -151,6 +198,7 @@ impl<B: BlockBackend> CloneFs<B> {
             file,
             attr,
             gate,
+            stats,
             tuning,
         }
     }
@@ -258,6 +306,8 @@ impl<B: BlockBackend> Filesystem for CloneFs<B> {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        Stats::count(&self.stats.reads, 1);
+        Stats::count(&self.stats.read_bytes, u64::from(size));
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             match self.file.read(offset, u64::from(size), &mut s) {
@@ -283,6 +333,12 @@ impl<B: BlockBackend> Filesystem for CloneFs<B> {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        Stats::count(&self.stats.writes, 1);
+        Stats::count(&self.stats.write_bytes, data.len() as u64);
+        let lbs = self.file.block_size();
+        if !offset.is_multiple_of(lbs) || !(data.len() as u64).is_multiple_of(lbs) {
+            Stats::count(&self.stats.partial_writes, 1);
+        }
         let r = SCRATCH.with(|s| {
             self.file
                 .write(offset, data, wants_fua(flags), &mut s.borrow_mut())

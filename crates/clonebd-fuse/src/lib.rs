@@ -37,7 +37,7 @@ use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 pub use mountpoint::Prepared;
 use thiserror::Error;
 
-use crate::fs::{CloneFs, Gate, Tuning};
+use crate::fs::{CloneFs, Gate, Stats, Tuning};
 
 /// Why the FUSE export could not start or stop.
 #[derive(Debug, Error)]
@@ -164,6 +164,7 @@ pub struct FuseExport {
     unmounter: SessionUnmounter,
     thread: Option<JoinHandle<io::Result<()>>>,
     gate: Arc<Gate>,
+    stats: Arc<Stats>,
     prepared: Prepared,
 }
 
@@ -180,9 +181,11 @@ impl FuseExport {
         }
         let (abs, prepared) = mountpoint::prepare(path)?;
         let gate = Arc::new(Gate::default());
+        let stats = Arc::new(Stats::default());
         let fs = CloneFs::new(
             backend,
             Arc::clone(&gate),
+            Arc::clone(&stats),
             Tuning {
                 max_io_bytes: opts.max_io_bytes,
                 max_background: opts.max_background,
@@ -212,6 +215,7 @@ impl FuseExport {
             unmounter,
             thread: Some(thread),
             gate,
+            stats,
             prepared,
         })
     }
@@ -231,6 +235,16 @@ impl FuseExport {
     /// new ones refused with `EIO`, the mount detached lazily, and [`FuseError::Busy`]
     /// returned.
     pub fn stop(mut self) -> Result<(), FuseError> {
+        let r = self.unmount_and_join();
+        tracing::info!(
+            "FUSE {}: {}",
+            self.path.display(),
+            self.stats.summary(self.gate.max_inflight())
+        );
+        r
+    }
+
+    fn unmount_and_join(&mut self) -> Result<(), FuseError> {
         match self.unmounter.unmount() {
             Ok(()) => {
                 self.gate.close_and_drain(DRAIN_LIMIT);

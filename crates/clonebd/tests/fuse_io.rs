@@ -349,3 +349,37 @@ fn sigterm_with_a_loop_device_attached_detaches_the_file_and_exits() {
     assert!(text.contains("busy at shutdown"), "{text}");
     drop(lo);
 }
+
+#[test]
+fn ublk_without_kernel_or_build_support_fails_with_a_clear_error() {
+    if Path::new("/dev/ublk-control").exists() && cfg!(feature = "ublk") {
+        eprintln!(
+            "ublk_without_kernel_or_build_support_fails_with_a_clear_error: skipped: this kernel has ublk"
+        );
+        return;
+    }
+    let f = Files::new();
+    let (_, mut args) = setup(&f, &["--no-hydration", "--ublk"]);
+    // No FUSE file: --ublk alone.
+    let i = args.iter().position(|a| a == "--fuse").expect("--fuse");
+    args.drain(i..i + 2);
+    let out = Command::new(env!("CARGO_BIN_EXE_clonebd"))
+        .arg("run")
+        .args(&args)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "--ublk started:\n{err}");
+    let want = if cfg!(feature = "ublk") {
+        "the kernel lacks ublk"
+    } else {
+        "built without ublk support"
+    };
+    assert!(
+        err.contains(want),
+        "the error does not say `{want}`:\n{err}"
+    );
+    if cfg!(feature = "ublk") {
+        assert!(err.contains("modprobe ublk_drv"), "{err}");
+    }
+}
