@@ -4,7 +4,8 @@
 //! - [`backend`]: the [`Backend`] trait an export implements, and [`NbdError`];
 //! - [`handshake`]: the fixed newstyle handshake as a sans-IO state machine;
 //! - [`codec`]: transmission-phase request decoding and reply encoding, sans-IO;
-//! - [`server`]: the threaded server over unix and TCP sockets.
+//! - [`server`]: the threaded server over unix and TCP sockets;
+//! - [`client`]: a blocking client over the same codec.
 //!
 //! The codec and the handshake perform no I/O and allocate nothing whose size a peer chooses
 //! beyond fixed caps (32 MiB of payload, 64 KiB of option data), so they can be fuzzed alone.
@@ -34,6 +35,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod backend;
+pub mod client;
 pub mod codec;
 pub mod handshake;
 pub mod proto;
@@ -43,5 +45,6 @@ mod conn;
 mod pool;
 
 pub use backend::{Backend, BackendFlags, BlockSizes, Extent, NbdError, ZeroFlags};
+pub use client::{Client, ClientError, ClientOptions};
 pub use handshake::{ExportInfo, Handshake, MetaContext, Negotiated};
 pub use server::{Server, ServerConfig, ServerError, ServerStats, ShutdownHandle};

@@ -2,7 +2,9 @@
 //!
 //! [`BufferPool`] hands out buffers in power-of-two size classes from 4 KiB to 32 MiB and takes
 //! them back when a [`Buf`] is dropped, so the request path allocates only when the pool is
-//! empty. It keeps a bounded number of buffers per class. [`JobQueue`] is the shared queue the
+//! empty. It keeps a bounded number of buffers per class. Every buffer starts on a 4 KiB
+//! boundary ([`ALIGN`]), so that a backend whose devices are opened with `O_DIRECT` can hand
+//! aligned requests straight to them instead of falling back to buffered I/O. [`JobQueue`] is the shared queue the
 //! worker threads take jobs from; its lock is held only to push or pop, never across I/O.
 
 use std::collections::VecDeque;
@@ -15,11 +17,44 @@ const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 const RETAIN_BYTES_PER_CLASS: usize = 64 << 20;
 /// Buffers kept per size class, whatever their size.
 const RETAIN_COUNT_PER_CLASS: usize = 256;
+/// Where every buffer starts: a multiple of the largest logical block size devices use.
+pub(crate) const ALIGN: usize = 4096;
+
+/// Memory whose usable part starts on an [`ALIGN`] boundary: allocated [`ALIGN`] bytes larger
+/// than asked and used from the first aligned byte. A `Vec`'s heap block does not move when
+/// the `Vec` does, so the offset stays right for the life of the allocation.
+#[derive(Debug)]
+struct AlignedVec {
+    vec: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedVec {
+    fn new(capacity: usize) -> Self {
+        let vec = vec![0u8; capacity + ALIGN];
+        let addr = vec.as_ptr().addr();
+        let start = addr.next_multiple_of(ALIGN) - addr;
+        Self { vec, start }
+    }
+
+    /// Usable bytes.
+    fn capacity(&self) -> usize {
+        self.vec.len() - ALIGN
+    }
+
+    fn slice(&self, len: usize) -> &[u8] {
+        &self.vec[self.start..self.start + len]
+    }
+
+    fn slice_mut(&mut self, len: usize) -> &mut [u8] {
+        &mut self.vec[self.start..self.start + len]
+    }
+}
 
 /// Size-classed free lists of buffers.
 #[derive(Debug, Default)]
 pub(crate) struct BufferPool {
-    classes: [Mutex<Vec<Vec<u8>>>; CLASSES],
+    classes: [Mutex<Vec<AlignedVec>>; CLASSES],
 }
 
 fn class_of(len: usize) -> Option<usize> {
@@ -36,7 +71,7 @@ impl BufferPool {
     pub(crate) fn get(self: &Arc<Self>, len: usize) -> Buf {
         let Some(class) = class_of(len) else {
             return Buf {
-                vec: vec![0; len],
+                vec: AlignedVec::new(len),
                 len,
                 pool: None,
             };
@@ -45,7 +80,7 @@ impl BufferPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        let vec = cached.unwrap_or_else(|| vec![0; 1 << (class as u32 + MIN_CLASS_SHIFT)]);
+        let vec = cached.unwrap_or_else(|| AlignedVec::new(1 << (class as u32 + MIN_CLASS_SHIFT)));
         Buf {
             vec,
             len,
@@ -53,14 +88,15 @@ impl BufferPool {
         }
     }
 
-    fn put(&self, vec: Vec<u8>) {
-        let Some(class) = class_of(vec.len()) else {
+    fn put(&self, vec: AlignedVec) {
+        let size = vec.capacity();
+        let Some(class) = class_of(size) else {
             return;
         };
-        if vec.len() != 1 << (class as u32 + MIN_CLASS_SHIFT) {
+        if size != 1 << (class as u32 + MIN_CLASS_SHIFT) {
             return;
         }
-        let limit = (RETAIN_BYTES_PER_CLASS / vec.len()).clamp(1, RETAIN_COUNT_PER_CLASS);
+        let limit = (RETAIN_BYTES_PER_CLASS / size).clamp(1, RETAIN_COUNT_PER_CLASS);
         let mut free = self.classes[class]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -73,25 +109,32 @@ impl BufferPool {
 /// A buffer on loan from a [`BufferPool`]; returns itself on drop.
 #[derive(Debug)]
 pub(crate) struct Buf {
-    vec: Vec<u8>,
+    vec: AlignedVec,
     len: usize,
     pool: Option<Arc<BufferPool>>,
 }
 
 impl Buf {
     pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.vec[..self.len]
+        self.vec.slice(self.len)
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.vec[..self.len]
+        self.vec.slice_mut(self.len)
     }
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            pool.put(std::mem::take(&mut self.vec));
+            let vec = std::mem::replace(
+                &mut self.vec,
+                AlignedVec {
+                    vec: Vec::new(),
+                    start: 0,
+                },
+            );
+            pool.put(vec);
         }
     }
 }
@@ -173,6 +216,28 @@ mod tests {
         };
         let b = pool.get(8192);
         assert_eq!(b.as_slice().as_ptr(), ptr);
+    }
+
+    #[test]
+    fn buffers_start_on_a_4k_boundary_in_every_class() {
+        let pool = Arc::new(BufferPool::default());
+        for len in [
+            1,
+            512,
+            4096,
+            5000,
+            65536,
+            1 << 20,
+            32 << 20,
+            (32 << 20) + 512,
+        ] {
+            let mut b = pool.get(len);
+            assert_eq!(b.as_slice().len(), len);
+            assert_eq!(b.as_mut_slice().as_ptr().addr() % ALIGN, 0, "len {len}");
+        }
+        // And again once they come back from the free lists.
+        let b = pool.get(4096);
+        assert_eq!(b.as_slice().as_ptr().addr() % ALIGN, 0);
     }
 
     #[test]

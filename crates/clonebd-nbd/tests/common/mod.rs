@@ -38,6 +38,8 @@ pub struct Calls {
     pub fast_zero_refused: AtomicU64,
     pub caches: AtomicU64,
     pub block_status: AtomicU64,
+    /// Read and write buffers that did not start on a 4 KiB boundary.
+    pub unaligned_buffers: AtomicU64,
 }
 
 /// A backend over a regular file, with an in-memory allocation map (per 64 KiB granule) and a
@@ -210,6 +212,9 @@ impl Backend for FileBackend {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
         self.calls.reads.fetch_add(1, Ordering::Relaxed);
+        if !buf.as_ptr().addr().is_multiple_of(4096) {
+            self.calls.unaligned_buffers.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(gate) = &self.gate {
             gate.wait();
         }
@@ -225,6 +230,9 @@ impl Backend for FileBackend {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
         self.calls.writes.fetch_add(1, Ordering::Relaxed);
+        if !data.as_ptr().addr().is_multiple_of(4096) {
+            self.calls.unaligned_buffers.fetch_add(1, Ordering::Relaxed);
+        }
         self.file
             .write_all_at(data, offset)
             .map_err(|e| NbdError::from_io(&e))?;

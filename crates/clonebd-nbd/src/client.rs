@@ -1,0 +1,846 @@
+//! A blocking NBD client: the fixed newstyle handshake, then one request at a time.
+//!
+//! [`Client`] connects over a unix socket or TCP, negotiates structured replies when the server
+//! offers them, optionally selects metadata contexts (such as `clonebd:hydrated`), and enters
+//! transmission with `NBD_OPT_GO`, asking for `NBD_INFO_BLOCK_SIZE` and so promising to honour
+//! the sizes the server gives (it falls back to `NBD_OPT_EXPORT_NAME` on an old server). It
+//! encodes requests and option messages with the crate's codec ([`RequestHeader::encode`],
+//! [`ClientOption::encode`]) and decodes non-data reply chunks with [`decode_reply`].
+//!
+//! Every length the server sends is checked before anything is allocated: option replies are
+//! capped at [`MAX_OPTION_LEN`], reply chunks at the maximum payload, and read data must land
+//! inside the request's own buffer. A server error is returned as [`ClientError::Server`] with
+//! the NBD error value; a protocol violation or an I/O failure breaks the connection, and
+//! every later call fails with [`ClientError::Broken`].
+//!
+//! Requests go out one at a time and each waits for its reply, but the two halves are
+//! separate steps ([`Client::send`] and [`Client::receive`], keyed by cookie), so that
+//! pipelining can be added by keeping several [`Pending`] requests.
+
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::backend::{BlockSizes, Extent, NbdError};
+use crate::codec::{ChunkBody, Reply, RequestHeader, decode_reply};
+use crate::conn::Stream;
+use crate::handshake::{ClientOption, MetaContext};
+use crate::proto::{
+    Command, EXTENDED_REQUEST_LEN, HeaderStyle, IHAVEOPT, MAX_OPTION_LEN, MAX_PAYLOAD, NBDMAGIC,
+    OPTION_REPLY_MAGIC, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_LEN,
+    STRUCTURED_REPLY_MAGIC, client_flags, command_flags as cf, handshake_flags, info, opt, rep,
+    reply_flags, reply_type, transmission_flags as tf,
+};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The socket failed; the connection is broken.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer does not speak the fixed newstyle protocol.
+    #[error("not a fixed newstyle NBD server (greeting {magic:#x}, flags {flags:#x})")]
+    NotNewstyle {
+        /// The first eight bytes.
+        magic: u64,
+        /// The handshake flags.
+        flags: u16,
+    },
+    /// The server refused an option the client cannot do without.
+    #[error("server refused option {option} with reply {reply:#x}: {message}")]
+    OptionRefused {
+        /// The option.
+        option: u32,
+        /// The error reply type (`NBD_REP_ERR_*`).
+        reply: u32,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// The server broke the protocol; the connection is broken.
+    #[error("protocol violation by the server: {0}")]
+    Protocol(&'static str),
+    /// The server answered the request with an error; the connection goes on.
+    #[error("server error {value} ({error}){}", if .message.is_empty() { String::new() } else { format!(": {}", .message) })]
+    Server {
+        /// The error as the crate names it.
+        error: NbdError,
+        /// The NBD error value on the wire.
+        value: u32,
+        /// The message of a structured error chunk (empty with simple replies).
+        message: String,
+    },
+    /// The export does not advertise this command or flag.
+    #[error("the export does not support {0:?}")]
+    NotSupported(Command),
+    /// The request is larger than the server's maximum payload.
+    #[error("{len} bytes exceed the maximum payload of {max}")]
+    TooLarge {
+        /// The request's length.
+        len: u64,
+        /// The server's maximum payload.
+        max: u32,
+    },
+    /// `block_status` named a context that was not negotiated.
+    #[error("metadata context {0:?} was not negotiated")]
+    NoContext(String),
+    /// An earlier failure broke the connection.
+    #[error("the connection is broken by an earlier failure")]
+    Broken,
+}
+
+impl ClientError {
+    /// The NBD error value of a server error.
+    pub fn nbd_value(&self) -> Option<u32> {
+        match self {
+            Self::Server { value, .. } => Some(*value),
+            _ => None,
+        }
+    }
+}
+
+/// What to negotiate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// The export's name (`""` for the default export).
+    pub export: String,
+    /// Ask for structured replies (used if the server agrees).
+    pub structured: bool,
+    /// Metadata contexts to select (needs structured replies), e.g. `clonebd:hydrated`.
+    pub meta_contexts: Vec<String>,
+    /// Read and write timeout of the socket (none: wait forever).
+    pub timeout: Option<Duration>,
+}
+
+impl ClientOptions {
+    /// Structured replies, no metadata context, no timeout.
+    pub fn new(export: &str) -> Self {
+        Self {
+            export: export.to_owned(),
+            structured: true,
+            meta_contexts: Vec::new(),
+            timeout: None,
+        }
+    }
+
+    /// Also select `context`.
+    pub fn meta_context(mut self, context: &str) -> Self {
+        self.meta_contexts.push(context.to_owned());
+        self
+    }
+
+    /// Connect over a unix socket.
+    pub fn connect_unix(&self, path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let s = UnixStream::connect(path)?;
+        Client::handshake(Stream::Unix(s), self)
+    }
+
+    /// Connect over TCP (with `TCP_NODELAY`).
+    pub fn connect_tcp(&self, addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
+        let s = TcpStream::connect(addr)?;
+        // "both the client and server SHOULD disable Nagle's algorithm".
+        s.set_nodelay(true)?;
+        Client::handshake(Stream::Tcp(s), self)
+    }
+}
+
+/// A request sent and not yet answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// The cookie the reply carries.
+    pub cookie: u64,
+    /// The command.
+    pub command: Command,
+    /// Offset of the request.
+    pub offset: u64,
+    /// Length of the request.
+    pub length: u64,
+}
+
+/// Where a reply's data goes.
+enum Sink<'a> {
+    /// No data expected.
+    None,
+    /// Read data for the request's range.
+    Read(&'a mut [u8]),
+    /// Block status extents, kept for one context id.
+    Status(u32, &'a mut Vec<Extent>),
+}
+
+/// A connected NBD client in the transmission phase.
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<Stream>,
+    writer: Stream,
+    style: HeaderStyle,
+    size: u64,
+    transmission_flags: u16,
+    block_sizes: BlockSizes,
+    contexts: Vec<MetaContext>,
+    next_cookie: u64,
+    broken: bool,
+    closed: bool,
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Largest length one trim, write-zeroes or cache request carries in a compact header: a
+/// multiple of every possible minimum block size (at most 64 KiB).
+const MAX_EFFECT_LEN: u64 = 1 << 30;
+
+impl Client {
+    /// Connect over a unix socket to `export` with structured replies and no metadata context.
+    pub fn connect_unix(path: impl AsRef<Path>, export: &str) -> Result<Self, ClientError> {
+        ClientOptions::new(export).connect_unix(path)
+    }
+
+    /// Connect over TCP to `export` with structured replies and no metadata context.
+    pub fn connect_tcp(addr: impl ToSocketAddrs, export: &str) -> Result<Self, ClientError> {
+        ClientOptions::new(export).connect_tcp(addr)
+    }
+
+    fn handshake(stream: Stream, opts: &ClientOptions) -> Result<Self, ClientError> {
+        stream.set_read_timeout(opts.timeout)?;
+        stream.set_write_timeout(opts.timeout)?;
+        let writer = stream.try_clone()?;
+        let mut c = Self {
+            reader: BufReader::with_capacity(64 * 1024, stream),
+            writer,
+            style: HeaderStyle::Simple,
+            size: 0,
+            transmission_flags: 0,
+            block_sizes: BlockSizes {
+                minimum: 1,
+                preferred: 4096,
+                maximum: MAX_PAYLOAD,
+            },
+            contexts: Vec::new(),
+            next_cookie: 1,
+            broken: false,
+            closed: false,
+        };
+        // "S: 64 bits, `0x4e42444d41474943` (ASCII '`NBDMAGIC`') S: 64 bits,
+        // `0x49484156454F5054` (ASCII '`IHAVEOPT`') S: 16 bits, handshake flags".
+        let mut greeting = [0u8; 18];
+        c.reader.read_exact(&mut greeting)?;
+        let (magic, opt_magic, hflags) =
+            (be64(&greeting, 0), be64(&greeting, 8), be16(&greeting, 16));
+        if magic != NBDMAGIC
+            || opt_magic != IHAVEOPT
+            || hflags & handshake_flags::FIXED_NEWSTYLE == 0
+        {
+            return Err(ClientError::NotNewstyle {
+                magic,
+                flags: hflags,
+            });
+        }
+        let no_zeroes = hflags & handshake_flags::NO_ZEROES != 0;
+        let mut cflags = client_flags::FIXED_NEWSTYLE;
+        if no_zeroes {
+            cflags |= client_flags::NO_ZEROES;
+        }
+        c.writer.write_all(&cflags.to_be_bytes())?;
+        if opts.structured {
+            c.send_option(&ClientOption::StructuredReply)?;
+            let (ty, _) = c.option_reply(opt::STRUCTURED_REPLY)?;
+            // Any error ("`NBD_REP_ERR_UNSUP`" from an older server) leaves simple replies.
+            if ty == rep::ACK {
+                c.style = HeaderStyle::Structured;
+            }
+        }
+        if c.style.structured() && !opts.meta_contexts.is_empty() {
+            c.send_option(&ClientOption::SetMetaContext {
+                name: opts.export.clone(),
+                queries: opts.meta_contexts.clone(),
+            })?;
+            loop {
+                let (ty, data) = c.option_reply(opt::SET_META_CONTEXT)?;
+                match ty {
+                    // "32 bits, NBD metadata context ID. String, name of the metadata
+                    // context."
+                    rep::META_CONTEXT if data.len() >= 4 => {
+                        let name = String::from_utf8(data[4..].to_vec())
+                            .map_err(|_| ClientError::Protocol("context name is not UTF-8"))?;
+                        c.contexts.push(MetaContext {
+                            id: be32(&data, 0),
+                            name,
+                        });
+                    }
+                    rep::META_CONTEXT => {
+                        return Err(ClientError::Protocol("short NBD_REP_META_CONTEXT"));
+                    }
+                    rep::ACK => break,
+                    // A server that cannot report contexts: go on without them.
+                    _ => {
+                        c.contexts.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        c.go(&opts.export, no_zeroes)?;
+        Ok(c)
+    }
+
+    /// `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`, or `NBD_OPT_EXPORT_NAME` if the server does not
+    /// know `NBD_OPT_GO`.
+    fn go(&mut self, export: &str, no_zeroes: bool) -> Result<(), ClientError> {
+        self.send_option(&ClientOption::Go {
+            name: export.to_owned(),
+            requests: vec![info::BLOCK_SIZE],
+        })?;
+        let mut have_export = false;
+        loop {
+            let (ty, data) = self.option_reply(opt::GO)?;
+            match ty {
+                rep::INFO if data.len() >= 2 => match be16(&data, 0) {
+                    // "16 bits, `NBD_INFO_EXPORT` 64 bits, size of the export in bytes
+                    // (unsigned) 16 bits, transmission flags".
+                    info::EXPORT if data.len() == 12 => {
+                        self.size = be64(&data, 2);
+                        self.transmission_flags = be16(&data, 10);
+                        have_export = true;
+                    }
+                    // "32 bits, minimum block size 32 bits, preferred block size 32 bits,
+                    // maximum payload size".
+                    info::BLOCK_SIZE if data.len() == 14 => {
+                        let sizes = BlockSizes {
+                            minimum: be32(&data, 2),
+                            preferred: be32(&data, 6),
+                            maximum: be32(&data, 10),
+                        };
+                        if !sizes.minimum.is_power_of_two()
+                            || sizes.minimum > 65536
+                            || sizes.preferred < sizes.minimum
+                            || sizes.maximum < sizes.minimum
+                        {
+                            return Err(ClientError::Protocol("invalid NBD_INFO_BLOCK_SIZE"));
+                        }
+                        self.block_sizes = sizes;
+                    }
+                    info::EXPORT | info::BLOCK_SIZE => {
+                        return Err(ClientError::Protocol("NBD_REP_INFO of the wrong length"));
+                    }
+                    // Information not asked for is ignored.
+                    _ => {}
+                },
+                rep::INFO => return Err(ClientError::Protocol("empty NBD_REP_INFO")),
+                rep::ACK if have_export => break,
+                rep::ACK => {
+                    return Err(ClientError::Protocol("NBD_OPT_GO without NBD_INFO_EXPORT"));
+                }
+                // "Clients ... SHOULD ... handle `NBD_REP_ERR_UNSUP` by falling back to using
+                // `NBD_OPT_EXPORT_NAME`."
+                rep::ERR_UNSUP => return self.export_name(export, no_zeroes),
+                _ => {
+                    return Err(ClientError::OptionRefused {
+                        option: opt::GO,
+                        reply: ty,
+                        message: String::from_utf8_lossy(&data).into_owned(),
+                    });
+                }
+            }
+        }
+        self.finish_handshake()
+    }
+
+    /// "S: 64 bits, size of the export in bytes (unsigned) S: 16 bits, transmission flags S:
+    /// 124 bytes, zeroes (reserved) (unless `NBD_FLAG_C_NO_ZEROES` was negotiated by the
+    /// client)". Structured replies still apply if negotiated; metadata contexts do not.
+    fn export_name(&mut self, export: &str, no_zeroes: bool) -> Result<(), ClientError> {
+        self.send_option(&ClientOption::ExportName(export.to_owned()))?;
+        let mut b = [0u8; 10 + 124];
+        let n = if no_zeroes { 10 } else { b.len() };
+        self.reader.read_exact(&mut b[..n])?;
+        self.size = be64(&b, 0);
+        self.transmission_flags = be16(&b, 8);
+        self.contexts.clear();
+        self.finish_handshake()
+    }
+
+    fn finish_handshake(&mut self) -> Result<(), ClientError> {
+        if self.transmission_flags & tf::HAS_FLAGS == 0 {
+            return Err(ClientError::Protocol(
+                "transmission flags without HAS_FLAGS",
+            ));
+        }
+        Ok(())
+    }
+
+    fn send_option(&mut self, option: &ClientOption) -> Result<(), ClientError> {
+        let mut out = Vec::new();
+        option.encode(&mut out);
+        self.writer.write_all(&out)?;
+        Ok(())
+    }
+
+    /// One option reply for `option`: (reply type, data). "S: 64 bits, `0x3e889045565a9`
+    /// (magic number for replies) S: 32 bits, the option as sent by the client to which this
+    /// is a reply S: 32 bits, reply type S: 32 bits, length of the reply".
+    fn option_reply(&mut self, option: u32) -> Result<(u32, Vec<u8>), ClientError> {
+        let mut h = [0u8; 20];
+        self.reader.read_exact(&mut h)?;
+        if be64(&h, 0) != OPTION_REPLY_MAGIC {
+            return Err(ClientError::Protocol("bad option reply magic"));
+        }
+        if be32(&h, 8) != option {
+            return Err(ClientError::Protocol("option reply for another option"));
+        }
+        let len = be32(&h, 16);
+        if len > MAX_OPTION_LEN {
+            return Err(ClientError::Protocol("option reply too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        self.reader.read_exact(&mut data)?;
+        Ok((be32(&h, 12), data))
+    }
+
+    /// Size of the export in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The block sizes the server advertised (the protocol's defaults if it sent none).
+    pub fn block_sizes(&self) -> BlockSizes {
+        self.block_sizes
+    }
+
+    /// The transmission flags.
+    pub fn transmission_flags(&self) -> u16 {
+        self.transmission_flags
+    }
+
+    /// Whether structured replies are in use.
+    pub fn structured(&self) -> bool {
+        self.style.structured()
+    }
+
+    /// The metadata contexts selected, with the ids the server gave them.
+    pub fn meta_contexts(&self) -> &[MetaContext] {
+        &self.contexts
+    }
+
+    fn advertised(&self, flag: u16) -> bool {
+        self.transmission_flags & flag != 0
+    }
+
+    fn usable(&self) -> Result<(), ClientError> {
+        if self.broken || self.closed {
+            Err(ClientError::Broken)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Send one request (and a write's payload); returns what to wait for.
+    pub fn send(
+        &mut self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<Pending, ClientError> {
+        self.usable()?;
+        let cookie = self.next_cookie;
+        self.next_cookie = self.next_cookie.wrapping_add(1);
+        let header = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        let mut h = [0u8; EXTENDED_REQUEST_LEN];
+        let n = header.encode(self.style, &mut h);
+        let r = write_all_vectored(
+            &mut self.writer,
+            &mut [IoSlice::new(&h[..n]), IoSlice::new(payload)],
+        );
+        if let Err(e) = r {
+            self.broken = true;
+            return Err(e.into());
+        }
+        Ok(Pending {
+            cookie,
+            command,
+            offset,
+            length,
+        })
+    }
+
+    /// Wait for the reply to `p`, putting any read data in `buf` (which must be `p.length`
+    /// long for a read).
+    pub fn receive(&mut self, p: &Pending, buf: &mut [u8]) -> Result<(), ClientError> {
+        let sink = if p.command == Command::Read {
+            Sink::Read(buf)
+        } else {
+            Sink::None
+        };
+        self.finish(p, sink)
+    }
+
+    fn finish(&mut self, p: &Pending, sink: Sink<'_>) -> Result<(), ClientError> {
+        self.usable()?;
+        match self.reply(p, sink) {
+            Ok(r) => r,
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Read every chunk of the reply to `p`. The outer error breaks the connection; the inner
+    /// one is the server's answer.
+    fn reply(
+        &mut self,
+        p: &Pending,
+        mut sink: Sink<'_>,
+    ) -> Result<Result<(), ClientError>, ClientError> {
+        let mut covered = 0u64;
+        let mut first_error: Option<ClientError> = None;
+        loop {
+            let mut magic = [0u8; 4];
+            self.reader.read_exact(&mut magic)?;
+            let magic_v = u32::from_be_bytes(magic);
+            if magic_v == SIMPLE_REPLY_MAGIC {
+                // "S: 32 bits, 0x67446698, magic (`NBD_SIMPLE_REPLY_MAGIC`) S: 32 bits, error
+                // (MAY be zero) S: 64 bits, cookie S: (*length* bytes of data if the request
+                // is of type `NBD_CMD_READ` and *error* is zero)". Structured replies forbid
+                // it for reads: "the server MUST NOT send a simple reply to NBD_CMD_READ".
+                let mut h = [0u8; SIMPLE_REPLY_LEN];
+                h[..4].copy_from_slice(&magic);
+                self.reader.read_exact(&mut h[4..])?;
+                let Some((Reply::Simple { cookie, error }, _)) = decode_reply(&h, MAX_PAYLOAD)
+                    .map_err(|_| ClientError::Protocol("bad simple reply"))?
+                else {
+                    return Err(ClientError::Protocol("bad simple reply"));
+                };
+                if cookie != p.cookie {
+                    return Err(ClientError::Protocol("reply for an unknown cookie"));
+                }
+                if error != 0 {
+                    return Ok(Err(server_error(error, Vec::new())));
+                }
+                match sink {
+                    Sink::Read(buf) if !self.style.structured() => {
+                        self.reader.read_exact(buf)?;
+                        return Ok(Ok(()));
+                    }
+                    Sink::Read(_) => {
+                        return Err(ClientError::Protocol("simple reply to a structured read"));
+                    }
+                    Sink::Status(..) => {
+                        return Err(ClientError::Protocol("simple reply to block status"));
+                    }
+                    Sink::None => return Ok(Ok(())),
+                }
+            }
+            if magic_v != STRUCTURED_REPLY_MAGIC || !self.style.structured() {
+                return Err(ClientError::Protocol("bad reply magic"));
+            }
+            // "S: 32 bits, 0x668e33ef, magic (`NBD_STRUCTURED_REPLY_MAGIC`) S: 16 bits, flags
+            // S: 16 bits, type S: 64 bits, cookie S: 32 bits, length of payload (unsigned)".
+            let mut h = [0u8; STRUCTURED_REPLY_LEN];
+            h[..4].copy_from_slice(&magic);
+            self.reader.read_exact(&mut h[4..])?;
+            let flags = be16(&h, 4);
+            let ty = be16(&h, 6);
+            let cookie = be64(&h, 8);
+            let len = be32(&h, 16);
+            if cookie != p.cookie {
+                return Err(ClientError::Protocol("reply for an unknown cookie"));
+            }
+            if ty == reply_type::OFFSET_DATA {
+                // "64 bits: offset (unsigned) *length - 8* bytes: data". Read straight into
+                // the caller's buffer, after checking the range lies within the request.
+                let Sink::Read(buf) = &mut sink else {
+                    return Err(ClientError::Protocol(
+                        "data chunk for a request without data",
+                    ));
+                };
+                if len <= 8 {
+                    return Err(ClientError::Protocol("empty data chunk"));
+                }
+                let mut o = [0u8; 8];
+                self.reader.read_exact(&mut o)?;
+                let at = u64::from_be_bytes(o);
+                let n = u64::from(len - 8);
+                let start = at.checked_sub(p.offset);
+                let range = start.and_then(|s| Some((s, s.checked_add(n)?)));
+                let Some((s, e)) = range.filter(|&(_, e)| e <= p.length) else {
+                    return Err(ClientError::Protocol("data chunk outside the request"));
+                };
+                self.reader.read_exact(&mut buf[s as usize..e as usize])?;
+                covered += n;
+            } else {
+                // Everything else is small: at most the extents of one context, capped.
+                if len > MAX_PAYLOAD {
+                    return Err(ClientError::Protocol("reply chunk too long"));
+                }
+                let mut chunk = vec![0u8; STRUCTURED_REPLY_LEN + len as usize];
+                chunk[..STRUCTURED_REPLY_LEN].copy_from_slice(&h);
+                self.reader.read_exact(&mut chunk[STRUCTURED_REPLY_LEN..])?;
+                let Some((Reply::Chunk { body, .. }, _)) = decode_reply(&chunk, MAX_PAYLOAD)
+                    .map_err(|_| ClientError::Protocol("malformed reply chunk"))?
+                else {
+                    return Err(ClientError::Protocol("malformed reply chunk"));
+                };
+                match body {
+                    ChunkBody::None if flags & reply_flags::DONE == 0 => {
+                        return Err(ClientError::Protocol("NBD_REPLY_TYPE_NONE without DONE"));
+                    }
+                    ChunkBody::None => {}
+                    ChunkBody::OffsetHole { offset, length } => {
+                        let Sink::Read(buf) = &mut sink else {
+                            return Err(ClientError::Protocol(
+                                "hole chunk for a request without data",
+                            ));
+                        };
+                        let n = u64::from(length);
+                        let range = offset
+                            .checked_sub(p.offset)
+                            .and_then(|s| Some((s, s.checked_add(n)?)));
+                        let Some((s, e)) = range.filter(|&(_, e)| e <= p.length && n > 0) else {
+                            return Err(ClientError::Protocol("hole chunk outside the request"));
+                        };
+                        buf[s as usize..e as usize].fill(0);
+                        covered += n;
+                    }
+                    ChunkBody::BlockStatus {
+                        context_id,
+                        extents,
+                    } => {
+                        let Sink::Status(want, out) = &mut sink else {
+                            return Err(ClientError::Protocol("block status for another command"));
+                        };
+                        if extents.is_empty() || extents.iter().any(|&(l, _)| l == 0) {
+                            return Err(ClientError::Protocol("empty block status extent"));
+                        }
+                        if context_id == *want {
+                            out.extend(extents.into_iter().map(|(length, flags)| Extent {
+                                length,
+                                flags: flags as u32,
+                            }));
+                        }
+                    }
+                    ChunkBody::Error { error, message }
+                    | ChunkBody::ErrorOffset { error, message, .. } => {
+                        if error == 0 {
+                            return Err(ClientError::Protocol("error chunk with error zero"));
+                        }
+                        first_error.get_or_insert(server_error(error, message));
+                    }
+                    ChunkBody::OffsetData { .. } => unreachable!("handled above"),
+                    // "A client MUST NOT ... unless it is an error type": an unknown type
+                    // without the error bit cannot be understood.
+                    ChunkBody::Other { ty, .. } if ty & (1 << 15) != 0 => {
+                        first_error
+                            .get_or_insert(server_error(crate::proto::errno::EINVAL, Vec::new()));
+                    }
+                    ChunkBody::Other { .. } => {
+                        return Err(ClientError::Protocol("unknown reply chunk type"));
+                    }
+                }
+            }
+            if flags & reply_flags::DONE != 0 {
+                break;
+            }
+        }
+        if let Some(e) = first_error {
+            return Ok(Err(e));
+        }
+        if p.command == Command::Read && covered != p.length {
+            return Err(ClientError::Protocol(
+                "read reply does not cover the request",
+            ));
+        }
+        if let Sink::Status(_, out) = &sink
+            && out.is_empty()
+        {
+            return Err(ClientError::Protocol("no block status for the context"));
+        }
+        Ok(Ok(()))
+    }
+
+    fn check_payload(&self, len: u64) -> Result<(), ClientError> {
+        let max = self.block_sizes.maximum.min(MAX_PAYLOAD);
+        if len > u64::from(max) {
+            return Err(ClientError::TooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    fn simple_command(
+        &mut self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), ClientError> {
+        let p = self.send(command, flags, offset, length, &[])?;
+        self.finish(&p, Sink::None)
+    }
+
+    /// Run an effect command over `[offset, offset+len)` in pieces a compact header carries.
+    fn ranged(
+        &mut self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        let mut at = offset;
+        let end = offset.saturating_add(len);
+        loop {
+            let n = (end - at).min(MAX_EFFECT_LEN);
+            self.simple_command(command, flags, at, n)?;
+            at += n;
+            if at >= end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` (at most the maximum payload).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        let len = buf.len() as u64;
+        self.check_payload(len)?;
+        let p = self.send(Command::Read, 0, offset, len, &[])?;
+        self.finish(&p, Sink::Read(buf))
+    }
+
+    /// Write `data` at `offset` (at most the maximum payload); with `fua`, durable before
+    /// the reply.
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
+        self.check_payload(data.len() as u64)?;
+        let flags = self.fua_flag(fua, Command::Write)?;
+        let p = self.send(Command::Write, flags, offset, data.len() as u64, data)?;
+        self.finish(&p, Sink::None)
+    }
+
+    fn fua_flag(&self, fua: bool, command: Command) -> Result<u16, ClientError> {
+        match fua {
+            false => Ok(0),
+            true if self.advertised(tf::SEND_FUA) => Ok(cf::FUA),
+            true => Err(ClientError::NotSupported(command)),
+        }
+    }
+
+    fn require(&self, flag: u16, command: Command) -> Result<(), ClientError> {
+        if self.advertised(flag) {
+            Ok(())
+        } else {
+            Err(ClientError::NotSupported(command))
+        }
+    }
+
+    /// Make every completed write durable.
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        self.require(tf::SEND_FLUSH, Command::Flush)?;
+        self.simple_command(Command::Flush, 0, 0, 0)
+    }
+
+    /// Discard `len` bytes at `offset`.
+    pub fn trim(&mut self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.require(tf::SEND_TRIM, Command::Trim)?;
+        self.ranged(Command::Trim, 0, offset, len)
+    }
+
+    /// Make `len` bytes at `offset` read as zeros.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.require(tf::SEND_WRITE_ZEROES, Command::WriteZeroes)?;
+        self.ranged(Command::WriteZeroes, 0, offset, len)
+    }
+
+    /// Ask the server to prepare `len` bytes at `offset` (a clonebd export hydrates them).
+    pub fn cache(&mut self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.require(tf::SEND_CACHE, Command::Cache)?;
+        self.ranged(Command::Cache, 0, offset, len)
+    }
+
+    /// The status of `[offset, offset+len)` in `context`: extents from `offset` covering a
+    /// prefix of the range (the server may describe less than asked; ask again for the rest).
+    pub fn block_status(
+        &mut self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>, ClientError> {
+        let Some(id) = self
+            .contexts
+            .iter()
+            .find(|c| c.name == context)
+            .map(|c| c.id)
+        else {
+            return Err(ClientError::NoContext(context.to_owned()));
+        };
+        // The length is a hint; a compact header carries 32 bits of it.
+        let align = u64::from(self.block_sizes.minimum.max(1));
+        let len = len.min(u64::from(u32::MAX) / align * align);
+        let p = self.send(Command::BlockStatus, 0, offset, len, &[])?;
+        let mut extents = Vec::new();
+        self.finish(&p, Sink::Status(id, &mut extents))?;
+        Ok(extents)
+    }
+
+    /// Send `NBD_CMD_DISC` and close the connection.
+    pub fn disconnect(mut self) -> Result<(), ClientError> {
+        self.disconnect_inner()
+    }
+
+    fn disconnect_inner(&mut self) -> Result<(), ClientError> {
+        if self.closed {
+            return Ok(());
+        }
+        let r = if self.broken {
+            Ok(())
+        } else {
+            self.send(Command::Disc, 0, 0, 0, &[]).map(drop)
+        };
+        self.closed = true;
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+        r
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.disconnect_inner();
+    }
+}
+
+fn server_error(value: u32, message: Vec<u8>) -> ClientError {
+    ClientError::Server {
+        error: NbdError::from_wire(value),
+        value,
+        message: String::from_utf8_lossy(&message).into_owned(),
+    }
+}
+
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
