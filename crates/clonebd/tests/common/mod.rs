@@ -1,0 +1,3 @@
+//! Support shared by the daemon's integration tests; each file is one helper module.
+
+pub mod daemon;
