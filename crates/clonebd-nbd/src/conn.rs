@@ -166,6 +166,9 @@ enum Outgoing {
 struct Inflight {
     count: usize,
     bytes: usize,
+    /// Threads waiting on `room`; a release wakes them only if there are any, since every
+    /// notification is a system call.
+    waiting: usize,
 }
 
 /// State of one connection in the transmission phase, shared by its reader, its writer and the
@@ -175,6 +178,9 @@ pub(crate) struct Conn {
     params: TransmissionParams,
     contexts: Vec<MetaContext>,
     replies: Sender<Outgoing>,
+    /// The socket's write half: the writer thread's, and the reader's when it runs a request
+    /// itself (see [`Conn::admit`]).
+    out: Mutex<Stream>,
     inflight: Mutex<Inflight>,
     room: Condvar,
     broken: AtomicBool,
@@ -182,32 +188,63 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// Wait until the request fits in the budget, then take its share. A request is always
-    /// admitted when nothing else is in flight.
-    fn admit(&self, cost: usize) {
+    /// admitted when nothing else is in flight. Returns whether nothing else was: then every
+    /// earlier reply has been written, and the writer thread is idle.
+    fn admit(&self, cost: usize) -> bool {
         let cfg = &self.inner.config;
         let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
         while f.count > 0
             && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
         {
+            f.waiting += 1;
             f = self.room.wait(f).unwrap_or_else(PoisonError::into_inner);
+            f.waiting -= 1;
         }
+        let alone = f.count == 0;
         f.count += 1;
         f.bytes += cost;
+        alone
     }
 
     fn release(&self, cost: usize) {
         let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
         f.count -= 1;
         f.bytes -= cost;
+        let wake = f.waiting > 0;
         drop(f);
-        self.room.notify_all();
+        if wake {
+            self.room.notify_all();
+        }
     }
 
     fn wait_idle(&self) {
         let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
         while f.count > 0 {
+            f.waiting += 1;
             f = self.room.wait(f).unwrap_or_else(PoisonError::into_inner);
+            f.waiting -= 1;
         }
+    }
+
+    /// Write a reply from the calling thread (the reader, running a request itself) and give
+    /// back its budget.
+    fn write_now(&self, frame: ReplyFrame) {
+        let counters = &self.inner.counters;
+        if !self.broken.load(Ordering::Acquire) {
+            let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+            match write_frames(&mut out, std::slice::from_ref(&frame)) {
+                Ok(n) => Counters::add(&counters.bytes_sent, n as u64),
+                Err(err) => {
+                    tracing::debug!(%err, "reply write failed; closing connection");
+                    self.broken.store(true, Ordering::Release);
+                    let _ = out.shutdown(Shutdown::Both);
+                }
+            }
+        }
+        if frame.error {
+            Counters::add(&counters.request_errors, 1);
+        }
+        self.release(frame.cost);
     }
 
     fn send(&self, frame: ReplyFrame) {
@@ -230,13 +267,17 @@ pub(crate) struct Job {
 /// A worker thread: run jobs until the queue closes.
 pub(crate) fn worker(jobs: &JobQueue<Job>) {
     while let Some(job) = jobs.pop() {
-        let style = job.conn.params.style;
-        let frame = catch_unwind(AssertUnwindSafe(|| execute(&job))).unwrap_or_else(|_| {
-            tracing::error!("backend panicked; answering EIO");
-            ReplyFrame::error(style, &job.header, NbdError::Io, job.cost)
-        });
+        let frame = run_job(&job);
         job.conn.send(frame);
     }
+}
+
+/// Run a request, answering `NBD_EIO` if the backend panics.
+fn run_job(job: &Job) -> ReplyFrame {
+    catch_unwind(AssertUnwindSafe(|| execute(job))).unwrap_or_else(|_| {
+        tracing::error!("backend panicked; answering EIO");
+        ReplyFrame::error(job.conn.params.style, &job.header, NbdError::Io, job.cost)
+    })
 }
 
 fn execute(job: &Job) -> ReplyFrame {
@@ -426,6 +467,7 @@ fn transmission(
         params,
         contexts: n.meta_contexts,
         replies: tx,
+        out: Mutex::new(write_half),
         inflight: Mutex::new(Inflight::default()),
         room: Condvar::new(),
         broken: AtomicBool::new(false),
@@ -434,7 +476,7 @@ fn transmission(
         .name(format!("nbd-write-{id}"))
         .spawn({
             let conn = Arc::clone(&conn);
-            move || write_loop(&conn, write_half, &rx)
+            move || write_loop(&conn, &rx)
         });
     let writer = match writer {
         Ok(w) => w,
@@ -498,7 +540,7 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
                     _ => 0,
                 };
                 // Past the budget the reader waits here, before reading any payload.
-                conn.admit(cost);
+                let alone = conn.admit(cost);
                 Counters::add(&inner.counters.requests, 1);
                 let mut payload = None;
                 if h.command == Command::Write {
@@ -516,6 +558,16 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
                     payload,
                     cost,
                 };
+                // A read or write with nothing else in flight and no next request already
+                // received: the client is waiting for this one reply. Run it here and answer
+                // it from here, sparing two thread hand-offs (to a worker, then to the writer)
+                // on the latency path. A client that keeps several requests in flight still
+                // gets the worker pool, and so do flushes, which may wait for a commit.
+                let quick = matches!(h.command, Command::Read | Command::Write);
+                if quick && alone && reader.buffer().is_empty() {
+                    conn.write_now(run_job(&job));
+                    continue;
+                }
                 if let Err(job) = inner.jobs.push(job) {
                     conn.send(ReplyFrame::error(
                         style,
@@ -532,7 +584,7 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
 /// Frames gathered into one vectored write.
 const BATCH: usize = 16;
 
-fn write_loop(conn: &Conn, mut stream: Stream, rx: &Receiver<Outgoing>) {
+fn write_loop(conn: &Conn, rx: &Receiver<Outgoing>) {
     let counters = &conn.inner.counters;
     let mut batch: Vec<ReplyFrame> = Vec::with_capacity(BATCH);
     let mut closing = false;
@@ -553,6 +605,7 @@ fn write_loop(conn: &Conn, mut stream: Stream, rx: &Receiver<Outgoing>) {
             }
         }
         if !conn.broken.load(Ordering::Acquire) {
+            let mut stream = conn.out.lock().unwrap_or_else(PoisonError::into_inner);
             match write_frames(&mut stream, &batch) {
                 Ok(n) => Counters::add(&counters.bytes_sent, n as u64),
                 Err(err) => {

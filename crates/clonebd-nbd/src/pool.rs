@@ -150,6 +150,9 @@ pub(crate) struct JobQueue<J> {
 struct QueueState<J> {
     jobs: VecDeque<J>,
     closed: bool,
+    /// Workers waiting for a job: a push wakes one only if there is one, since every
+    /// notification is a system call.
+    idle: usize,
 }
 
 impl<J> JobQueue<J> {
@@ -158,6 +161,7 @@ impl<J> JobQueue<J> {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
                 closed: false,
+                idle: 0,
             }),
             ready: Condvar::new(),
         }
@@ -170,8 +174,11 @@ impl<J> JobQueue<J> {
             return Err(job);
         }
         state.jobs.push_back(job);
+        let wake = state.idle > 0;
         drop(state);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -185,10 +192,12 @@ impl<J> JobQueue<J> {
             if state.closed {
                 return None;
             }
+            state.idle += 1;
             state = self
                 .ready
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
+            state.idle -= 1;
         }
     }
 
