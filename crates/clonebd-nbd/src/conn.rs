@@ -3,11 +3,13 @@
 //! The reader thread drives the [`Handshake`] over the socket, then decodes requests with the
 //! codec. A request to execute is admitted against the connection's in-flight budget, its
 //! write payload is read into a pooled buffer, and it is queued for the worker pool. A rejected
-//! request has its payload skipped and its error reply queued directly. Workers call the
-//! [`Backend`](crate::Backend) and send the reply frame to the connection's writer thread,
-//! which gathers each frame (header and data) into one vectored write, so frames never
-//! interleave. The reader holds no lock while reading the socket; the budget lock is taken only
-//! to count.
+//! request has its payload skipped and its error reply queued directly. A read or write that
+//! arrives alone (nothing else in flight, nothing more buffered) runs on the reader thread
+//! itself. Workers call the [`Backend`](crate::Backend) and write the reply frame themselves
+//! when the socket's write half is free, else hand it to the connection's writer thread, which
+//! gathers what queues up into one vectored write. Every frame (header and data) goes out in
+//! one locked write, so frames never interleave. The reader holds no lock while reading the
+//! socket; the budget lock is taken only to count.
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -15,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 
 use crate::backend::{Extent, NbdError, ZeroFlags};
@@ -178,8 +180,8 @@ pub(crate) struct Conn {
     params: TransmissionParams,
     contexts: Vec<MetaContext>,
     replies: Sender<Outgoing>,
-    /// The socket's write half: the writer thread's, and the reader's when it runs a request
-    /// itself (see [`Conn::admit`]).
+    /// The socket's write half, locked for each write by the writer thread, the workers, and
+    /// the reader when it runs a request itself (see [`Conn::admit`]).
     out: Mutex<Stream>,
     inflight: Mutex<Inflight>,
     room: Condvar,
@@ -226,12 +228,26 @@ impl Conn {
         }
     }
 
-    /// Write a reply from the calling thread (the reader, running a request itself) and give
-    /// back its budget.
+    /// Write a reply from the calling thread and give back its budget.
     fn write_now(&self, frame: ReplyFrame) {
+        let out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        self.write_with(out, frame);
+    }
+
+    /// Write a reply from a worker: itself if the socket is free, else through the writer
+    /// thread (which gathers what queues up into one system call). Writing here spares a
+    /// thread hand-off per request.
+    fn reply(&self, frame: ReplyFrame) {
+        match self.out.try_lock() {
+            Ok(out) => self.write_with(out, frame),
+            Err(TryLockError::Poisoned(p)) => self.write_with(p.into_inner(), frame),
+            Err(TryLockError::WouldBlock) => self.send(frame),
+        }
+    }
+
+    fn write_with(&self, mut out: MutexGuard<'_, Stream>, frame: ReplyFrame) {
         let counters = &self.inner.counters;
         if !self.broken.load(Ordering::Acquire) {
-            let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
             match write_frames(&mut out, std::slice::from_ref(&frame)) {
                 Ok(n) => Counters::add(&counters.bytes_sent, n as u64),
                 Err(err) => {
@@ -241,6 +257,7 @@ impl Conn {
                 }
             }
         }
+        drop(out);
         if frame.error {
             Counters::add(&counters.request_errors, 1);
         }
@@ -268,7 +285,7 @@ pub(crate) struct Job {
 pub(crate) fn worker(jobs: &JobQueue<Job>) {
     while let Some(job) = jobs.pop() {
         let frame = run_job(&job);
-        job.conn.send(frame);
+        job.conn.reply(frame);
     }
 }
 
