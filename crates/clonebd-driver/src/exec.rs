@@ -108,21 +108,35 @@ pub fn execute_data(
                 r
             }
         }
-        Action::Copy { offset, len, .. } => match usize::try_from(len) {
-            Ok(n) => {
-                scratch.resize(n);
-                match devs.source.read_at(scratch, offset) {
-                    Ok(()) => st(devs.dest.write_at(scratch, offset)),
-                    Err(e) => status_of(&e),
-                }
-            }
-            Err(_) => IoStatus::Invalid,
-        },
+        Action::Copy { offset, len, .. } => copy_range(devs, offset, len, scratch),
         Action::DiscardDest { offset, len, .. } => st(devs.dest.discard(offset, len)),
         Action::FlushDest { .. } => st(devs.dest.flush()),
         _ => return None,
     };
     Some(status)
+}
+
+/// Largest piece a copy is done in: bounds the buffer a copy needs (regions may be 1 GiB)
+/// and is the unit in which the threaded driver spreads one large copy over several threads,
+/// as the kernel's kcopyd splits a job into sub-jobs.
+pub const COPY_CHUNK: u64 = 1 << 20;
+
+/// Copies `[offset, offset+len)` from the source to the destination, in pieces of at most
+/// [`COPY_CHUNK`]; stops at the first error.
+pub fn copy_range(devs: &Devices<'_>, offset: u64, len: u64, scratch: &mut AlignedBuf) -> IoStatus {
+    let mut done = 0;
+    while done < len {
+        let n = COPY_CHUNK.min(len - done);
+        scratch.resize(n as usize);
+        if let Err(e) = devs.source.read_at(scratch, offset + done) {
+            return status_of(&e);
+        }
+        if let Err(e) = devs.dest.write_at(scratch, offset + done) {
+            return status_of(&e);
+        }
+        done += n;
+    }
+    IoStatus::Ok
 }
 
 /// Performs a metadata action (`CommitMetadata`, `AbortMetadata`); `None` for others.

@@ -32,7 +32,8 @@ use clonebd_core::{AlignedBuf, BlockDev, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::exec::{
-    Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of, read_routed,
+    COPY_CHUNK, Devices, ReqBuf, copy_range, execute_data, execute_metadata, fast_write_ok, op_of,
+    owner_of, read_routed,
 };
 use crate::{MetadataBackend, MetadataUsage};
 
@@ -90,7 +91,17 @@ enum Msg {
 
 enum Job {
     Run(Action),
+    /// One piece of a background copy spread over the copy threads.
+    Piece(Arc<SplitCopy>, u64, u64),
     Stop,
+}
+
+/// A background copy executed in pieces on several threads; the thread that finishes the
+/// last piece reports the copy's completion.
+struct SplitCopy {
+    op: u64,
+    remaining: AtomicU64,
+    failed: Mutex<IoStatus>,
 }
 
 struct Timer {
@@ -281,6 +292,10 @@ impl Volume {
 
     /// Applies a control command (hydration messages, rate limit).
     pub fn control(&self, c: Control) {
+        if self.sh.stopped.load(Ordering::Acquire) {
+            // After shutdown nothing may restart hydration: its threads are gone.
+            return;
+        }
         let acts = self.sh.apply(Input::Control(c));
         self.sh.dispatch(acts, None, &mut ReqBuf::None);
     }
@@ -312,8 +327,8 @@ impl Volume {
     /// hydration, waits for hydrations in flight, commits, then stops the threads. Callers
     /// stop their exports first so no request is in flight. Returns the commit's outcome.
     pub fn shutdown(&self) -> IoStatus {
-        let status = self.sh.control_wait(|token| Control::Suspend { token });
         self.sh.stopped.store(true, Ordering::Release);
+        let status = self.sh.control_wait(|token| Control::Suspend { token });
         {
             let mut t = lock(&self.sh.timer);
             t.stop = true;
@@ -339,8 +354,12 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 }
 
 fn copy_loop(sh: &Shared, rx: &Receiver<Job>) {
-    while let Ok(Job::Run(action)) = rx.recv() {
-        sh.run_job(&action);
+    loop {
+        match rx.recv() {
+            Ok(Job::Run(action)) => sh.run_job(&action),
+            Ok(Job::Piece(split, offset, len)) => sh.run_piece(&split, offset, len),
+            Ok(Job::Stop) | Err(_) => return,
+        }
     }
 }
 
@@ -448,9 +467,51 @@ impl Shared {
     /// Runs a background copy on this (copy) thread and dispatches what its completion
     /// produces.
     fn run_job(&self, a: &Action) {
+        if let Action::Copy {
+            op, offset, len, ..
+        } = *a
+            && len > COPY_CHUNK
+        {
+            // Spread the pieces over the copy threads (this one takes the first).
+            let pieces = len.div_ceil(COPY_CHUNK);
+            let split = Arc::new(SplitCopy {
+                op,
+                remaining: AtomicU64::new(pieces),
+                failed: Mutex::new(IoStatus::Ok),
+            });
+            for i in 1..pieces {
+                let o = i * COPY_CHUNK;
+                let _ = self.jobs.send(Job::Piece(
+                    Arc::clone(&split),
+                    offset + o,
+                    COPY_CHUNK.min(len - o),
+                ));
+            }
+            self.run_piece(&split, offset, COPY_CHUNK);
+            return;
+        }
         if let Some(op) = op_of(a) {
             let status = self.execute(a, &mut ReqBuf::None);
             let acts = self.apply(Input::Completed(op, status));
+            self.dispatch(acts, None, &mut ReqBuf::None);
+        }
+    }
+
+    fn run_piece(&self, split: &SplitCopy, offset: u64, len: u64) {
+        let devs = Devices {
+            source: &*self.source,
+            dest: &*self.dest,
+        };
+        let st = SCRATCH.with(|s| copy_range(&devs, offset, len, &mut s.borrow_mut()));
+        if !st.is_ok() {
+            let mut f = lock(&split.failed);
+            if f.is_ok() {
+                *f = st;
+            }
+        }
+        if split.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let status = *lock(&split.failed);
+            let acts = self.apply(Input::Completed(split.op, status));
             self.dispatch(acts, None, &mut ReqBuf::None);
         }
     }

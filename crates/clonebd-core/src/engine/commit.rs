@@ -133,6 +133,8 @@ impl Engine {
         self.abort_pending = false;
         // The map now holds the committed state: the open transaction's marks are gone.
         self.current = DirtySet::new();
+        // The reload may have cleared bits anywhere.
+        self.scan_floor = 0;
         if !status.is_ok() {
             self.set_mode(Mode::Fail);
         }

@@ -82,6 +82,11 @@ impl Engine {
         let nr = self.geometry().nr_regions();
         let mut scanned_wrap = false;
         loop {
+            // Every region left is already in flight: nothing to scan for (this keeps the
+            // end of a hydration from rescanning the whole map at every completion).
+            if self.view.map().nr_hydrated() + self.inflight.len() as u64 >= nr {
+                break;
+            }
             if self.bg_regions >= threshold {
                 break;
             }
@@ -98,7 +103,14 @@ impl Engine {
                     return None;
                 }
                 scanned_wrap = true;
-                self.next_candidate(0, self.offset.min(nr))
+                // Regions below the floor are known hydrated.
+                let floor = self.scan_floor.min(self.offset);
+                let r = self
+                    .view
+                    .map()
+                    .first_unhydrated_in(floor, self.offset.min(nr));
+                self.scan_floor = r.unwrap_or(self.offset.min(nr));
+                self.next_candidate(self.scan_floor, self.offset.min(nr))
             }) else {
                 break;
             };

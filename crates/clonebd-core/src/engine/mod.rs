@@ -637,6 +637,8 @@ pub struct Engine {
     abort_pending: bool,
     // Hydration.
     offset: RegionId,
+    /// Every region below it is hydrated (the map only gains bits, except on a reload).
+    scan_floor: RegionId,
     bg_regions: u64,
     bg_jobs: u64,
     priority: VecDeque<PriorityRange>,
@@ -683,6 +685,7 @@ impl Engine {
             completion_reported,
             abort_pending: false,
             offset: 0,
+            scan_floor: 0,
             bg_regions: 0,
             bg_jobs: 0,
             priority: VecDeque::new(),
@@ -843,9 +846,12 @@ impl Engine {
                 self.suspend_token = Some(token);
             }
             Control::Resume => {
-                self.suspended = false;
-                self.suspend_token = None;
-                self.last_commit = self.now;
+                // A suspend in progress is finished first: a racing resume must not leave
+                // its caller waiting for an answer that never comes.
+                if self.suspend_token.is_none() {
+                    self.suspended = false;
+                    self.last_commit = self.now;
+                }
             }
         }
     }

@@ -948,3 +948,48 @@ fn only_the_exact_regions_of_a_transaction_are_committed_f1() {
     };
     assert_eq!(dirty.regions().collect::<Vec<_>>(), vec![0]);
 }
+
+#[test]
+fn resume_racing_a_pending_suspend_does_not_cancel_it() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 512,
+            len: 512,
+            fua: false,
+        },
+    );
+    let [Action::Copy { op, .. }] = a[..] else {
+        panic!()
+    };
+    assert!(
+        h.apply(Input::Control(Control::Suspend { token: 9 }))
+            .is_empty()
+    );
+    assert!(h.apply(Input::Control(Control::Resume)).is_empty());
+    let a = h.done(op, IoStatus::Ok);
+    let before = h.e.status().suspended;
+    // The queued write, then the suspend's commit round; the token must be answered.
+    let mut acts = a;
+    let mut answered = false;
+    while !acts.is_empty() {
+        let mut next = Vec::new();
+        for x in acts {
+            answered |= x
+                == Action::ControlDone {
+                    token: 9,
+                    status: IoStatus::Ok,
+                };
+            if let Some(op) = op_of(&x) {
+                next.extend(h.done(op, IoStatus::Ok));
+            }
+        }
+        acts = next;
+    }
+    assert!(before && answered, "the suspend must be answered");
+    assert!(
+        h.e.status().suspended,
+        "still suspended after the suspend completed"
+    );
+}

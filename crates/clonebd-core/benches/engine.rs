@@ -1,0 +1,168 @@
+//! Engine decisions per second: how fast the sans-IO engine turns requests and completions
+//! into actions, with no I/O at all. Each iteration is one whole request or copy life cycle.
+
+// criterion_group! generates undocumented items.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+
+use clonebd_core::engine::{Action, Config, Control, Engine, Input, IoStatus, Request, SharedView};
+use clonebd_core::{Geometry, HydrationMap};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const REGIONS: u64 = 1 << 24;
+
+fn engine(hydration: bool) -> Engine {
+    let g = Geometry::new(REGIONS * 8, 8).expect("geometry");
+    let mut cfg = Config::new(g);
+    cfg.hydration_enabled = hydration;
+    cfg.hydration_threshold = 64;
+    cfg.hydration_batch_size = 1;
+    cfg.commit_interval = u64::MAX / 4;
+    let view = Arc::new(SharedView::new(HydrationMap::new(g.nr_regions())));
+    let mut e = Engine::new(cfg, view, 0);
+    e.apply(0, Input::Control(Control::Resume));
+    while e.poll_action().is_some() {}
+    e
+}
+
+/// Completes every operation the engine asks for until it only replies.
+fn run(e: &mut Engine, now: u64) -> usize {
+    let mut n = 0;
+    while let Some(a) = e.poll_action() {
+        n += 1;
+        let op = match a {
+            Action::WriteDest { op, .. }
+            | Action::Copy { op, .. }
+            | Action::ReadSource { op, .. }
+            | Action::ReadDest { op, .. }
+            | Action::FlushDest { op }
+            | Action::CommitMetadata { op, .. }
+            | Action::DiscardDest { op, .. } => op,
+            _ => continue,
+        };
+        e.apply(now, Input::Completed(op, IoStatus::Ok));
+    }
+    n
+}
+
+fn benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+
+    let mut e = engine(false);
+    let mut r = 0u64;
+    g.bench_function("full_region_overwrite", |b| {
+        b.iter(|| {
+            r = (r + 1) % REGIONS;
+            e.apply(
+                0,
+                Input::Request(
+                    r + 1,
+                    Request::Write {
+                        offset: r * 4096,
+                        len: 4096,
+                        fua: false,
+                    },
+                ),
+            );
+            run(&mut e, 0)
+        })
+    });
+
+    let mut e = engine(false);
+    let mut r = 0u64;
+    g.bench_function("partial_write_with_copy", |b| {
+        b.iter(|| {
+            r = (r + 1) % REGIONS;
+            e.apply(
+                0,
+                Input::Request(
+                    r + 1,
+                    Request::Write {
+                        offset: r * 4096 + 512,
+                        len: 512,
+                        fua: false,
+                    },
+                ),
+            );
+            run(&mut e, 0)
+        })
+    });
+
+    let mut e = engine(false);
+    let mut id = 0u64;
+    g.bench_function("fua_write_to_hydrated_region", |b| {
+        b.iter(|| {
+            id += 1;
+            e.apply(
+                0,
+                Input::Request(
+                    id,
+                    Request::Write {
+                        offset: 0,
+                        len: 4096,
+                        fua: true,
+                    },
+                ),
+            );
+            run(&mut e, 0)
+        })
+    });
+
+    let mut e = engine(false);
+    let mut id = 0u64;
+    g.bench_function("read_routing_1mib_mixed", |b| {
+        // Every other region hydrated: a 1 MiB read becomes 256 runs.
+        for r in (0..4096).step_by(2) {
+            e.apply(
+                0,
+                Input::Request(
+                    1_000_000 + r,
+                    Request::Discard {
+                        offset: r * 4096,
+                        len: 4096,
+                    },
+                ),
+            );
+            run(&mut e, 0);
+        }
+        b.iter(|| {
+            id += 1;
+            e.apply(
+                0,
+                Input::Request(
+                    id,
+                    Request::Read {
+                        offset: 0,
+                        len: 1 << 20,
+                    },
+                ),
+            );
+            run(&mut e, 0)
+        })
+    });
+
+    let mut e = engine(true);
+    let mut now = 0u64;
+    g.bench_function("background_copy", |b| {
+        b.iter(|| {
+            // One copy decision per iteration: complete the oldest copy in flight, which
+            // lets the pass issue the next one.
+            now += 1;
+            if e.view().map().is_complete() {
+                e = engine(true);
+            }
+            e.apply(now, Input::Tick);
+            let a = e.poll_action();
+            if let Some(Action::Copy { op, .. }) = a {
+                e.apply(now, Input::Completed(op, IoStatus::Ok));
+            }
+            a.is_some()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(engine_benches, benches);
+criterion_main!(engine_benches);
