@@ -1,6 +1,7 @@
 //! The clonebd daemon and its tools, as a library the `clonebd` binary runs.
 //!
 //! - [`daemon`]: `clonebd run`: open, serve, shut down cleanly;
+//! - [`demo`]: `clonebd demo`: a clone's whole life with real I/O, verified;
 //! - [`export_nbd`]: the clone as an NBD export;
 //! - [`control`]: the control socket protocol, server and client;
 //! - [`status`]: the dm-clone status line and the JSON status;
@@ -10,6 +11,7 @@
 
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod export_nbd;
 pub mod status;
 pub mod units;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod client;
+mod demo;
 mod dump;
 mod run;
 
@@ -46,6 +47,8 @@ pub enum Command {
     // `check` and `dump` take their help texts from their argument structs.
     Check(check::CheckArgs),
     Dump(dump::DumpArgs),
+    /// Show a clone's whole life with real I/O, verified (start here).
+    Demo(demo::DemoArgs),
 }
 
 /// Runs the chosen subcommand.
@@ -58,14 +61,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Wait(a) => client::wait(a),
         Command::Check(a) => check::run(a),
         Command::Dump(a) => dump::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 
 /// Starts logging to standard error: human-readable by default, JSON lines with `json`.
-/// The level comes from `RUST_LOG` (default `info`).
-pub fn init_logging(json: bool) {
+/// The level comes from `RUST_LOG`, else `default_level`.
+pub fn init_logging(json: bool, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

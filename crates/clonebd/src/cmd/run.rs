@@ -193,7 +193,9 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
         }
     };
     if a.nbd_unix.is_none() && a.nbd_tcp.is_none() && a.fuse.is_none() && !a.ublk {
-        tracing::warn!("no export: give --nbd-unix, --nbd-tcp, --fuse or --ublk to reach the clone");
+        tracing::warn!(
+            "no export: give --nbd-unix, --nbd-tcp, --fuse or --ublk to reach the clone"
+        );
     }
     Ok(RunOptions {
         spec,
@@ -218,7 +220,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging(a.log_format == LogFormat::Json);
+    super::init_logging(a.log_format == LogFormat::Json, "info");
     let opts = options(&a)?;
     let daemon = Daemon::start(&opts)?;
     daemon.run_until_signal()?;
