@@ -7,7 +7,8 @@
 #   hydrated   reads and writes after full hydration: clonebd vs qemu-nbd on DEST
 #   cold-write 4 KiB writes to 4 KiB regions never written (each a full-region overwrite of
 #              a cold region; one pass, fresh files per run): clonebd vs qemu-nbd on a fresh
-#              sparse DEST
+#              sparse DEST (clonebd reserves its destination's space at start, so a second
+#              row compares with qemu-nbd on a DEST reserved the same way, `fallocate -l`)
 #
 # Both servers bypass the page cache: clonebd opens its devices with O_DIRECT (the default),
 # qemu-nbd runs with --cache=none --aio=native (O_DIRECT, Linux AIO).
@@ -16,7 +17,7 @@
 #                               /var/tmp; it needs a disk file system with O_DIRECT, not tmpfs)
 #
 # Environment: SIZE (default 1G), RUNTIME seconds per job (default 20), REGION (default 4k),
-# CARGO_TARGET_DIR.
+# CASES (default "cold hydrated cold-write"), CARGO_TARGET_DIR.
 set -eu
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=target}"
@@ -93,16 +94,20 @@ results="$dir/results.txt"
 : >"$results"
 row() { # case rw qd clonebd qemu
     ratio=$(awk -v a="$4" -v b="$5" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-    printf '%-10s %-9s %4s %10s %10s %7s\n' "$1" "$2" "$3" "$4" "$5" "$ratio" | tee -a "$results"
+    printf '%-19s %-9s %4s %10s %10s %7s\n' "$1" "$2" "$3" "$4" "$5" "$ratio" | tee -a "$results"
 }
 
 echo "making a $SIZE source in $dir ($(df -h --output=source,fstype "$dir" | tail -1))"
 head -c "$SIZE" /dev/urandom >"$dir/src.img"
 sync
 
-printf '%-10s %-9s %4s %10s %10s %7s\n' case rw qd clonebd qemu-nbd ratio | tee -a "$results"
+printf '%-19s %-9s %4s %10s %10s %7s\n' case rw qd clonebd qemu-nbd ratio | tee -a "$results"
+
+CASES="${CASES:-cold hydrated cold-write}"
+want() { case " $CASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # Cold regions: reads go to the source.
+if want cold; then
 fresh_dest
 start --no-hydration
 qstart "$dir/src.img"
@@ -111,8 +116,11 @@ for qd in 1 32; do
 done
 qstop
 stop
+fi
 
 # Hydrated regions: hydrate all, then everything goes to the destination.
+if want hydrated; then
+fresh_dest
 start --hydration-threshold 4096 --hydration-batch-size 256
 "$bin" wait --control "$dir/ctl" --no-progress
 qstart "$dir/dst.img"
@@ -123,8 +131,10 @@ for rw in randread randwrite; do
 done
 qstop
 stop
+fi
 
 # Writes overwriting cold 4 KiB regions: fresh files for every run, one pass.
+if want cold-write; then
 for qd in 1 32; do
     fresh_dest
     start --no-hydration
@@ -135,6 +145,13 @@ for qd in 1 32; do
     q=$(iops "$QN" randwrite "$qd" once)
     qstop
     row cold-write randwrite "$qd" "$c" "$q"
+    fresh_dest
+    fallocate -l "$SIZE" "$dir/dst.img"
+    qstart "$dir/dst.img"
+    q=$(iops "$QN" randwrite "$qd" once)
+    qstop
+    row cold-write-reserved randwrite "$qd" "$c" "$q"
 done
+fi
 
 echo "results in $results" >&2

@@ -151,6 +151,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 thread_local! {
     static SCRATCH: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(0));
+    /// Each request thread's mailbox, reused from request to request: a request is
+    /// registered under its id only while in flight, and nothing is sent to it after its
+    /// reply, so the channel is empty between requests.
+    static MAILBOX: (Sender<Msg>, Receiver<Msg>) = unbounded();
 }
 
 impl Volume {
@@ -436,8 +440,10 @@ impl Shared {
     /// Submits a request from the calling thread and runs it to its reply.
     fn submit(&self, req: Request, mut buf: ReqBuf<'_>) -> Result<(), IoStatus> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = unbounded();
-        lock(&self.mailboxes).insert(id, tx);
+        let rx = MAILBOX.with(|(tx, rx)| {
+            lock(&self.mailboxes).insert(id, tx.clone());
+            rx.clone()
+        });
         let acts = self.apply(Input::Request(id, req));
         let mut status = self.dispatch(acts, Some(id), &mut buf);
         while status.is_none() {

@@ -219,6 +219,24 @@ impl FileDevice {
         Ok((libc::major(dev), libc::minor(dev)))
     }
 
+    /// Reserves space for `[0, len)` of a regular file without changing its size or its
+    /// content (`fallocate` with `FALLOC_FL_KEEP_SIZE`): holes become allocated, unwritten
+    /// extents. A clone's destination ends up fully written anyway; reserving it at start
+    /// finds a full filesystem at once instead of in the middle of a hydration, and spares
+    /// writes into holes the filesystem's allocation path (ext4 serialises direct writes that
+    /// allocate). Block devices need nothing: returns `Ok(false)`; `Ok(true)` when done.
+    pub fn preallocate(&self, len: u64) -> io::Result<bool> {
+        if self.is_block || self.read_only {
+            return Ok(false);
+        }
+        let len = len.min(self.size);
+        if len == 0 {
+            return Ok(false);
+        }
+        self.fallocate(libc::FALLOC_FL_KEEP_SIZE, 0, len)
+            .map(|()| true)
+    }
+
     fn pick(&self, ptr: *const u8, len: usize, offset: u64) -> &File {
         let a = u64::from(self.logical_block_size);
         match &self.direct {
@@ -443,6 +461,26 @@ mod tests {
         let mut b = [0u8; 512];
         assert!(d.read_at(&mut b, 4096 - 256).is_err());
         assert!(d.read_at(&mut b, u64::MAX - 10).is_err());
+    }
+
+    #[test]
+    fn preallocate_keeps_size_and_content() {
+        let f = tmpfile(1 << 20);
+        let d = FileDevice::open(f.path(), OpenOptions::read_write()).expect("open");
+        d.write_at(&[7u8; 4096], 8192).expect("write");
+        assert!(d.preallocate(1 << 20).expect("preallocate"));
+        assert_eq!(f.as_file().metadata().expect("stat").len(), 1 << 20);
+        let mut b = vec![0u8; 1 << 20];
+        d.read_at(&mut b, 0).expect("read");
+        assert!(b[..8192].iter().all(|&x| x == 0) && b[8192..12288].iter().all(|&x| x == 7));
+        assert!(b[12288..].iter().all(|&x| x == 0));
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            f.as_file().metadata().expect("stat").blocks() * 512 >= 1 << 20,
+            "space reserved"
+        );
+        let ro = FileDevice::open(f.path(), OpenOptions::read_only()).expect("open");
+        assert!(!ro.preallocate(1 << 20).expect("read-only: nothing to do"));
     }
 
     #[test]

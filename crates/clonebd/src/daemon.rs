@@ -74,6 +74,8 @@ pub struct RunOptions {
     pub control: Option<PathBuf>,
     /// Use O_DIRECT on the data devices where they allow it.
     pub direct_io: bool,
+    /// Reserve the clone's space in a regular-file destination at start.
+    pub preallocate: bool,
     /// Threads running background copies.
     pub copy_threads: usize,
     /// Background hydration bandwidth limit, bytes per second (0: none).
@@ -111,6 +113,19 @@ pub enum DaemonError {
         path: PathBuf,
         /// The store's error.
         source: MetadataError,
+    },
+    /// Space for the clone could not be reserved in the destination file.
+    #[error(
+        "cannot reserve {bytes} bytes for the clone in {path}: {source} (free space, or start with --no-preallocate)",
+        path = .path.display()
+    )]
+    Preallocate {
+        /// The destination.
+        path: PathBuf,
+        /// The clone's size.
+        bytes: u64,
+        /// The system's error.
+        source: io::Error,
     },
     /// The metadata file could not be created.
     #[error("cannot create metadata file {path}: {source}", path = .path.display())]
@@ -429,6 +444,27 @@ impl Daemon {
                 });
             }
         };
+        if opts.preallocate {
+            match dest.preallocate(geometry.target_bytes()) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    tracing::info!(
+                        "{}: cannot reserve space ({e}); continuing",
+                        table.destination_path
+                    );
+                }
+                Err(source) => {
+                    if let Some(p) = opener.created_meta.take() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(DaemonError::Preallocate {
+                        path: PathBuf::from(&table.destination_path),
+                        bytes: geometry.target_bytes(),
+                        source,
+                    });
+                }
+            }
+        }
         let mut passdown = !table.no_discard_passdown;
         if passdown && !dest.caps().discard {
             tracing::warn!(

@@ -189,6 +189,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         fuse: None,
         ublk: false,
         direct_io: true,
+        preallocate: true,
         copy_threads: 8,
         hydration_rate_limit: opts.rate_limit,
         nbd_workers: None,

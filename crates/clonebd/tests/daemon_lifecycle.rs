@@ -31,6 +31,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         nbd_tcp: None,
         control: Some(control.to_path_buf()),
         direct_io: false,
+        preallocate: true,
         copy_threads: 2,
         hydration_rate_limit: 0,
         nbd_workers: Some(2),

@@ -126,10 +126,16 @@ pub struct RunArgs {
     /// Use the page cache instead of O_DIRECT for SOURCE and DEST.
     #[arg(long)]
     no_direct_io: bool,
+    /// Do not reserve the clone's space in a regular-file destination at start. By default
+    /// the space is reserved (fallocate, size and content unchanged): hydration fills it
+    /// anyway, a full filesystem is then found at start rather than in the middle of a
+    /// hydration, and writes no longer allocate one by one.
+    #[arg(long)]
+    no_preallocate: bool,
     /// Threads running background copies.
     #[arg(long, value_name = "N", default_value_t = 8)]
     copy_threads: usize,
-    /// Threads serving NBD requests (default: twice the CPUs, 4 to 64).
+    /// Threads serving NBD requests (default: four per CPU, 16 to 128).
     #[arg(long, value_name = "N")]
     nbd_workers: Option<usize>,
     /// Log format on standard error (the level comes from RUST_LOG, default info).
@@ -204,6 +210,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
         nbd_tcp: a.nbd_tcp.as_deref().map(parse_tcp).transpose()?,
         control: a.control.clone(),
         direct_io: !a.no_direct_io,
+        preallocate: !a.no_preallocate,
         copy_threads: a.copy_threads,
         hydration_rate_limit: a
             .hydration_rate_limit
