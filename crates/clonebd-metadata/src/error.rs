@@ -1,5 +1,5 @@
 //! Structured errors: every failure names what was found and where, and never carries free
-//! text, so callers match on variants (STYLE 5.3).
+//! text, so callers match on variants, never on text.
 //!
 //! Where the kernel logs a message for the same failure, `Display` prints the kernel's exact
 //! text (SPEC 11: "Superblock check failed: blocknr 17717925331114078289, expected 0",
