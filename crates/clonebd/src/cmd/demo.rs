@@ -50,7 +50,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         opts.size >= 128 * opts.region,
         "--size must hold at least 128 regions"
     );
-    anyhow::ensure!(opts.size.is_multiple_of(4096), "--size must be a multiple of 4 KiB");
+    anyhow::ensure!(
+        opts.size.is_multiple_of(4096),
+        "--size must be a multiple of 4 KiB"
+    );
     run_demo(&opts)?;
     Ok(ExitCode::SUCCESS)
 }
