@@ -15,7 +15,9 @@ const REGIONS: u64 = 1 << 24;
 fn engine(hydration: bool) -> Engine {
     let g = Geometry::new(REGIONS * 8, 8).expect("geometry");
     let mut cfg = Config::new(g);
-    cfg.hydration_enabled = hydration;
+    cfg.hydration_enabled = false;
+    // Measure the idle path: no foreground I/O holding background copies back.
+    cfg.busy_window = 0;
     cfg.hydration_threshold = 64;
     cfg.hydration_batch_size = 1;
     cfg.commit_interval = u64::MAX / 4;
@@ -23,6 +25,10 @@ fn engine(hydration: bool) -> Engine {
     let mut e = Engine::new(cfg, view, 0);
     e.apply(0, Input::Control(Control::Resume));
     while e.poll_action().is_some() {}
+    if hydration {
+        // The first copies stay queued for the benchmark to complete.
+        e.apply(0, Input::Control(Control::EnableHydration));
+    }
     e
 }
 
