@@ -81,39 +81,47 @@ impl HydrationMap {
 
     /// The first unhydrated region in `[from, to)`, if any.
     pub fn first_unhydrated_in(&self, from: RegionId, to: RegionId) -> Option<RegionId> {
-        let to = to.min(self.nr_regions);
-        if from >= to || self.complete.load(Ordering::Acquire) {
+        if self.complete.load(Ordering::Acquire) {
             return None;
         }
-        let mut w = from / 64;
-        let last_w = (to - 1) / 64;
-        let mut mask = !0u64 << (from % 64);
-        while w <= last_w {
-            let bits = !self.words[w as usize].load(Ordering::Acquire) & mask & self.valid_mask(w);
-            if bits != 0 {
-                let r = w * 64 + u64::from(bits.trailing_zeros());
-                return (r < to).then_some(r);
-            }
-            w += 1;
-            mask = !0;
-        }
-        None
+        self.first_in(from, to, true)
     }
 
     /// The first hydrated region in `[from, to)`, if any.
     pub fn first_hydrated_in(&self, from: RegionId, to: RegionId) -> Option<RegionId> {
+        if self.complete.load(Ordering::Acquire) {
+            return (from < to.min(self.nr_regions)).then_some(from);
+        }
+        self.first_in(from, to, false)
+    }
+
+    /// Where the run of regions sharing region `r`'s state ends, within `[r, limit)`:
+    /// `(hydrated, end)`, every region of `[r, end)` being `hydrated` or not alike. This is how
+    /// a request over several regions is routed run by run.
+    pub fn run_from(&self, r: RegionId, limit: RegionId) -> (bool, RegionId) {
+        let limit = limit.min(self.nr_regions);
+        let hydrated = self.is_hydrated(r);
+        let end = if hydrated {
+            self.first_unhydrated_in(r, limit)
+        } else {
+            self.first_hydrated_in(r, limit)
+        };
+        (hydrated, end.unwrap_or(limit))
+    }
+
+    /// The first region in `[from, to)` whose bit is clear (`unset`) or set (`!unset`), a word
+    /// at a time.
+    fn first_in(&self, from: RegionId, to: RegionId, unset: bool) -> Option<RegionId> {
         let to = to.min(self.nr_regions);
         if from >= to {
             return None;
-        }
-        if self.complete.load(Ordering::Acquire) {
-            return Some(from);
         }
         let mut w = from / 64;
         let last_w = (to - 1) / 64;
         let mut mask = !0u64 << (from % 64);
         while w <= last_w {
-            let bits = self.words[w as usize].load(Ordering::Acquire) & mask;
+            let word = self.words[w as usize].load(Ordering::Acquire);
+            let bits = if unset { !word & self.valid_mask(w) } else { word } & mask;
             if bits != 0 {
                 let r = w * 64 + u64::from(bits.trailing_zeros());
                 return (r < to).then_some(r);
@@ -335,6 +343,9 @@ mod tests {
         assert_eq!(m.first_hydrated_in(150, 300), Some(150));
         assert!(m.is_range_hydrated(10, 190));
         assert!(!m.is_range_hydrated(10, 191));
+        assert_eq!(m.run_from(150, 300), (true, 200));
+        assert_eq!(m.run_from(200, 300), (false, 300));
+        assert_eq!(m.run_from(200, 250), (false, 250));
     }
 
     #[test]

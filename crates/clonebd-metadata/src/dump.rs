@@ -12,9 +12,9 @@ use clonebd_core::{BlockDev, Caps, Geometry};
 use serde::{Deserialize, Serialize};
 
 use crate::array;
-use crate::error::{IoOp, MetadataError};
-use crate::format::superblock::{SUPERBLOCK_LOCATION, Superblock};
-use crate::format::{BLOCK_SIZE, zeroed_block};
+use crate::error::MetadataError;
+use crate::format::superblock::Superblock;
+use crate::format::BLOCK_SIZE;
 use crate::tm::Tm;
 
 /// The contents of dm-clone metadata.
@@ -130,13 +130,7 @@ impl<D: BlockDev> BlockDev for ByRef<'_, D> {
 
 /// Reads and validates the superblock of `dev`.
 pub(crate) fn read_superblock<D: BlockDev>(dev: &D) -> Result<Superblock, MetadataError> {
-    let mut b = zeroed_block();
-    dev.read_at(&mut b[..], SUPERBLOCK_LOCATION)
-        .map_err(|source| MetadataError::Io {
-            op: IoOp::Read,
-            block: SUPERBLOCK_LOCATION,
-            source,
-        })?;
+    let b = crate::store::read_superblock_block(dev)?;
     if crate::format::superblock::is_all_zero(&b[..]) {
         return Err(MetadataError::NotFormatted);
     }

@@ -125,7 +125,7 @@ impl<D: BlockDev> std::fmt::Debug for MetadataStore<D> {
     }
 }
 
-fn read_superblock_block<D: BlockDev>(
+pub(crate) fn read_superblock_block<D: BlockDev>(
     dev: &D,
 ) -> Result<Box<crate::format::BlockBuf>, MetadataError> {
     let mut b = zeroed_block();

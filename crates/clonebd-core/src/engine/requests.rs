@@ -141,13 +141,8 @@ impl Engine {
         let mut pos = offset;
         while pos < end {
             let r = self.geometry().region_of_byte(pos);
-            let hydrated = self.view.map().is_hydrated(r);
-            let nr = self.geometry().nr_regions();
-            let run_end_region = if hydrated {
-                self.view.map().first_unhydrated_in(r, nr).unwrap_or(nr)
-            } else {
-                self.view.map().first_hydrated_in(r, nr).unwrap_or(nr)
-            };
+            let (hydrated, run_end_region) =
+                self.view.map().run_from(r, self.geometry().nr_regions());
             let run_end = self.geometry().region_start_byte(run_end_region).min(end);
             let op = self.new_op(Op::Read { req });
             self.hold(req, 1);
@@ -460,15 +455,7 @@ impl Engine {
         status: IoStatus,
     ) {
         let ok = status.is_ok() && self.mode == Mode::ReadWrite;
-        let mut released = Vec::new();
-        for r in first..first + n {
-            if let Some(f) = self.inflight.remove(&r) {
-                released.extend(f.waiters);
-            }
-            if ok {
-                self.mark(r);
-            }
-        }
+        let released = self.land(first, n, ok);
         if ok
             && fua
             && let Some(s) = self.reqs.get_mut(&req)
@@ -499,15 +486,7 @@ impl Engine {
             CopyOrigin::Write => {}
         }
         let ok = status.is_ok() && self.mode == Mode::ReadWrite;
-        let mut released = Vec::new();
-        for r in first..first + n {
-            if let Some(f) = self.inflight.remove(&r) {
-                released.extend(f.waiters);
-            }
-            if ok {
-                self.mark(r);
-            }
-        }
+        let released = self.land(first, n, ok);
         if status.is_ok() {
             let (s, e) = self.geometry().regions_byte_range(first, n);
             self.bytes_hydrated += e - s;
@@ -529,6 +508,21 @@ impl Engine {
         // On failure the waiting writes fail with EIO (SPEC 3.2); hydrate requests too.
         let fail = if ok { None } else { Some(IoStatus::Io) };
         self.release(released, fail);
+    }
+
+    /// Ends the hydration of regions `[first, first+n)`: removes their records, marks them
+    /// when `ok`, and returns who waited on them.
+    fn land(&mut self, first: RegionId, n: u64, ok: bool) -> Vec<Waiter> {
+        let mut released = Vec::new();
+        for r in first..first + n {
+            if let Some(f) = self.inflight.remove(&r) {
+                released.extend(f.waiters);
+            }
+            if ok {
+                self.mark(r);
+            }
+        }
+        released
     }
 
     /// Settles or re-routes what waited on a region. With `fail`, writes and hydrate requests
