@@ -121,7 +121,11 @@ impl HydrationMap {
         let mut mask = !0u64 << (from % 64);
         while w <= last_w {
             let word = self.words[w as usize].load(Ordering::Acquire);
-            let bits = if unset { !word & self.valid_mask(w) } else { word } & mask;
+            let bits = if unset {
+                !word & self.valid_mask(w)
+            } else {
+                word
+            } & mask;
             if bits != 0 {
                 let r = w * 64 + u64::from(bits.trailing_zeros());
                 return (r < to).then_some(r);
