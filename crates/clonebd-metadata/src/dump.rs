@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::array;
 use crate::error::MetadataError;
-use crate::format::superblock::Superblock;
 use crate::format::BLOCK_SIZE;
+use crate::format::superblock::Superblock;
 use crate::tm::Tm;
 
 /// The contents of dm-clone metadata.
