@@ -5,7 +5,9 @@
 //! the edges: files and block devices in `clonebd-io`, simulated disks with volatile caches
 //! and injected faults in `clonebd-testkit`. Nothing in this crate calls these methods.
 
+use std::fs::File;
 use std::io;
+use std::sync::Arc;
 
 /// What a device can do beyond reads, writes and flushes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,6 +33,23 @@ pub trait BlockDev: Send + Sync {
     /// Optional capabilities.
     fn caps(&self) -> Caps {
         Caps::default()
+    }
+
+    /// The open file through which `len` bytes at `offset`, from or into memory aligned to
+    /// `mem_align` bytes, may be read (or, with `write`, written) by a caller that submits the
+    /// I/O itself, e.g. through io_uring, instead of calling [`read_at`](Self::read_at) or
+    /// [`write_at`](Self::write_at). The caller transfers exactly that range, and holds the
+    /// `Arc` until the I/O completed. `None` (the default) when the device cannot be driven
+    /// that way, or not for this range: then use the methods.
+    fn direct_file(
+        &self,
+        offset: u64,
+        len: u64,
+        mem_align: usize,
+        write: bool,
+    ) -> Option<Arc<File>> {
+        let _ = (offset, len, mem_align, write);
+        None
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
@@ -73,6 +92,15 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn caps(&self) -> Caps {
         (**self).caps()
+    }
+    fn direct_file(
+        &self,
+        offset: u64,
+        len: u64,
+        mem_align: usize,
+        write: bool,
+    ) -> Option<Arc<File>> {
+        (**self).direct_file(offset, len, mem_align, write)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)

@@ -5,6 +5,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clonebd_core::{BlockDev, Caps};
 use thiserror::Error;
@@ -102,7 +103,8 @@ pub enum OpenError {
 pub struct FileDevice {
     path: PathBuf,
     file: File,
-    direct: Option<File>,
+    /// Shared so that I/O submitted elsewhere (io_uring) keeps it open until it completes.
+    direct: Option<Arc<File>>,
     is_block: bool,
     size: u64,
     logical_block_size: u32,
@@ -176,7 +178,7 @@ impl FileDevice {
         // A second descriptor with O_DIRECT, used for aligned I/O only. Filesystems that do not
         // support it (tmpfs before 6.6, some FUSE mounts) refuse at open: then stay buffered.
         let direct = if opts.direct {
-            open(libc::O_CLOEXEC | libc::O_DIRECT).ok()
+            open(libc::O_CLOEXEC | libc::O_DIRECT).ok().map(Arc::new)
         } else {
             None
         };
@@ -235,6 +237,28 @@ impl FileDevice {
         }
         self.fallocate(libc::FALLOC_FL_KEEP_SIZE, 0, len)
             .map(|()| true)
+    }
+
+    /// The `O_DIRECT` file that `len` bytes at `offset`, from or into memory aligned to
+    /// `mem_align` bytes, may be read or written through by a caller submitting the I/O itself
+    /// (io_uring): `None` unless the device has one, the range is inside the device, offset,
+    /// length and memory are aligned to the logical block size, and (for a `write`) the device
+    /// is writable. The caller must transfer exactly that range.
+    pub fn direct_file(
+        &self,
+        offset: u64,
+        len: u64,
+        mem_align: usize,
+        write: bool,
+    ) -> Option<Arc<File>> {
+        let a = u64::from(self.logical_block_size);
+        let ok = len > 0
+            && self.check_range(offset, len).is_ok()
+            && offset.is_multiple_of(a)
+            && len.is_multiple_of(a)
+            && (mem_align as u64).is_multiple_of(a)
+            && !(write && self.read_only);
+        self.direct.as_ref().filter(|_| ok).map(Arc::clone)
     }
 
     fn pick(&self, ptr: *const u8, len: usize, offset: u64) -> &File {
@@ -332,6 +356,16 @@ impl BlockDev for FileDevice {
             write_zeroes: true,
             volatile_cache: true,
         }
+    }
+
+    fn direct_file(
+        &self,
+        offset: u64,
+        len: u64,
+        mem_align: usize,
+        write: bool,
+    ) -> Option<Arc<File>> {
+        FileDevice::direct_file(self, offset, len, mem_align, write)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -6,11 +6,15 @@
 //! `BLKDISCARD`), zeroing (`FALLOC_FL_ZERO_RANGE` or `BLKZEROOUT`), and an exclusive
 //! advisory lock so that one process owns a device at a time (SPEC 9, H2).
 //!
-//! This is one of the two crates allowed `unsafe` (for `ioctl` and `fallocate`); each block
-//! says why it is sound.
+//! [`uring`] submits many reads, writes and socket transfers with one system call: a safe
+//! io_uring wrapper that owns the buffers of the operations in flight.
+//!
+//! This is one of the two crates allowed `unsafe` (for `ioctl`, `fallocate` and io_uring);
+//! each block says why it is sound.
 
 #![deny(missing_docs)]
 
 mod file;
+pub mod uring;
 
 pub use file::{AccessMode, FileDevice, OpenError, OpenOptions};

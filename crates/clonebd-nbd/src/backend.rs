@@ -6,8 +6,15 @@
 //! sees only in-range, aligned requests for operations it advertised. Failures are reported as
 //! [`NbdError`], whose variants are exactly the error values the protocol can carry;
 //! [`NbdError::to_wire`] is the single place where they become numbers.
+//!
+//! A backend over files may also [`route`](Backend::route) reads and plain writes: tell the
+//! server which files and offsets a request's bytes go to, so that the server submits the I/O
+//! itself, many requests per system call (io_uring), instead of calling the backend on a
+//! worker thread.
 
 use std::io;
+
+pub use clonebd_io::uring::Segment;
 
 use crate::proto::errno;
 
@@ -145,6 +152,35 @@ pub struct Extent {
     pub flags: u32,
 }
 
+/// Which request a [`Route`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    /// A read.
+    Read,
+    /// A write without `fua`.
+    Write,
+}
+
+/// Where the bytes of a read or a write go, for the server to transfer them itself.
+pub struct Route {
+    /// The pieces: bytes `[at, at + len)` of the request's payload buffer are read from, or
+    /// written to, a file at an offset. Together they cover the request once.
+    pub segments: Vec<Segment>,
+    /// Held until every segment completed, then dropped: the backend's own account of a
+    /// request in flight.
+    pub guard: Box<dyn Send>,
+    /// The error the client gets when a segment fails.
+    pub error: fn(&io::Error) -> NbdError,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("segments", &self.segments)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the NBD server needs from an export.
 ///
 /// Calls come from worker threads, several at once, and must not assume any order between
@@ -175,4 +211,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Status of the range in `context`: consecutive extents starting at `offset` that cover a
     /// prefix of `len` bytes (at least one extent, each nonzero).
     fn block_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<Extent>, NbdError>;
+
+    /// Where a read, or a write without `fua`, of `len` bytes at `offset` goes, for a payload
+    /// buffer aligned to `mem_align` bytes: the server then transfers the bytes itself and
+    /// answers once every segment completed, as if [`read`](Backend::read) or
+    /// [`write`](Backend::write) had returned then. A routed write counts as completed (for a
+    /// later [`flush`](Backend::flush)) once its segments completed. `None` (the default): the
+    /// server calls `read` or `write`.
+    fn route(&self, kind: RouteKind, offset: u64, len: u64, mem_align: usize) -> Option<Route> {
+        let _ = (kind, offset, len, mem_align);
+        None
+    }
 }

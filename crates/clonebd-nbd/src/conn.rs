@@ -10,9 +10,13 @@
 //! gathers what queues up into one vectored write. Every frame (header and data) goes out in
 //! one locked write, so frames never interleave. The reader holds no lock while reading the
 //! socket; the budget lock is taken only to count.
+//!
+//! With [`ServerConfig::io_uring`](crate::ServerConfig::io_uring) the transmission phase runs
+//! in [`ring`] instead, on the same thread, and shares the request execution here.
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +32,7 @@ use crate::codec::{
 use crate::handshake::{Handshake, HandshakeError, MetaContext, Negotiated, Status};
 use crate::pool::{Buf, JobQueue};
 use crate::proto::{Command, HeaderStyle, MAX_EXTENTS, command_flags as cf};
+use crate::ring::{self, RingLink};
 use crate::server::{Counters, Inner};
 
 /// A connected socket of either family.
@@ -67,6 +72,15 @@ impl Stream {
     }
 }
 
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Tcp(s) => s.as_fd(),
+            Self::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -98,7 +112,7 @@ impl Write for Stream {
 
 /// What follows a reply header on the wire.
 #[derive(Debug)]
-enum Body {
+pub(crate) enum Body {
     None,
     /// An error message for a structured error chunk.
     Message(&'static str),
@@ -110,16 +124,16 @@ enum Body {
 
 /// One complete reply, written in one go.
 #[derive(Debug)]
-struct ReplyFrame {
-    head: Option<ReplyHeader>,
-    body: Body,
+pub(crate) struct ReplyFrame {
+    pub(crate) head: Option<ReplyHeader>,
+    pub(crate) body: Body,
     /// In-flight budget the request took, given back once the frame is out.
-    cost: usize,
-    error: bool,
+    pub(crate) cost: usize,
+    pub(crate) error: bool,
 }
 
 impl ReplyFrame {
-    fn ok(head: ReplyHeader, cost: usize) -> Self {
+    pub(crate) fn ok(head: ReplyHeader, cost: usize) -> Self {
         Self {
             head: Some(head),
             body: Body::None,
@@ -128,7 +142,12 @@ impl ReplyFrame {
         }
     }
 
-    fn error(style: HeaderStyle, h: &RequestHeader, error: NbdError, cost: usize) -> Self {
+    pub(crate) fn error(
+        style: HeaderStyle,
+        h: &RequestHeader,
+        error: NbdError,
+        cost: usize,
+    ) -> Self {
         let message = error_message(message(error));
         let head = ReplyHeader::error(style, h.cookie, h.offset, error.to_wire(), message);
         let body = if style == HeaderStyle::Simple {
@@ -174,11 +193,14 @@ struct Inflight {
 }
 
 /// State of one connection in the transmission phase, shared by its reader, its writer and the
-/// workers running its requests.
+/// workers running its requests. A connection served through io_uring (see [`ring`]) has no
+/// reader or writer thread and uses only `inner`, `params`, `contexts` and `ring`; replies of
+/// its worker jobs go to its thread through the [`RingLink`].
 pub(crate) struct Conn {
-    inner: Arc<Inner>,
-    params: TransmissionParams,
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) params: TransmissionParams,
     contexts: Vec<MetaContext>,
+    ring: Option<RingLink>,
     replies: Sender<Outgoing>,
     /// The socket's write half, locked for each write by the writer thread, the workers, and
     /// the reader when it runs a request itself (see [`Conn::admit`]).
@@ -238,6 +260,10 @@ impl Conn {
     /// thread (which gathers what queues up into one system call). Writing here spares a
     /// thread hand-off per request.
     fn reply(&self, frame: ReplyFrame) {
+        if let Some(link) = &self.ring {
+            link.push(frame);
+            return;
+        }
         match self.out.try_lock() {
             Ok(out) => self.write_with(out, frame),
             Err(TryLockError::Poisoned(p)) => self.write_with(p.into_inner(), frame),
@@ -275,10 +301,10 @@ impl Conn {
 
 /// A request for the worker pool.
 pub(crate) struct Job {
-    conn: Arc<Conn>,
-    header: RequestHeader,
-    payload: Option<Buf>,
-    cost: usize,
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) header: RequestHeader,
+    pub(crate) payload: Option<Buf>,
+    pub(crate) cost: usize,
 }
 
 /// A worker thread: run jobs until the queue closes.
@@ -290,7 +316,7 @@ pub(crate) fn worker(jobs: &JobQueue<Job>) {
 }
 
 /// Run a request, answering `NBD_EIO` if the backend panics.
-fn run_job(job: &Job) -> ReplyFrame {
+pub(crate) fn run_job(job: &Job) -> ReplyFrame {
     catch_unwind(AssertUnwindSafe(|| execute(job))).unwrap_or_else(|_| {
         tracing::error!("backend panicked; answering EIO");
         ReplyFrame::error(job.conn.params.style, &job.header, NbdError::Io, job.cost)
@@ -479,16 +505,46 @@ fn transmission(
     };
     let closer = write_half.try_clone().ok();
     let (tx, rx) = mpsc::channel();
+    let uring = if inner.config.io_uring {
+        match ring::new_ring(&inner.config) {
+            Ok(r) => Some(r),
+            Err(err) => {
+                tracing::debug!(id, %err, "io_uring unavailable; serving with threads");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (uring, link) = match uring {
+        Some((r, waker)) => (Some(r), Some(RingLink::new(waker))),
+        None => (None, None),
+    };
     let conn = Arc::new(Conn {
         inner: Arc::clone(inner),
         params,
         contexts: n.meta_contexts,
+        ring: link,
         replies: tx,
         out: Mutex::new(write_half),
         inflight: Mutex::new(Inflight::default()),
         room: Condvar::new(),
         broken: AtomicBool::new(false),
     });
+    if let (Some(uring), Some(link)) = (uring, &conn.ring) {
+        drop(rx);
+        let leftover = reader.buffer().to_vec();
+        let sock = Arc::new(reader.into_inner());
+        if let Err(err) = ring::serve(&conn, link, uring, sock, &leftover) {
+            Counters::add(&inner.counters.protocol_errors, 1);
+            tracing::warn!(id, %err, "closing connection after a protocol error");
+        }
+        if let Some(s) = closer {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        tracing::debug!(id, "connection closed");
+        return;
+    }
     let writer = thread::Builder::new()
         .name(format!("nbd-write-{id}"))
         .spawn({

@@ -11,7 +11,9 @@
 //! beyond fixed caps (32 MiB of payload, 64 KiB of option data), so they can be fuzzed alone.
 //! The server reads each connection on its own thread, runs requests on a shared worker pool,
 //! and writes replies from one writer thread per connection, so replies go out of order but
-//! never interleave.
+//! never interleave. With [`ServerConfig::io_uring`] (the default) a connection's thread
+//! instead does its socket I/O, and the reads and writes its backend routes, through one
+//! io_uring instance, and only the other requests go to the worker pool.
 
 //! Protocol choices, where the protocol leaves room:
 //!
@@ -43,8 +45,11 @@ pub mod server;
 
 mod conn;
 mod pool;
+mod ring;
 
-pub use backend::{Backend, BackendFlags, BlockSizes, Extent, NbdError, ZeroFlags};
+pub use backend::{
+    Backend, BackendFlags, BlockSizes, Extent, NbdError, Route, RouteKind, Segment, ZeroFlags,
+};
 pub use client::{Client, ClientError, ClientOptions};
 pub use handshake::{ExportInfo, Handshake, MetaContext, Negotiated};
 pub use server::{Server, ServerConfig, ServerError, ServerStats, ShutdownHandle};

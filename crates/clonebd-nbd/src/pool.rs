@@ -10,6 +10,8 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
+use clonebd_io::uring::IoBuf;
+
 const MIN_CLASS_SHIFT: u32 = 12;
 const MAX_CLASS_SHIFT: u32 = 25;
 const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
@@ -18,43 +20,12 @@ const RETAIN_BYTES_PER_CLASS: usize = 64 << 20;
 /// Buffers kept per size class, whatever their size.
 const RETAIN_COUNT_PER_CLASS: usize = 256;
 /// Where every buffer starts: a multiple of the largest logical block size devices use.
-pub(crate) const ALIGN: usize = 4096;
-
-/// Memory whose usable part starts on an [`ALIGN`] boundary: allocated [`ALIGN`] bytes larger
-/// than asked and used from the first aligned byte. A `Vec`'s heap block does not move when
-/// the `Vec` does, so the offset stays right for the life of the allocation.
-#[derive(Debug)]
-struct AlignedVec {
-    vec: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedVec {
-    fn new(capacity: usize) -> Self {
-        let vec = vec![0u8; capacity + ALIGN];
-        let addr = vec.as_ptr().addr();
-        let start = addr.next_multiple_of(ALIGN) - addr;
-        Self { vec, start }
-    }
-
-    /// Usable bytes.
-    fn capacity(&self) -> usize {
-        self.vec.len() - ALIGN
-    }
-
-    fn slice(&self, len: usize) -> &[u8] {
-        &self.vec[self.start..self.start + len]
-    }
-
-    fn slice_mut(&mut self, len: usize) -> &mut [u8] {
-        &mut self.vec[self.start..self.start + len]
-    }
-}
+pub(crate) const ALIGN: usize = clonebd_io::uring::ALIGN;
 
 /// Size-classed free lists of buffers.
 #[derive(Debug, Default)]
 pub(crate) struct BufferPool {
-    classes: [Mutex<Vec<AlignedVec>>; CLASSES],
+    classes: [Mutex<Vec<IoBuf>>; CLASSES],
 }
 
 fn class_of(len: usize) -> Option<usize> {
@@ -71,8 +42,7 @@ impl BufferPool {
     pub(crate) fn get(self: &Arc<Self>, len: usize) -> Buf {
         let Some(class) = class_of(len) else {
             return Buf {
-                vec: AlignedVec::new(len),
-                len,
+                io: IoBuf::new(len),
                 pool: None,
             };
         };
@@ -80,28 +50,39 @@ impl BufferPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        let vec = cached.unwrap_or_else(|| AlignedVec::new(1 << (class as u32 + MIN_CLASS_SHIFT)));
+        let mut io = cached.unwrap_or_else(|| IoBuf::new(1 << (class as u32 + MIN_CLASS_SHIFT)));
+        io.set_len(len);
         Buf {
-            vec,
-            len,
+            io,
             pool: Some(Arc::clone(self)),
         }
     }
 
-    fn put(&self, vec: AlignedVec) {
-        let size = vec.capacity();
+    /// A buffer that was lent out as an [`IoBuf`] (see [`Buf::into_io`]), back under the
+    /// pool's care.
+    pub(crate) fn wrap(self: &Arc<Self>, io: IoBuf) -> Buf {
+        Buf {
+            io,
+            pool: Some(Arc::clone(self)),
+        }
+    }
+
+    /// Take a buffer back.
+    pub(crate) fn put(&self, mut io: IoBuf) {
+        let size = io.capacity();
         let Some(class) = class_of(size) else {
             return;
         };
         if size != 1 << (class as u32 + MIN_CLASS_SHIFT) {
             return;
         }
+        io.set_len(size);
         let limit = (RETAIN_BYTES_PER_CLASS / size).clamp(1, RETAIN_COUNT_PER_CLASS);
         let mut free = self.classes[class]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if free.len() < limit {
-            free.push(vec);
+            free.push(io);
         }
     }
 }
@@ -109,32 +90,31 @@ impl BufferPool {
 /// A buffer on loan from a [`BufferPool`]; returns itself on drop.
 #[derive(Debug)]
 pub(crate) struct Buf {
-    vec: AlignedVec,
-    len: usize,
+    io: IoBuf,
     pool: Option<Arc<BufferPool>>,
 }
 
 impl Buf {
     pub(crate) fn as_slice(&self) -> &[u8] {
-        self.vec.slice(self.len)
+        self.io.as_slice()
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.vec.slice_mut(self.len)
+        self.io.as_mut_slice()
+    }
+
+    /// The buffer itself, to lend to the kernel; give it back with [`BufferPool::put`] or
+    /// [`BufferPool::wrap`].
+    pub(crate) fn into_io(mut self) -> IoBuf {
+        self.pool = None;
+        std::mem::replace(&mut self.io, IoBuf::empty())
     }
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            let vec = std::mem::replace(
-                &mut self.vec,
-                AlignedVec {
-                    vec: Vec::new(),
-                    start: 0,
-                },
-            );
-            pool.put(vec);
+            pool.put(std::mem::replace(&mut self.io, IoBuf::empty()));
         }
     }
 }

@@ -3,7 +3,9 @@
 //! [`Server::serve_unix`] and [`Server::serve_tcp`] are blocking accept loops; run each on its
 //! own thread. Every accepted connection gets a reader thread (handshake, then request
 //! decoding) and a writer thread (reply frames, one gathered write each); requests run on a
-//! worker pool shared by all connections. A connection holds at most
+//! worker pool shared by all connections. With [`ServerConfig::io_uring`] the connection's
+//! thread does all of its socket I/O and the routed reads and writes through io_uring
+//! instead, and has no writer thread. A connection holds at most
 //! [`ServerConfig::max_inflight_bytes`] of payload and [`ServerConfig::max_inflight_requests`]
 //! requests; past either, its reader stops reading until replies have gone out.
 //!
@@ -47,6 +49,12 @@ pub struct ServerConfig {
     pub max_inflight_requests: usize,
     /// How long the handshake may wait for each piece of client input.
     pub handshake_timeout: Option<Duration>,
+    /// Serve each connection through io_uring: its thread receives requests, submits the
+    /// reads and writes the backend [routes](crate::Backend::route) many at a time, and sends
+    /// the replies, with no reader, writer or worker thread in the way; other requests still
+    /// run on the workers. Where io_uring cannot be set up, connections fall back to threads.
+    /// Off: a reader and a writer thread per connection, every request on the workers.
+    pub io_uring: bool,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +68,7 @@ impl Default for ServerConfig {
             max_inflight_bytes: 64 << 20,
             max_inflight_requests: 256,
             handshake_timeout: Some(Duration::from_secs(30)),
+            io_uring: true,
         }
     }
 }

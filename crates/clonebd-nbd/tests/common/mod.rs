@@ -19,8 +19,8 @@ use clonebd_nbd::proto::{
     CONTEXT_BASE_ALLOCATION, CONTEXT_CLONEBD_HYDRATED, STATE_HOLE, STATE_ZERO,
 };
 use clonebd_nbd::{
-    Backend, BackendFlags, BlockSizes, Extent, NbdError, Server, ServerConfig, ShutdownHandle,
-    ZeroFlags,
+    Backend, BackendFlags, BlockSizes, Extent, NbdError, Route, RouteKind, Segment, Server,
+    ServerConfig, ShutdownHandle, ZeroFlags,
 };
 
 /// Allocation granule of the test backend's `base:allocation` map.
@@ -45,7 +45,7 @@ pub struct Calls {
 /// A backend over a regular file, with an in-memory allocation map (per 64 KiB granule) and a
 /// hydration map (per region of `preferred` bytes).
 pub struct FileBackend {
-    file: File,
+    file: Arc<File>,
     size: u64,
     sizes: BlockSizes,
     flags: BackendFlags,
@@ -58,6 +58,11 @@ pub struct FileBackend {
     /// When set, reads wait until the gate is opened.
     pub gate: Option<Arc<Gate>>,
     pub calls: Calls,
+    /// Route reads and plain writes (`Backend::route`) so that the server transfers them
+    /// itself; reads of more than one granule are split in two segments at a granule boundary.
+    pub route: bool,
+    /// Routed requests.
+    pub routed: AtomicU64,
 }
 
 /// A latch that holds backend calls until opened.
@@ -97,7 +102,7 @@ impl FileBackend {
         let regions = size.div_ceil(u64::from(sizes.preferred)) as usize;
         let hydrated = (0..regions).map(|r| r < regions / 2).collect();
         Self {
-            file,
+            file: Arc::new(file),
             size,
             sizes,
             flags: BackendFlags {
@@ -119,6 +124,8 @@ impl FileBackend {
             jitter: None,
             gate: None,
             calls: Calls::default(),
+            route: false,
+            routed: AtomicU64::new(0),
         }
     }
 
@@ -247,6 +254,37 @@ impl Backend for FileBackend {
     fn flush(&self) -> Result<(), NbdError> {
         self.calls.flushes.fetch_add(1, Ordering::Relaxed);
         self.sync()
+    }
+
+    fn route(&self, kind: RouteKind, offset: u64, len: u64, _align: usize) -> Option<Route> {
+        if !self.route || (kind == RouteKind::Write && self.flags.read_only) {
+            return None;
+        }
+        let len = usize::try_from(len).ok()?;
+        let seg = |at: usize, len: usize| Segment {
+            file: self.file.clone(),
+            offset: offset + at as u64,
+            at,
+            len,
+        };
+        let split = (offset / GRANULE + 1) * GRANULE - offset;
+        let segments = match usize::try_from(split) {
+            Ok(first) if kind == RouteKind::Read && first < len => {
+                vec![seg(0, first), seg(first, len - first)]
+            }
+            _ => vec![seg(0, len)],
+        };
+        if kind == RouteKind::Write {
+            // Marked before the data lands, which a test backend may do: nothing reads the
+            // map while a client waits for its own write.
+            self.mark(offset, len as u64, true);
+        }
+        self.routed.fetch_add(1, Ordering::Relaxed);
+        Some(Route {
+            segments,
+            guard: Box::new(()),
+            error: |e| NbdError::from_io(e),
+        })
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), NbdError> {

@@ -1,0 +1,649 @@
+//! Serving a connection through io_uring: one thread per connection receives and decodes
+//! requests, submits the reads and writes the backend [routes](crate::Backend::route), reaps
+//! their completions and sends the replies, all through one io_uring instance
+//! ([`clonebd_io::uring::Ring`]), so that many requests share each system call and no thread
+//! blocks in a `pread` per request.
+//!
+//! Requests the backend does not route (flush, trim, write-zeroes, cache, block status, FUA
+//! writes, writes to regions not hydrated, anything in fail mode) run as in the threaded mode:
+//! on the worker pool, or on this thread for a lone read or write with nothing else in
+//! flight. A worker hands its reply to this thread through the [`RingLink`] and wakes the ring
+//! only if the thread is about to sleep. Only this thread writes to the socket, one gathered
+//! send at a time, so frames never interleave. The in-flight budget is counted here: past it,
+//! decoding stops (and with it reading the socket) until replies have gone out.
+//!
+//! **Flush ordering.** "`NBD_CMD_FLUSH` ... MUST NOT send a reply until all write requests
+//! which the server has completed (that is, replied to) before receiving the flush are
+//! written to permanent storage." A routed write is answered only after its last completion
+//! was reaped here, that is, after the kernel finished the `O_DIRECT` write on the device: its
+//! data is then in the device (or the device's volatile cache), exactly as after
+//! [`Backend::write`](crate::Backend::write) returned on the threaded path. A flush reaches
+//! the backend only after this thread decoded it, and the client can only rely on writes
+//! whose replies it received before it sent the flush; each of those completed on the device
+//! before its reply was sent, hence before the flush was received, so the backend's flush
+//! (`fdatasync` of the destination, or a metadata commit that flushes it first) covers it.
+//! The same holds across connections of a multi-connection export: the reply on one
+//! connection still follows the completion. Writes still in flight when the flush arrives are
+//! not covered, which the protocol allows (they have not been replied to). Nothing else is
+//! reordered: the flush itself runs on the worker pool as before.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use clonebd_io::uring::{Dir, Done, Inline, IoBuf, Ring, SendPart, SharedFd, Waker};
+
+use crate::backend::{NbdError, RouteKind};
+use crate::codec::{DecodeError, Disposition, ReplyHeader, RequestHeader};
+use crate::conn::{Body, Conn, Job, ReplyFrame, Stream, run_job};
+use crate::pool::{ALIGN, Buf};
+use crate::proto::{Command, command_flags as cf};
+use crate::server::{Counters, ServerConfig};
+
+/// Bytes of socket input received at a time (write payloads that do not fit are received
+/// straight into their own buffers).
+const INPUT_BYTES: usize = 64 * 1024;
+/// Most replies gathered into one send.
+const SEND_BATCH: usize = 256;
+/// Most pieces a routed request may have; one with more runs on the worker pool.
+const MAX_SEGMENTS: usize = 16;
+/// Completion-queue entries kept free for the connection's own operations: the input and a
+/// payload receive, the reply send and the waker's read.
+const RESERVED_COMPLETIONS: usize = 4;
+
+/// Where worker threads leave the replies of a connection served through io_uring.
+pub(crate) struct RingLink {
+    done: Mutex<Vec<ReplyFrame>>,
+    /// Set by the connection's thread before it waits: a worker that finds it set wakes the
+    /// ring (one system call), otherwise the thread will find the reply before waiting.
+    sleeping: AtomicBool,
+    waker: Waker,
+}
+
+impl RingLink {
+    pub(crate) fn new(waker: Waker) -> Self {
+        Self {
+            done: Mutex::new(Vec::new()),
+            sleeping: AtomicBool::new(false),
+            waker,
+        }
+    }
+
+    /// Hand a reply to the connection's thread.
+    pub(crate) fn push(&self, frame: ReplyFrame) {
+        self.done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(frame);
+        // Pairs with the store and the queue check in `Session::wait`: either that check sees
+        // this frame, or this swap sees the flag.
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
+}
+
+/// A request whose write payload is being received into its own buffer.
+pub(crate) struct PendingWrite {
+    header: RequestHeader,
+    cost: usize,
+}
+
+/// A routed request in flight.
+pub(crate) struct IoReq {
+    header: RequestHeader,
+    cost: usize,
+    /// The backend's account of the request, dropped when its I/O is over.
+    guard: Box<dyn Send>,
+    error: fn(&io::Error) -> NbdError,
+}
+
+/// Replies in one send.
+#[derive(Default)]
+pub(crate) struct SendMeta {
+    frames: usize,
+    cost: usize,
+    errors: u64,
+}
+
+/// What an operation on the ring is for.
+pub(crate) enum Token {
+    Input,
+    Payload(PendingWrite),
+    Io(IoReq),
+    Send(SendMeta),
+}
+
+/// A ring for one connection and the waker its workers use.
+pub(crate) fn new_ring(config: &ServerConfig) -> io::Result<(Ring<Token>, Waker)> {
+    let entries = config
+        .max_inflight_requests
+        .clamp(64, 1024)
+        .next_power_of_two();
+    let mut ring = Ring::new(u32::try_from(entries).unwrap_or(1024))?;
+    let waker = ring.waker()?;
+    Ok((ring, waker))
+}
+
+/// Serve the transmission phase of `conn` until the client leaves, the socket breaks or a
+/// protocol error ends it; every request taken is answered (or dropped with a broken socket)
+/// before this returns. `leftover` is what the handshake's reader had already buffered.
+pub(crate) fn serve(
+    conn: &Arc<Conn>,
+    link: &RingLink,
+    ring: Ring<Token>,
+    sock: Arc<Stream>,
+    leftover: &[u8],
+) -> Result<(), DecodeError> {
+    let mut input = IoBuf::new(INPUT_BYTES.max(leftover.len()));
+    input.as_mut_slice()[..leftover.len()].copy_from_slice(leftover);
+    let mut s = Session {
+        conn,
+        link,
+        ring,
+        stream: Arc::clone(&sock),
+        sock,
+        input: Some(input),
+        head: 0,
+        tail: leftover.len(),
+        skip: 0,
+        payload_busy: false,
+        reading: true,
+        broken: false,
+        count: 0,
+        bytes: 0,
+        jobs: 0,
+        outq: VecDeque::new(),
+        sending: false,
+        spare_parts: Vec::new(),
+        spare_frames: Vec::new(),
+        error: None,
+    };
+    s.run();
+    match s.error.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+struct Session<'a> {
+    conn: &'a Arc<Conn>,
+    link: &'a RingLink,
+    ring: Ring<Token>,
+    sock: SharedFd,
+    stream: Arc<Stream>,
+    /// The input buffer, `None` while a receive into it is in flight; bytes `[head, tail)`
+    /// are received and not yet decoded.
+    input: Option<IoBuf>,
+    head: usize,
+    tail: usize,
+    /// Payload bytes of a refused request still to drop.
+    skip: u64,
+    /// A write payload is being received into its own buffer.
+    payload_busy: bool,
+    /// Still taking requests.
+    reading: bool,
+    /// The socket failed: replies are dropped.
+    broken: bool,
+    /// Requests taken and not yet answered, and their payload bytes.
+    count: usize,
+    bytes: usize,
+    /// Requests on the worker pool whose reply has not come back through the link.
+    jobs: usize,
+    outq: VecDeque<ReplyFrame>,
+    sending: bool,
+    spare_parts: Vec<SendPart>,
+    spare_frames: Vec<ReplyFrame>,
+    error: Option<DecodeError>,
+}
+
+impl Session<'_> {
+    fn run(&mut self) {
+        let mut dones = Vec::new();
+        loop {
+            self.pump();
+            self.take_replies();
+            self.flush_replies();
+            if !self.reading && self.count == 0 && !self.sending && self.outq.is_empty() {
+                return;
+            }
+            if let Err(err) = self.wait(&mut dones) {
+                // The ring is unusable: drop the connection. What is in flight is waited for
+                // (or its memory kept) when the ring is dropped.
+                tracing::warn!(%err, "io_uring wait failed; closing connection");
+                self.break_socket();
+                // Requests on the workers still use the backend: wait for them, so that
+                // nothing of this connection runs once it counts as closed.
+                while self.jobs > 0 {
+                    self.take_replies();
+                    if self.jobs > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+                return;
+            }
+            for d in dones.drain(..) {
+                self.on_done(d);
+            }
+        }
+    }
+
+    fn wait(&mut self, dones: &mut Vec<Done<Token>>) -> io::Result<()> {
+        self.link.sleeping.store(true, Ordering::SeqCst);
+        let idle = self
+            .link
+            .done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        let r = if idle {
+            self.ring.wait(dones)
+        } else {
+            self.ring.poll(dones)
+        };
+        self.link.sleeping.store(false, Ordering::SeqCst);
+        r
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.conn.inner.counters
+    }
+
+    /// Decode and start what is buffered, within the budget; receive more when needed.
+    fn pump(&mut self) {
+        let style = self.conn.params.style;
+        let hlen = style.request_len();
+        loop {
+            if !self.reading || self.broken || self.payload_busy {
+                return;
+            }
+            let Some(input) = self.input.as_ref() else {
+                return;
+            };
+            let avail = self.tail - self.head;
+            if self.skip > 0 {
+                let n = usize::try_from(self.skip).map_or(avail, |s| s.min(avail));
+                self.head += n;
+                self.skip -= n as u64;
+                if self.skip > 0 {
+                    self.arm_input();
+                    return;
+                }
+                continue;
+            }
+            if avail < hlen {
+                self.arm_input();
+                return;
+            }
+            let h = match RequestHeader::parse(style, &input.as_slice()[self.head..][..hlen]) {
+                Ok(h) => h,
+                Err(e) => return self.stop(Some(e)),
+            };
+            let disposition = match self.conn.params.check(&h) {
+                Ok(d) => d,
+                Err(DecodeError::PayloadTooLarge(h)) => {
+                    // Answer, so the client learns why, then close: the payload is not read.
+                    self.count += 1;
+                    self.queue(ReplyFrame::error(style, &h, NbdError::Invalid, 0));
+                    return self.stop(Some(DecodeError::PayloadTooLarge(h)));
+                }
+                Err(e) => return self.stop(Some(e)),
+            };
+            let cost = match (&disposition, h.command) {
+                // Lengths of reads and writes were checked against the 32 MiB cap.
+                (Disposition::Execute, Command::Read | Command::Write) => h.length as usize,
+                _ => 0,
+            };
+            if matches!(disposition, Disposition::Disconnect) {
+                return self.stop(None);
+            }
+            let cfg = &self.conn.inner.config;
+            if self.count > 0
+                && (self.count >= cfg.max_inflight_requests
+                    || self.bytes + cost > cfg.max_inflight_bytes)
+            {
+                // Past the budget: wait for replies to go out before taking more.
+                return;
+            }
+            self.head += hlen;
+            self.count += 1;
+            self.bytes += cost;
+            Counters::add(&self.counters().requests, 1);
+            match disposition {
+                Disposition::Reject { error, skip } => {
+                    self.skip = u64::from(skip);
+                    self.queue(ReplyFrame::error(style, &h, error, 0));
+                }
+                Disposition::Execute if h.command == Command::Write => {
+                    let mut buf = self.conn.inner.buffers.get(cost);
+                    let have = cost.min(self.tail - self.head);
+                    if let Some(input) = &self.input {
+                        buf.as_mut_slice()[..have]
+                            .copy_from_slice(&input.as_slice()[self.head..][..have]);
+                    }
+                    self.head += have;
+                    if have < cost {
+                        self.receive_payload(h, buf.into_io(), have, cost);
+                        return;
+                    }
+                    Counters::add(&self.counters().bytes_received, cost as u64);
+                    self.dispatch(h, Some(buf), cost);
+                }
+                _ => self.dispatch(h, None, cost),
+            }
+        }
+    }
+
+    /// Receive more input after what is buffered.
+    fn arm_input(&mut self) {
+        let Some(mut input) = self.input.take() else {
+            return;
+        };
+        if self.head > 0 {
+            input.as_mut_slice().copy_within(self.head..self.tail, 0);
+            self.tail -= self.head;
+            self.head = 0;
+        }
+        if let Err(r) = self
+            .ring
+            .recv(Arc::clone(&self.sock), input, self.tail, Token::Input)
+        {
+            tracing::warn!(error = %r.error, "cannot receive; closing connection");
+            self.input = Some(r.buf);
+            self.stop(None);
+        }
+    }
+
+    fn receive_payload(&mut self, header: RequestHeader, buf: IoBuf, filled: usize, cost: usize) {
+        let token = Token::Payload(PendingWrite { header, cost });
+        match self.ring.recv(Arc::clone(&self.sock), buf, filled, token) {
+            Ok(()) => self.payload_busy = true,
+            Err(r) => {
+                tracing::warn!(error = %r.error, "cannot receive; closing connection");
+                self.conn.inner.buffers.put(r.buf);
+                self.release(1, cost);
+                self.stop(None);
+            }
+        }
+    }
+
+    /// Start a request: routed to the ring if the backend routes it, else as the threaded
+    /// mode runs it.
+    fn dispatch(&mut self, h: RequestHeader, payload: Option<Buf>, cost: usize) {
+        let inner = &self.conn.inner;
+        let style = self.conn.params.style;
+        let kind = match h.command {
+            Command::Read => Some(RouteKind::Read),
+            Command::Write if h.flags & cf::FUA == 0 => Some(RouteKind::Write),
+            _ => None,
+        };
+        // A route with too many pieces, or more than the completion queue has room for, is
+        // dropped (which ends the backend's account of it) and the request runs as threaded.
+        let route = kind
+            .and_then(|k| Some((k, inner.backend.route(k, h.offset, h.length, ALIGN)?)))
+            .filter(|(_, r)| {
+                let n = r.segments.len();
+                n <= MAX_SEGMENTS && n + RESERVED_COMPLETIONS <= self.ring.room()
+            });
+        let mut payload = payload;
+        if let Some((kind, route)) = route {
+            let io = match kind {
+                RouteKind::Read => Some((Dir::Read, inner.buffers.get(cost).into_io())),
+                RouteKind::Write => payload.take().map(|b| (Dir::Write, b.into_io())),
+            };
+            if let Some((dir, io)) = io {
+                let req = IoReq {
+                    header: h,
+                    cost,
+                    guard: route.guard,
+                    error: route.error,
+                };
+                if let Err(r) = self
+                    .ring
+                    .read_write(dir, io, route.segments, Token::Io(req))
+                {
+                    let r = *r;
+                    tracing::error!(error = %r.error, "backend gave an unusable route");
+                    inner.buffers.put(r.buf);
+                    self.queue(ReplyFrame::error(style, &h, NbdError::Io, cost));
+                }
+                return;
+            }
+        }
+        let job = Job {
+            conn: Arc::clone(self.conn),
+            header: h,
+            payload,
+            cost,
+        };
+        // As in the threaded mode: a read or write with nothing else in flight and nothing
+        // more received runs here (the client waits for this one reply); others, and flushes
+        // (which may wait for a commit), go to the worker pool.
+        let quick = matches!(h.command, Command::Read | Command::Write);
+        if quick && self.count == 1 && self.head == self.tail {
+            let frame = run_job(&job);
+            self.queue(frame);
+            return;
+        }
+        match inner.jobs.push(job) {
+            Ok(()) => self.jobs += 1,
+            Err(job) => self.queue(ReplyFrame::error(
+                style,
+                &job.header,
+                NbdError::Shutdown,
+                cost,
+            )),
+        }
+    }
+
+    fn on_done(&mut self, d: Done<Token>) {
+        let buffers = Arc::clone(&self.conn.inner.buffers);
+        match d {
+            Done::Woken => {}
+            Done::Recv {
+                user: Token::Input,
+                buf,
+                result,
+                ..
+            } => {
+                self.input = Some(buf);
+                match result {
+                    Ok(0) => self.stop(None),
+                    Ok(n) => self.tail += n,
+                    Err(e) if retryable(&e) => {}
+                    Err(e) => {
+                        tracing::debug!(%e, "receive failed; closing connection");
+                        self.stop(None);
+                    }
+                }
+            }
+            Done::Recv {
+                user: Token::Payload(p),
+                buf,
+                at,
+                result,
+            } => {
+                self.payload_busy = false;
+                match result {
+                    Ok(n) if n > 0 => {
+                        let filled = at + n;
+                        if filled < p.cost {
+                            self.receive_payload(p.header, buf, filled, p.cost);
+                        } else {
+                            Counters::add(&self.counters().bytes_received, p.cost as u64);
+                            self.dispatch(p.header, Some(buffers.wrap(buf)), p.cost);
+                        }
+                    }
+                    Err(e) if retryable(&e) => self.receive_payload(p.header, buf, at, p.cost),
+                    _ => {
+                        buffers.put(buf);
+                        self.release(1, p.cost);
+                        self.stop(None);
+                    }
+                }
+            }
+            Done::ReadWrite {
+                user: Token::Io(req),
+                buf,
+                result,
+            } => {
+                let IoReq {
+                    header: h,
+                    cost,
+                    guard,
+                    error,
+                } = req;
+                drop(guard);
+                let style = self.conn.params.style;
+                let frame = match result {
+                    Ok(()) if h.command == Command::Read => ReplyFrame {
+                        head: Some(ReplyHeader::read_data(style, h.cookie, h.offset, h.length)),
+                        body: Body::Pooled(buffers.wrap(buf)),
+                        cost,
+                        error: false,
+                    },
+                    Ok(()) => {
+                        buffers.put(buf);
+                        ReplyFrame::ok(ReplyHeader::done(style, h.cookie, h.offset), cost)
+                    }
+                    Err(e) => {
+                        buffers.put(buf);
+                        tracing::debug!(%e, offset = h.offset, "routed I/O failed");
+                        ReplyFrame::error(style, &h, error(&e), cost)
+                    }
+                };
+                self.queue(frame);
+            }
+            Done::Send {
+                user: Token::Send(meta),
+                mut parts,
+                result,
+            } => {
+                self.sending = false;
+                for p in parts.drain(..) {
+                    if let SendPart::Buf(b) = p {
+                        buffers.put(b);
+                    }
+                }
+                self.spare_parts = parts;
+                match result {
+                    Ok(n) => Counters::add(&self.counters().bytes_sent, n as u64),
+                    Err(err) => {
+                        tracing::debug!(%err, "reply send failed; closing connection");
+                        self.break_socket();
+                    }
+                }
+                Counters::add(&self.counters().request_errors, meta.errors);
+                self.release(meta.frames, meta.cost);
+            }
+            _ => tracing::error!("completion of an unexpected kind (server bug)"),
+        }
+    }
+
+    /// Collect the replies workers left.
+    fn take_replies(&mut self) {
+        let mut frames = std::mem::take(&mut self.spare_frames);
+        std::mem::swap(
+            &mut frames,
+            &mut *self
+                .link
+                .done
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        self.jobs = self.jobs.saturating_sub(frames.len());
+        for f in frames.drain(..) {
+            self.queue(f);
+        }
+        self.spare_frames = frames;
+    }
+
+    fn queue(&mut self, frame: ReplyFrame) {
+        if self.broken {
+            if frame.error {
+                Counters::add(&self.counters().request_errors, 1);
+            }
+            self.release(1, frame.cost);
+        } else {
+            self.outq.push_back(frame);
+        }
+    }
+
+    /// Send what is queued, if no send is in flight.
+    fn flush_replies(&mut self) {
+        if self.sending || self.broken || self.outq.is_empty() {
+            return;
+        }
+        let n = self.outq.len().min(SEND_BATCH);
+        let mut parts = std::mem::take(&mut self.spare_parts);
+        let mut meta = SendMeta::default();
+        for frame in self.outq.drain(..n) {
+            meta.frames += 1;
+            meta.cost += frame.cost;
+            meta.errors += u64::from(frame.error);
+            if let Some(head) = &frame.head {
+                let b = head.as_bytes();
+                parts.push(
+                    Inline::new(b).map_or_else(|| SendPart::Owned(b.to_vec()), SendPart::Inline),
+                );
+            }
+            match frame.body {
+                Body::None => {}
+                Body::Message(m) => parts.push(SendPart::Static(m.as_bytes())),
+                Body::Pooled(buf) => parts.push(SendPart::Buf(buf.into_io())),
+                Body::Owned(v) => parts.push(SendPart::Owned(v)),
+            }
+        }
+        match self
+            .ring
+            .send(Arc::clone(&self.sock), parts, Token::Send(meta))
+        {
+            Ok(()) => self.sending = true,
+            Err((parts, user, err)) => {
+                tracing::warn!(%err, "cannot send replies; closing connection");
+                for p in parts {
+                    if let SendPart::Buf(b) = p {
+                        self.conn.inner.buffers.put(b);
+                    }
+                }
+                self.break_socket();
+                if let Token::Send(meta) = user {
+                    self.release(meta.frames, meta.cost);
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, frames: usize, cost: usize) {
+        self.count -= frames;
+        self.bytes -= cost;
+    }
+
+    /// Take no more requests; `error` ends the connection as a protocol error.
+    fn stop(&mut self, error: Option<DecodeError>) {
+        self.reading = false;
+        if self.error.is_none() {
+            self.error = error;
+        }
+    }
+
+    /// The socket failed: stop, drop the replies waiting, and make the socket's operations in
+    /// flight end.
+    fn break_socket(&mut self) {
+        self.broken = true;
+        self.reading = false;
+        let _ = self.stream.shutdown(Shutdown::Both);
+        while let Some(frame) = self.outq.pop_front() {
+            if frame.error {
+                Counters::add(&self.counters().request_errors, 1);
+            }
+            self.release(1, frame.cost);
+        }
+    }
+}
+
+fn retryable(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN))
+}
