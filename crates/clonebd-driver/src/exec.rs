@@ -202,6 +202,40 @@ pub fn fast_write_ok(view: &SharedView, g: &Geometry, offset: u64, len: u64, fua
     view.map().is_range_hydrated(first, n)
 }
 
+/// The runs of whole regions `[offset, offset+len)` touches, each all hydrated or all not,
+/// clipped to the range: `(start byte, end byte, hydrated)`, in order. Each region's state is
+/// read from the map when its run is reached.
+pub fn runs<'a>(
+    map: &'a HydrationMap,
+    g: &'a Geometry,
+    offset: u64,
+    len: u64,
+) -> impl Iterator<Item = (u64, u64, bool)> + 'a {
+    let end = offset + len;
+    let last = if len == 0 {
+        0
+    } else {
+        g.region_of_byte(end - 1) + 1
+    };
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let r = g.region_of_byte(pos);
+        let hydrated = map.is_hydrated(r);
+        let run_end_region = if hydrated {
+            map.first_unhydrated_in(r, last).unwrap_or(last)
+        } else {
+            map.first_hydrated_in(r, last).unwrap_or(last)
+        };
+        let run_end = g.region_start_byte(run_end_region).min(end);
+        let run = (pos, run_end, hydrated);
+        pos = run_end;
+        Some(run)
+    })
+}
+
 /// Reads `buf` at `offset`, each run of regions from the device that owns it: hydrated ones
 /// from the destination, the others from the source (SPEC 3.1; reads never wait).
 pub fn read_routed(
@@ -214,25 +248,12 @@ pub fn read_routed(
     if view.mode() == Mode::Fail {
         return IoStatus::Io;
     }
-    let map = view.map();
-    let end = offset + buf.len() as u64;
-    let last = g.region_of_byte(end - 1) + 1;
-    let mut pos = offset;
-    while pos < end {
-        let r = g.region_of_byte(pos);
-        let hydrated = map.is_hydrated(r);
-        let run_end_region = if hydrated {
-            map.first_unhydrated_in(r, last).unwrap_or(last)
-        } else {
-            map.first_hydrated_in(r, last).unwrap_or(last)
-        };
-        let run_end = g.region_start_byte(run_end_region).min(end);
+    for (pos, run_end, hydrated) in runs(view.map(), g, offset, buf.len() as u64) {
         let dev = if hydrated { devs.dest } else { devs.source };
         let (a, b) = ((pos - offset) as usize, (run_end - offset) as usize);
         if let Err(e) = dev.read_at(&mut buf[a..b], pos) {
             return status_of(&e);
         }
-        pos = run_end;
     }
     IoStatus::Ok
 }

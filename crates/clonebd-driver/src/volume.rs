@@ -19,6 +19,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -126,6 +127,54 @@ struct Shared {
     stopped: AtomicBool,
     geometry: Geometry,
     lbs: u64,
+}
+
+/// One piece of a routed request: bytes `[at, at + len)` of the request's buffer are read from
+/// (or written to) `file` at `offset`.
+#[derive(Debug, Clone)]
+pub struct RoutedSegment {
+    /// The device's file, opened with `O_DIRECT`.
+    pub file: Arc<File>,
+    /// Byte offset on the device (the same as in the clone).
+    pub offset: u64,
+    /// Where in the request's buffer.
+    pub at: usize,
+    /// How many bytes.
+    pub len: usize,
+}
+
+/// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
+/// itself (through io_uring) instead of calling [`Volume::write`]. The routing is the one
+/// that method uses, decided when the route is made; the caller submits the segments at once and drops the route only when every one of
+/// them completed: until then the request counts as foreground I/O in flight, which
+/// background hydration yields to.
+#[derive(Debug)]
+pub struct Routed {
+    /// The pieces, in buffer order, covering the whole request.
+    pub segments: Vec<RoutedSegment>,
+    _fg: Foreground,
+}
+
+/// A request served outside the engine, in flight until dropped.
+struct Foreground(Arc<Shared>);
+
+impl Foreground {
+    fn start(sh: &Arc<Shared>) -> Self {
+        sh.view.foreground_started(sh.clock.now());
+        Self(Arc::clone(sh))
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        self.0.view.foreground_finished(self.0.clock.now());
+    }
+}
+
+impl std::fmt::Debug for Foreground {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Foreground")
+    }
 }
 
 /// A running clone: the handle exports use. Cloning gives another handle to the same clone.
@@ -249,6 +298,36 @@ impl Volume {
         let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
         sh.view.foreground_finished(sh.clock.now());
         if r.is_ok() { Ok(()) } else { Err(r) }
+    }
+
+    /// Routes a write of `len` bytes at `offset` from memory aligned to `mem_align` bytes, if
+    /// [`write`](Self::write) would take its fast path: not `fua`, not in fail mode, every
+    /// region it touches already hydrated (so the destination owns those bytes and nothing is
+    /// to decide or record). The write then goes to the destination alone. `None` otherwise:
+    /// the write must take [`write`](Self::write).
+    pub fn route_write(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        mem_align: usize,
+    ) -> Option<Routed> {
+        let sh = &self.sh;
+        sh.check_range(offset, len).ok()?;
+        if !fast_write_ok(&sh.view, &sh.geometry, offset, len, fua) {
+            return None;
+        }
+        let file = sh.dest.direct_file(offset, len, mem_align, true)?;
+        let len = usize::try_from(len).ok()?;
+        Some(Routed {
+            segments: vec![RoutedSegment {
+                file,
+                offset,
+                at: 0,
+                len,
+            }],
+            _fg: Foreground::start(sh),
+        })
     }
 
     /// Writes `data` at `offset`; with `fua`, completes only once the data and the metadata

@@ -82,6 +82,8 @@ pub struct RunOptions {
     pub hydration_rate_limit: u64,
     /// NBD worker threads (default: the server's).
     pub nbd_workers: Option<usize>,
+    /// Serve NBD connections through io_uring (`ServerConfig::io_uring`).
+    pub nbd_io_uring: bool,
     /// Serve the clone as this regular file over FUSE (created if missing).
     pub fuse: Option<PathBuf>,
     /// Serve the clone as a ublk block device (/dev/ublkbN).
@@ -534,6 +536,7 @@ impl Daemon {
         if let Some(w) = opts.nbd_workers {
             cfg.workers = w.max(1);
         }
+        cfg.io_uring = opts.nbd_io_uring;
         if let Some(p) = &opts.nbd_unix {
             let l = bind_unix(p)?;
             let server = Arc::new(Server::new(

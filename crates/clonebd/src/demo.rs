@@ -193,6 +193,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         copy_threads: 8,
         hydration_rate_limit: opts.rate_limit,
         nbd_workers: None,
+        nbd_io_uring: true,
     };
     let daemon = Daemon::start(&run_opts)?;
     let vol = daemon.volume().clone();

@@ -7,8 +7,10 @@
 //! hydrates the range now (SPEC D6).
 
 use clonebd_core::engine::IoStatus;
-use clonebd_driver::Volume;
-use clonebd_nbd::{Backend, BackendFlags, BlockSizes, Extent, NbdError, ZeroFlags};
+use clonebd_driver::{Routed, Volume};
+use clonebd_nbd::{
+    Backend, BackendFlags, BlockSizes, Extent, NbdError, Route, RouteKind, Segment, ZeroFlags,
+};
 
 /// Our metadata context.
 pub const HYDRATED_CONTEXT: &str = "clonebd:hydrated";
@@ -104,6 +106,31 @@ impl Backend for CloneExport {
 
     fn cache(&self, offset: u64, len: u64) -> Result<(), NbdError> {
         self.vol.hydrate(offset, len).map_err(nbd_error)
+    }
+
+    /// Plain writes to hydrated regions only. Reads stay on the worker threads: measured on a
+    /// virtio disk (docs/PERFORMANCE.md, "NBD"), 4 KiB random reads at queue depth 32 went
+    /// 20 to 30 % faster as blocking `pread`s from the workers than submitted in batches
+    /// through the connection's ring, while routed writes went 1.5 to 2 times faster.
+    fn route(&self, kind: RouteKind, offset: u64, len: u64, mem_align: usize) -> Option<Route> {
+        if kind != RouteKind::Write {
+            return None;
+        }
+        let mut routed: Routed = self.vol.route_write(offset, len, false, mem_align)?;
+        let segments = std::mem::take(&mut routed.segments)
+            .into_iter()
+            .map(|s| Segment {
+                file: s.file,
+                offset: s.offset,
+                at: s.at,
+                len: s.len,
+            })
+            .collect();
+        Some(Route {
+            segments,
+            guard: Box::new(routed),
+            error: |e| nbd_error(clonebd_driver::exec::status_of(e)),
+        })
     }
 
     fn meta_contexts(&self) -> Vec<String> {

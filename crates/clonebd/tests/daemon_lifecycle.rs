@@ -35,6 +35,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         copy_threads: 2,
         hydration_rate_limit: 0,
         nbd_workers: Some(2),
+        nbd_io_uring: true,
         fuse: None,
         ublk: false,
     }

@@ -344,12 +344,24 @@ fn real_clients_see_the_expected_image_and_the_destination_ends_equal_to_it() {
 /// nbdcopy into the export (zero runs become write-zeroes) and back out.
 #[test]
 fn nbdcopy_in_and_out_round_trips_and_hydrates_what_it_writes() {
+    nbdcopy_round_trip(&[]);
+}
+
+/// The same with connections served by threads instead of io_uring.
+#[test]
+fn nbdcopy_round_trips_with_threaded_connections() {
+    nbdcopy_round_trip(&["--no-nbd-io-uring"]);
+}
+
+fn nbdcopy_round_trip(extra: &[&str]) {
     if !have_all(&["nbdcopy", "nbdinfo"]) {
         return;
     }
     let files = Files::new(SIZE, 2);
     let source_sum = checksum(&files.source);
-    let d = Daemon::start(&files, &["--no-hydration"]);
+    let mut args = vec!["--no-hydration"];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(&files, &args);
     // An input image: random data with runs of zeros.
     let mut input = vec![0u8; SIZE as usize];
     common::daemon::Rng::new(3).fill(&mut input);

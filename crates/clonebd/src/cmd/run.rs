@@ -138,6 +138,12 @@ pub struct RunArgs {
     /// Threads serving NBD requests (default: four per CPU, 16 to 128).
     #[arg(long, value_name = "N")]
     nbd_workers: Option<usize>,
+    /// Serve NBD with a reader and a writer thread per connection and every request on the
+    /// worker threads. By default (where the kernel allows io_uring) each connection has one
+    /// thread that does its socket I/O and its plain writes to hydrated regions through
+    /// io_uring, many per system call, and hands the other requests to the workers.
+    #[arg(long)]
+    no_nbd_io_uring: bool,
     /// Log format on standard error (the level comes from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -220,6 +226,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
             .context("--hydration-rate-limit")?
             .unwrap_or(0),
         nbd_workers: a.nbd_workers,
+        nbd_io_uring: !a.no_nbd_io_uring,
         fuse: a.fuse.clone(),
         ublk: a.ublk,
     })
