@@ -14,4 +14,4 @@ mod meta;
 mod volume;
 
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};
-pub use volume::{MonotonicClock, Routed, RoutedSegment, Volume, VolumeOptions, VolumeStatus};
+pub use volume::{MonotonicClock, Routed, Volume, VolumeOptions, VolumeStatus};

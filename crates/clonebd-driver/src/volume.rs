@@ -129,29 +129,19 @@ struct Shared {
     lbs: u64,
 }
 
-/// One piece of a routed request: bytes `[at, at + len)` of the request's buffer are read from
-/// (or written to) `file` at `offset`.
-#[derive(Debug, Clone)]
-pub struct RoutedSegment {
-    /// The device's file, opened with `O_DIRECT`.
-    pub file: Arc<File>,
-    /// Byte offset on the device (the same as in the clone).
-    pub offset: u64,
-    /// Where in the request's buffer.
-    pub at: usize,
-    /// How many bytes.
-    pub len: usize,
-}
-
 /// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
-/// itself (through io_uring) instead of calling [`Volume::write`]. The routing is the one
-/// that method uses, decided when the route is made; the caller submits the segments at once and drops the route only when every one of
-/// them completed: until then the request counts as foreground I/O in flight, which
-/// background hydration yields to.
+/// itself (through io_uring) instead of calling [`Volume::write`]: the request's `len` bytes
+/// go to `file` at `offset`. The decision is the one that method makes, taken when the route
+/// is made. The caller drops the route only once the write completed: until then the request
+/// counts as foreground I/O in flight, which background hydration yields to.
 #[derive(Debug)]
 pub struct Routed {
-    /// The pieces, in buffer order, covering the whole request.
-    pub segments: Vec<RoutedSegment>,
+    /// The destination's file, opened with `O_DIRECT`.
+    pub file: Arc<File>,
+    /// Byte offset on the destination (the same as in the clone).
+    pub offset: u64,
+    /// How many bytes.
+    pub len: usize,
     _fg: Foreground,
 }
 
@@ -300,32 +290,21 @@ impl Volume {
         if r.is_ok() { Ok(()) } else { Err(r) }
     }
 
-    /// Routes a write of `len` bytes at `offset` from memory aligned to `mem_align` bytes, if
-    /// [`write`](Self::write) would take its fast path: not `fua`, not in fail mode, every
-    /// region it touches already hydrated (so the destination owns those bytes and nothing is
-    /// to decide or record). The write then goes to the destination alone. `None` otherwise:
-    /// the write must take [`write`](Self::write).
-    pub fn route_write(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        mem_align: usize,
-    ) -> Option<Routed> {
+    /// Routes a plain (not FUA) write of `len` bytes at `offset` from memory aligned to
+    /// `mem_align` bytes, if [`write`](Self::write) would take its fast path: not in fail
+    /// mode, every region it touches already hydrated (so the destination owns those bytes
+    /// and nothing is to decide or record). The write then goes to the destination alone.
+    /// `None` otherwise: the write must take [`write`](Self::write).
+    pub fn route_write(&self, offset: u64, len: u64, mem_align: usize) -> Option<Routed> {
         let sh = &self.sh;
         sh.check_range(offset, len).ok()?;
-        if !fast_write_ok(&sh.view, &sh.geometry, offset, len, fua) {
+        if !fast_write_ok(&sh.view, &sh.geometry, offset, len, false) {
             return None;
         }
-        let file = sh.dest.direct_file(offset, len, mem_align, true)?;
-        let len = usize::try_from(len).ok()?;
         Some(Routed {
-            segments: vec![RoutedSegment {
-                file,
-                offset,
-                at: 0,
-                len,
-            }],
+            file: sh.dest.direct_file(offset, len, mem_align, true)?,
+            offset,
+            len: usize::try_from(len).ok()?,
             _fg: Foreground::start(sh),
         })
     }
