@@ -142,6 +142,11 @@ pub fn serve<T: Target + ?Sized>(
     buf: &mut [u8],
 ) -> i32 {
     let fua = op_flags & op::F_FUA != 0;
+    // A flush has no range: the kernel's flush request carries start sector u64::MAX
+    // (blk_rq_pos of a flush), so it must not go through the offset arithmetic below.
+    if op_flags & 0xff == op::FLUSH {
+        return t.flush().map_or_else(|s| -errno_of(s), |()| 0);
+    }
     let (Some(offset), len) = (start_sector.checked_mul(512), u64::from(nr_sectors) * 512) else {
         return -libc::EINVAL;
     };
@@ -156,7 +161,6 @@ pub fn serve<T: Target + ?Sized>(
             Some(l) => t.write(offset, &buf[..l], fua).map(|()| moved),
             None => Err(IoStatus::Invalid),
         },
-        op::FLUSH => t.flush().map(|()| 0),
         op::DISCARD => t.discard(offset, len).map(|()| 0),
         op::WRITE_ZEROES => t.write_zeroes(offset, len, fua).map(|()| 0),
         _ => Err(IoStatus::NotSupported),
@@ -254,12 +258,15 @@ mod tests {
         assert!(buf[..1024].iter().all(|&b| b == 0xab));
         assert_eq!(serve(&t, op::WRITE | op::F_FUA, 1, 16, &mut buf), 8192);
         assert_eq!(serve(&t, op::FLUSH, 0, 0, &mut buf), 0);
+        // What ublk_drv sends for a flush: no sectors, start sector u64::MAX.
+        assert_eq!(serve(&t, op::FLUSH, u64::MAX, 0, &mut buf), 0);
         assert_eq!(serve(&t, op::WRITE_ZEROES, 4, 8, &mut buf), 0);
         assert_eq!(
             *t.0.lock().expect("log"),
             vec![
                 "read 4096+1024",
                 "write 512+8192 fua=true",
+                "flush",
                 "flush",
                 "zeroes 2048+4096 fua=false"
             ]
