@@ -8,6 +8,7 @@
 
 use clonebd_core::engine::IoStatus;
 use clonebd_driver::Volume;
+use clonebd_driver::exec::runs;
 use clonebd_nbd::{
     Backend, BackendFlags, BlockSizes, Extent, NbdError, Route, RouteKind, Segment, ZeroFlags,
 };
@@ -150,25 +151,13 @@ impl Backend for CloneExport {
             }]);
         }
         let g = self.vol.geometry();
-        let map = self.vol.view().map();
-        let last = g.region_of_byte(end - 1) + 1;
-        let mut extents = Vec::new();
-        let mut pos = offset;
-        while pos < end && extents.len() < MAX_EXTENTS {
-            let r = g.region_of_byte(pos);
-            let hydrated = map.is_hydrated(r);
-            let next = if hydrated {
-                map.first_unhydrated_in(r, last).unwrap_or(last)
-            } else {
-                map.first_hydrated_in(r, last).unwrap_or(last)
-            };
-            let run_end = g.region_start_byte(next).min(end);
-            extents.push(Extent {
+        let extents = runs(self.vol.view().map(), &g, offset, end - offset)
+            .take(MAX_EXTENTS)
+            .map(|(pos, run_end, hydrated)| Extent {
                 length: run_end - pos,
                 flags: if hydrated { STATE_HYDRATED } else { 0 },
-            });
-            pos = run_end;
-        }
+            })
+            .collect();
         Ok(extents)
     }
 }
