@@ -467,20 +467,9 @@ fn rebalance_left<D: BlockDev>(
     k: u64,
 ) -> Result<(), MetadataError> {
     count_path(1);
-    let parent = s.parent();
-    let sib = shadow_child(tm, tree, parent, parent_index - 1)?;
+    let sib = shadow_child(tm, tree, s.parent(), parent_index - 1)?;
     let cur = s.current();
-    let mut left = node_copy(tm, sib)?;
-    let mut right = node_copy(tm, cur)?;
-    redistribute2(&mut left, &mut right);
-    node_store(tm, sib, &left)?;
-    node_store(tm, cur, &right)?;
-    let rk = key(&right, 0);
-    tm.write(parent, |p| set_key(p, parent_index, rk))?;
-    if k < rk {
-        s.set_current(sib);
-    }
-    Ok(())
+    rebalance_pair(tm, s, (sib, cur), parent_index, k)
 }
 
 /// Moves entries of the current node into its right sibling (`rebalance_right`).
@@ -492,19 +481,29 @@ fn rebalance_right<D: BlockDev>(
     k: u64,
 ) -> Result<(), MetadataError> {
     count_path(2);
-    let parent = s.parent();
-    let sib = shadow_child(tm, tree, parent, parent_index + 1)?;
+    let sib = shadow_child(tm, tree, s.parent(), parent_index + 1)?;
     let cur = s.current();
-    let mut left = node_copy(tm, cur)?;
-    let mut right = node_copy(tm, sib)?;
-    redistribute2(&mut left, &mut right);
-    node_store(tm, cur, &left)?;
-    node_store(tm, sib, &right)?;
-    let rk = key(&right, 0);
-    tm.write(parent, |p| set_key(p, parent_index + 1, rk))?;
-    if k >= rk {
-        s.set_current(sib);
-    }
+    rebalance_pair(tm, s, (cur, sib), parent_index + 1, k)
+}
+
+/// Evens out two adjacent children of the spine's parent, `left` and `right` (the latter at
+/// `right_index` in the parent), updates the parent's key for `right`, and leaves the spine on
+/// the one that now holds `k`.
+fn rebalance_pair<D: BlockDev>(
+    tm: &mut Tm<D>,
+    s: &mut Spine,
+    (left, right): (u64, u64),
+    right_index: u32,
+    k: u64,
+) -> Result<(), MetadataError> {
+    let mut ln = node_copy(tm, left)?;
+    let mut rn = node_copy(tm, right)?;
+    redistribute2(&mut ln, &mut rn);
+    node_store(tm, left, &ln)?;
+    node_store(tm, right, &rn)?;
+    let rk = key(&rn, 0);
+    tm.write(s.parent(), |p| set_key(p, right_index, rk))?;
+    s.set_current(if k < rk { left } else { right });
     Ok(())
 }
 
