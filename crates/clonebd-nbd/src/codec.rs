@@ -280,10 +280,14 @@ impl TransmissionParams {
         }
         // "the client MUST ensure that *offset* and *length* are integer multiples of any
         // advertised minimum block size ... The server SHOULD report an `NBD_EINVAL` error if
-        // the client's request is not aligned". A block status length is only a hint.
+        // the client's request is not aligned". A block status length is only a hint. A trim
+        // is advisory, and QEMU's block layer passes the unaligned head and tail of a discard
+        // down to its NBD driver: like qemu-nbd, take it, and let the backend ignore what
+        // does not cover whole blocks.
         let min = u64::from(self.min_block);
         let length_aligned = h.command == Command::BlockStatus || h.length.is_multiple_of(min);
-        if !h.offset.is_multiple_of(min) || !length_aligned {
+        let aligned = h.offset.is_multiple_of(min) && length_aligned;
+        if !aligned && h.command != Command::Trim {
             return reject(NbdError::Invalid);
         }
         // "any client request with a length larger than the maximum payload size will fail";
@@ -921,6 +925,20 @@ mod tests {
     fn unaligned_write_is_einval() {
         let r = check(HeaderStyle::Simple, header(Command::Write, 0, 100, 512));
         assert_eq!(r, rejected(NbdError::Invalid, 512));
+    }
+
+    #[test]
+    fn unaligned_trim_is_taken_but_not_past_the_end() {
+        // Advisory: the backend ignores what does not cover whole blocks.
+        let r = check(HeaderStyle::Simple, header(Command::Trim, 0, 100, 1000));
+        assert_eq!(r, Ok(Disposition::Execute));
+        let r = check(
+            HeaderStyle::Simple,
+            header(Command::WriteZeroes, 0, 100, 1000),
+        );
+        assert_eq!(r, rejected(NbdError::Invalid, 0));
+        let r = check(HeaderStyle::Simple, header(Command::Trim, 0, 1 << 40, 1000));
+        assert_eq!(r, rejected(NbdError::Invalid, 0));
     }
 
     #[test]

@@ -37,15 +37,34 @@ impl Engine {
             | Request::Hydrate { offset, len } => Some((offset, len)),
             Request::Flush => None,
         };
-        if let Some((offset, len)) = range
-            && !self.valid_range(offset, len)
-        {
+        let valid = match r {
+            // A discard is advisory: only its range must lie in the device; what is not
+            // aligned to the logical block size is ignored below (as dm-clone ignores what
+            // does not cover whole regions), and QEMU passes unaligned heads and tails down.
+            Request::Discard { offset, len } => self.in_device(offset, len),
+            _ => range.is_none_or(|(offset, len)| self.valid_range(offset, len)),
+        };
+        if !valid {
             self.emit(Action::Reply {
                 req,
                 status: IoStatus::Invalid,
             });
             return;
         }
+        let r = match r {
+            Request::Discard { offset, len } => match self.aligned_inward(offset, len) {
+                Some((offset, len)) => Request::Discard { offset, len },
+                None => {
+                    // No whole logical block: nothing to discard, and that is a success.
+                    self.emit(Action::Reply {
+                        req,
+                        status: IoStatus::Ok,
+                    });
+                    return;
+                }
+            },
+            r => r,
+        };
         let kind = match r {
             Request::Read { .. } => ReqKind::Read,
             Request::Write { .. } | Request::WriteZeroes { .. } => ReqKind::Write,
@@ -86,14 +105,30 @@ impl Engine {
         self.settle(req, 1, IoStatus::Ok);
     }
 
-    fn valid_range(&self, offset: u64, len: u64) -> bool {
-        let lbs = u64::from(self.cfg.logical_block_size.max(1));
+    fn lbs(&self) -> u64 {
+        u64::from(self.cfg.logical_block_size.max(1))
+    }
+
+    /// Whether `[offset, offset+len)` is non-empty and inside the device.
+    fn in_device(&self, offset: u64, len: u64) -> bool {
         len > 0
-            && offset.is_multiple_of(lbs)
-            && len.is_multiple_of(lbs)
             && offset
                 .checked_add(len)
                 .is_some_and(|end| end <= self.geometry().target_bytes())
+    }
+
+    /// Whether the range is inside the device and aligned to the logical block size.
+    fn valid_range(&self, offset: u64, len: u64) -> bool {
+        let lbs = self.lbs();
+        self.in_device(offset, len) && offset.is_multiple_of(lbs) && len.is_multiple_of(lbs)
+    }
+
+    /// The whole logical blocks inside an in-device range, if there are any.
+    fn aligned_inward(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let lbs = self.lbs();
+        let start = offset.div_ceil(lbs) * lbs;
+        let end = (offset + len) / lbs * lbs;
+        (start < end).then(|| (start, end - start))
     }
 
     /// Adds `n` pieces the request must wait for.

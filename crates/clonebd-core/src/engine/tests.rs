@@ -428,6 +428,70 @@ fn discard_inside_one_region_does_nothing_f4() {
 }
 
 #[test]
+fn unaligned_discard_ignores_partial_blocks_and_succeeds() {
+    // Region size 8 sectors (4 KiB). Not aligned to 512 bytes, inside one region: nothing
+    // to do, and that is a success (QEMU passes such heads and tails down).
+    let mut h = H::with_region(8 * 16, 8, |_| {});
+    let a = h.req(
+        1,
+        Request::Discard {
+            offset: 2_621_540 % (8 * 16 * 512),
+            len: 1000,
+        },
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reply {
+            req: 1,
+            status: IoStatus::Ok
+        }]
+    );
+    // Less than one block in all.
+    let a = h.req(
+        2,
+        Request::Discard {
+            offset: 100,
+            len: 300,
+        },
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reply {
+            req: 2,
+            status: IoStatus::Ok
+        }]
+    );
+    assert_eq!(h.e.view().map().nr_hydrated(), 0);
+    // Unaligned ends around regions 2 to 4: exactly those are discarded and marked.
+    let a = h.req(
+        3,
+        Request::Discard {
+            offset: 8000,
+            len: 12_700,
+        },
+    );
+    assert!(
+        matches!(a[..], [Action::DiscardDest { offset, len, .. }] if offset == 8192 && len == 3 * 4096),
+        "{a:?}"
+    );
+    // Still refused: past the end of the device.
+    let a = h.req(
+        4,
+        Request::Discard {
+            offset: 8 * 16 * 512 - 100,
+            len: 1000,
+        },
+    );
+    assert_eq!(
+        a,
+        vec![Action::Reply {
+            req: 4,
+            status: IoStatus::Invalid
+        }]
+    );
+}
+
+#[test]
 fn discard_marks_whole_regions_and_passes_down_trimmed() {
     let mut h = H::new(16);
     let a = h.req(
