@@ -4,6 +4,7 @@
 //! - [`bitmap`]: the lock-free in-core hydration map and the sparse per-transaction dirty set;
 //! - [`buf`], [`clock`]: direct-I/O buffers and the clock seam;
 //! - [`dev`]: the block-device trait that real and simulated devices implement;
+//! - [`errno`]: system errors in words, with the errno's name;
 //! - [`dmclone`]: the dm-clone table line, status line and messages, byte-exact;
 //! - [`engine`]: the region state machine, hydration and the commit protocol.
 //!
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod dev;
 pub mod dmclone;
 pub mod engine;
+pub mod errno;
 pub mod geometry;
 
 pub use bitmap::{DirtySet, HydrationMap};

@@ -124,19 +124,84 @@ pub const COPY_CHUNK: u64 = 1 << 20;
 /// Copies `[offset, offset+len)` from the source to the destination, in pieces of at most
 /// [`COPY_CHUNK`]; stops at the first error.
 pub fn copy_range(devs: &Devices<'_>, offset: u64, len: u64, scratch: &mut AlignedBuf) -> IoStatus {
+    match try_copy_range(devs, offset, len, scratch) {
+        Ok(()) => IoStatus::Ok,
+        Err(f) => f.status(),
+    }
+}
+
+/// Which device a copy failed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopySide {
+    /// Reading the source.
+    Source,
+    /// Writing the destination.
+    Destination,
+}
+
+/// Why a copy failed: on which device, where, and the system's error.
+#[derive(Debug)]
+pub struct CopyFailure {
+    /// The device that failed.
+    pub side: CopySide,
+    /// The byte offset of the piece that failed.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// The device's error.
+    pub error: io::Error,
+}
+
+impl CopyFailure {
+    /// The status the engine is told.
+    pub fn status(&self) -> IoStatus {
+        status_of(&self.error)
+    }
+}
+
+impl std::fmt::Display for CopyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.side {
+            CopySide::Source => "reading the source",
+            CopySide::Destination => "writing the destination",
+        };
+        write!(
+            f,
+            "{what} at byte {} ({} bytes): {}",
+            self.offset,
+            self.len,
+            clonebd_core::errno::describe(&self.error)
+        )
+    }
+}
+
+/// As [`copy_range`], saying why a copy failed.
+pub fn try_copy_range(
+    devs: &Devices<'_>,
+    offset: u64,
+    len: u64,
+    scratch: &mut AlignedBuf,
+) -> Result<(), CopyFailure> {
     let mut done = 0;
     while done < len {
         let n = COPY_CHUNK.min(len - done);
         scratch.resize(n as usize);
-        if let Err(e) = devs.source.read_at(scratch, offset + done) {
-            return status_of(&e);
-        }
-        if let Err(e) = devs.dest.write_at(scratch, offset + done) {
-            return status_of(&e);
-        }
+        let at = offset + done;
+        let fail = |side, error| CopyFailure {
+            side,
+            offset: at,
+            len: n,
+            error,
+        };
+        devs.source
+            .read_at(scratch, at)
+            .map_err(|e| fail(CopySide::Source, e))?;
+        devs.dest
+            .write_at(scratch, at)
+            .map_err(|e| fail(CopySide::Destination, e))?;
         done += n;
     }
-    IoStatus::Ok
+    Ok(())
 }
 
 /// Performs a metadata action (`CommitMetadata`, `AbortMetadata`); `None` for others.

@@ -33,8 +33,8 @@ use clonebd_core::{AlignedBuf, BlockDev, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::exec::{
-    COPY_CHUNK, Devices, ReqBuf, copy_range, execute_data, execute_metadata, fast_write_ok, op_of,
-    owner_of, read_routed,
+    COPY_CHUNK, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of,
+    read_routed, try_copy_range,
 };
 use crate::{MetadataBackend, MetadataUsage};
 
@@ -75,7 +75,7 @@ pub struct VolumeOptions {
 }
 
 /// Everything a status report shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeStatus {
     /// The engine's view.
     pub engine: EngineStatus,
@@ -83,6 +83,8 @@ pub struct VolumeStatus {
     pub metadata: MetadataUsage,
     /// The clone's geometry.
     pub geometry: Geometry,
+    /// Why the last failed copy failed (device, offset and the system's error), if one did.
+    pub last_copy_error: Option<String>,
 }
 
 enum Msg {
@@ -127,6 +129,8 @@ struct Shared {
     stopped: AtomicBool,
     geometry: Geometry,
     lbs: u64,
+    /// Why the last background or foreground copy failed, for the log and the status.
+    last_copy_error: Mutex<Option<String>>,
 }
 
 /// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
@@ -231,6 +235,7 @@ impl Volume {
             stopped: AtomicBool::new(false),
             geometry: opts.engine.geometry,
             lbs: u64::from(opts.engine.logical_block_size.max(512)),
+            last_copy_error: Mutex::new(None),
         });
         let mut threads = Vec::new();
         for i in 0..opts.copy_threads.max(1) {
@@ -375,6 +380,7 @@ impl Volume {
             engine,
             metadata,
             geometry: self.sh.geometry,
+            last_copy_error: lock(&self.sh.last_copy_error).clone(),
         }
     }
 
@@ -566,7 +572,7 @@ impl Shared {
             source: &*self.source,
             dest: &*self.dest,
         };
-        let st = SCRATCH.with(|s| copy_range(&devs, offset, len, &mut s.borrow_mut()));
+        let st = self.copy(&devs, offset, len);
         if !st.is_ok() {
             let mut f = lock(&split.failed);
             if f.is_ok() {
@@ -625,11 +631,26 @@ impl Shared {
         mine
     }
 
+    /// Copies a range, recording why it failed.
+    fn copy(&self, devs: &Devices<'_>, offset: u64, len: u64) -> IoStatus {
+        match SCRATCH.with(|s| try_copy_range(devs, offset, len, &mut s.borrow_mut())) {
+            Ok(()) => IoStatus::Ok,
+            Err(f) => {
+                let status = f.status();
+                *lock(&self.last_copy_error) = Some(f.to_string());
+                status
+            }
+        }
+    }
+
     fn execute(&self, a: &Action, buf: &mut ReqBuf<'_>) -> IoStatus {
         let devs = Devices {
             source: &*self.source,
             dest: &*self.dest,
         };
+        if let Action::Copy { offset, len, .. } = *a {
+            return self.copy(&devs, offset, len);
+        }
         let data = SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             execute_data(&devs, a, buf, &mut s)
@@ -666,7 +687,8 @@ impl Shared {
                 n,
                 background,
             } => {
-                tracing::error!(first, n, background, "hydration failed");
+                let cause = lock(&self.last_copy_error).clone().unwrap_or_default();
+                tracing::error!(first, n, background, "hydration failed: {cause}");
             }
             Event::MetadataOperationFailed { op } => {
                 tracing::error!("Metadata operation `{op}' failed");

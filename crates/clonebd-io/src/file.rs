@@ -7,6 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use clonebd_core::errno::describe;
 use clonebd_core::{BlockDev, Caps};
 use thiserror::Error;
 
@@ -62,40 +63,55 @@ impl OpenOptions {
     }
 }
 
-/// Why a device could not be opened.
+/// Why a device could not be opened. Each message starts with the path and gives the cause
+/// once; the caller puts the device's role in front ("source disk.img: ...").
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum OpenError {
     /// The path could not be opened.
-    #[error("cannot open {path}: {source}")]
+    #[error("{}: {}", .path.display(), describe(.cause))]
     Open {
         /// The device's path.
         path: PathBuf,
         /// The system's error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// Another process holds the exclusive lock.
     #[error(
-        "{path} is in use by another process (it is locked; is another clonebd running on it?)"
+        "{}: in use by another process (it is locked: is another clonebd running on it?)",
+        .path.display()
     )]
     InUse {
         /// The device's path.
         path: PathBuf,
     },
     /// The path is neither a regular file nor a block device.
-    #[error("{path} is not a regular file or a block device")]
+    #[error("{}: not a regular file or a block device", .path.display())]
     NotADevice {
         /// The device's path.
         path: PathBuf,
     },
     /// Querying the device failed.
-    #[error("cannot query {path}: {source}")]
+    #[error("{}: cannot query the device: {}", .path.display(), describe(.cause))]
     Query {
         /// The device's path.
         path: PathBuf,
         /// The system's error.
-        source: io::Error,
+        cause: io::Error,
     },
+}
+
+impl OpenError {
+    /// The errno behind the failure, as the kernel's constructor would return it.
+    pub fn errno(&self) -> i32 {
+        match self {
+            OpenError::Open { cause, .. } | OpenError::Query { cause, .. } => {
+                cause.raw_os_error().unwrap_or(libc::EIO)
+            }
+            OpenError::InUse { .. } => libc::EBUSY,
+            OpenError::NotADevice { .. } => libc::ENOTBLK,
+        }
+    }
 }
 
 /// A regular file or a block device.
@@ -127,13 +143,13 @@ impl FileDevice {
                 .custom_flags(flags)
                 .open(&path)
         };
-        let file = open(libc::O_CLOEXEC).map_err(|source| OpenError::Open {
+        let file = open(libc::O_CLOEXEC).map_err(|cause| OpenError::Open {
             path: path.clone(),
-            source,
+            cause,
         })?;
-        let meta = file.metadata().map_err(|source| OpenError::Query {
+        let meta = file.metadata().map_err(|cause| OpenError::Query {
             path: path.clone(),
-            source,
+            cause,
         })?;
         let ft = meta.file_type();
         let is_block = ft.is_block_device();
@@ -144,17 +160,17 @@ impl FileDevice {
             match file.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => return Err(OpenError::InUse { path }),
-                Err(std::fs::TryLockError::Error(source)) => {
-                    return Err(OpenError::Query { path, source });
+                Err(std::fs::TryLockError::Error(cause)) => {
+                    return Err(OpenError::Query { path, cause });
                 }
             }
         }
         let size = if is_block {
             (&file)
                 .seek(SeekFrom::End(0))
-                .map_err(|source| OpenError::Query {
+                .map_err(|cause| OpenError::Query {
                     path: path.clone(),
-                    source,
+                    cause,
                 })?
         } else {
             meta.len()
@@ -168,7 +184,7 @@ impl FileDevice {
             if rc != 0 {
                 return Err(OpenError::Query {
                     path,
-                    source: io::Error::last_os_error(),
+                    cause: io::Error::last_os_error(),
                 });
             }
             u32::try_from(lbs).unwrap_or(512).max(512)

@@ -399,7 +399,7 @@ pub enum MetadataError {
     #[error("unsupported metadata: {0}")]
     Unsupported(Unsupported),
     /// The device failed.
-    #[error("metadata device {op} failed at block {block}: {source}")]
+    #[error("metadata device {op} failed at block {block}: {}", clonebd_core::errno::describe(.source))]
     Io {
         /// The operation.
         op: IoOp,

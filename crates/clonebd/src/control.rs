@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use clonebd_core::errno::describe;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -88,37 +89,37 @@ pub trait ControlHandler: Send + Sync + 'static {
 #[non_exhaustive]
 pub enum ControlError {
     /// The socket could not be created.
-    #[error("cannot create control socket {path}: {source}")]
+    #[error("control socket {}: cannot create it: {}", .path.display(), describe(.cause))]
     Bind {
         /// The socket's path.
         path: PathBuf,
         /// The system's error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// Another daemon answers on the path.
-    #[error("control socket {path} is in use by a running clonebd")]
+    #[error("control socket {}: in use by a running clonebd", .path.display())]
     InUse {
         /// The socket's path.
         path: PathBuf,
     },
     /// The daemon could not be reached.
-    #[error("cannot reach clonebd at {path}: {source} (is `clonebd run --control {path}` running?)", path = .path.display())]
+    #[error("control socket {path}: cannot reach clonebd: {} (is `clonebd run --control {path}` running?)", describe(.cause), path = .path.display())]
     Connect {
         /// The socket's path.
         path: PathBuf,
         /// The system's error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The exchange failed half way.
-    #[error("control connection to {path} failed: {source}", path = .path.display())]
+    #[error("control socket {}: the exchange with clonebd failed: {}", .path.display(), describe(.cause))]
     Exchange {
         /// The socket's path.
         path: PathBuf,
         /// The system's error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The daemon's answer was not understood.
-    #[error("unexpected answer from clonebd at {path}: {detail}", path = .path.display())]
+    #[error("control socket {}: unexpected answer from clonebd: {detail}", .path.display())]
     Protocol {
         /// The socket's path.
         path: PathBuf,
@@ -151,9 +152,9 @@ impl ControlServer {
         // is never reachable with a looser mode.
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        let bind_err = |source| ControlError::Bind {
+        let bind_err = |cause| ControlError::Bind {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
@@ -232,13 +233,13 @@ fn serve_one(conn: UnixStream, handler: &dyn ControlHandler) {
 
 /// Sends one request to the daemon at `path` and returns its answer.
 pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply, ControlError> {
-    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+    let mut s = UnixStream::connect(path).map_err(|cause| ControlError::Connect {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
-    let ex = |source| ControlError::Exchange {
+    let ex = |cause| ControlError::Exchange {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol {
         path: path.to_path_buf(),

@@ -78,6 +78,8 @@ pub struct StatusJson {
     pub bytes_hydrated: u64,
     /// Failed copies so far (this run).
     pub copy_errors: u64,
+    /// Why the last failed copy failed: the device, the offset and the system's error.
+    pub last_copy_error: Option<String>,
     /// Regions hydrated but not yet committed.
     pub dirty_regions: u64,
     /// NBD connections open now.
@@ -173,6 +175,7 @@ pub fn status_json(
         eta_seconds: eta,
         bytes_hydrated: s.engine.bytes_hydrated,
         copy_errors: s.engine.copy_errors,
+        last_copy_error: s.last_copy_error.clone(),
         dirty_regions: s.engine.nr_dirty,
         connections: connections.0,
         total_connections: connections.1,

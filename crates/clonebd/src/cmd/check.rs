@@ -50,14 +50,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let dev = match FileDevice::open(&args.meta, OpenOptions::read_only()) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("clonebd check: {e}");
+            eprintln!("clonebd check: metadata {e}");
             return Ok(ExitCode::from(EXIT_UNREADABLE));
         }
     };
     let report = match clonebd_metadata::check(&dev) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("clonebd check: {path}: {e}");
+            eprintln!("clonebd check: metadata {path}: {e}");
             return Ok(ExitCode::from(EXIT_UNREADABLE));
         }
     };

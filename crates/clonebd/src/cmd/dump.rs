@@ -52,7 +52,7 @@ pub fn run(args: DumpArgs) -> anyhow::Result<ExitCode> {
     let dev = match FileDevice::open(&args.meta, OpenOptions::read_only()) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("clonebd dump: {e}");
+            eprintln!("clonebd dump: metadata {e}");
             return Ok(ExitCode::from(EXIT_UNREADABLE));
         }
     };
@@ -66,11 +66,11 @@ pub fn run(args: DumpArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e @ MetadataError::Io { .. }) => {
-            eprintln!("clonebd dump: {path}: {e}");
+            eprintln!("clonebd dump: metadata {path}: {e}");
             Ok(ExitCode::from(EXIT_UNREADABLE))
         }
         Err(e) => {
-            eprintln!("clonebd dump: {path}: {e}");
+            eprintln!("clonebd dump: metadata {path}: {e}");
             Ok(ExitCode::from(EXIT_INVALID))
         }
     }
