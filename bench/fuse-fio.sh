@@ -48,7 +48,7 @@ both() {
 start() { # extra clonebd arguments
     rm -f "$dir/ctl"
     "$bin" run --source "$dir/src.img" --dest "$dir/dst.img" --metadata "$dir/meta" \
-        --fuse "$dir/clone.img" --control "$dir/ctl" "$@" 2>>"$dir/clonebd.log" &
+        $([ -e "$dir/meta" ] || echo --create) --fuse "$dir/clone.img" --control "$dir/ctl" "$@" 2>>"$dir/clonebd.log" &
     pid=$!
     while [ ! -S "$dir/ctl" ]; do sleep 0.1; done
 }

@@ -47,7 +47,7 @@ time_clonebd() {
         rm -f "$dir/d.img" "$dir/meta" "$dir/ctl"; truncate -s "$((size_mib << 20))" "$dir/d.img"
         drop_caches
         t0=$(now)
-        "$bin" run --source "$src" --dest "$dir/d.img" --metadata "$dir/meta" --control "$dir/ctl" "$@" \
+        "$bin" run --source "$src" --dest "$dir/d.img" --metadata "$dir/meta" --create --control "$dir/ctl" "$@" \
             2>"$dir/run.log" &
         pid=$!
         while [ ! -S "$dir/ctl" ]; do sleep 0.005; kill -0 "$pid" || { cat "$dir/run.log" >&2; exit 1; }; done

@@ -66,7 +66,7 @@ fresh_dest() {
 start() { # extra clonebd arguments
     rm -f "$dir/ctl" "$dir/clonebd.sock"
     "$bin" run --source "$dir/src.img" --dest "$dir/dst.img" --metadata "$dir/meta" \
-        --region-size "$REGION" --nbd-unix "$dir/clonebd.sock" --control "$dir/ctl" "$@" \
+        $([ -e "$dir/meta" ] || echo --create) --region-size "$REGION" --nbd-unix "$dir/clonebd.sock" --control "$dir/ctl" "$@" \
         2>>"$dir/clonebd.log" &
     pid=$!
     while [ ! -S "$dir/ctl" ] || [ ! -S "$dir/clonebd.sock" ]; do sleep 0.1; done

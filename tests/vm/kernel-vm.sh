@@ -185,8 +185,9 @@ new_clone() { # DIR: a fresh destination of the source in DIR, which becomes the
     cp /data/src expected
 }
 start() { # ARGS...: clonebd run over the clone in the current directory, in the background
+    # --create for a new clone; a restart goes on with the metadata it has.
     clonebd run --source /data/src --dest dest --metadata meta --region-size 64k \
-        --no-hydration --control ctl "$@" >log 2>&1 &
+        $([ -e meta ] || echo --create) --no-hydration --control ctl "$@" >log 2>&1 &
     pid=$!
 }
 await() { # MESSAGE TEST...: until clonebd logs MESSAGE and TEST holds

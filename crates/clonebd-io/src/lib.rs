@@ -6,6 +6,9 @@
 //! `BLKDISCARD`), zeroing (`FALLOC_FL_ZERO_RANGE` or `BLKZEROOUT`), and an exclusive
 //! advisory lock so that one process owns a device at a time (SPEC 9, H2).
 //!
+//! [`identity`] tells which storage a path names and what it lies on, so that a clone's
+//! source, destination and metadata never share any.
+//!
 //! [`uring`] submits many reads, writes and socket transfers with one system call: a safe
 //! io_uring wrapper that owns the buffers of the operations in flight.
 //!
@@ -15,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod file;
+pub mod identity;
 pub mod uring;
 
 pub use file::{AccessMode, FileDevice, OpenError, OpenOptions};

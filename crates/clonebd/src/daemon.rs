@@ -20,8 +20,10 @@ use clonebd_core::dmclone::{
     parse_message, parse_table, split_table_words,
 };
 use clonebd_core::engine::{Config, Control, IoStatus};
+use clonebd_core::errno::describe;
 use clonebd_core::{BlockDev, Geometry, SECTOR_SIZE};
 use clonebd_driver::{MonotonicClock, StoreBackend, Volume, VolumeOptions};
+use clonebd_io::identity::Identity;
 use clonebd_io::{FileDevice, OpenError, OpenOptions};
 use clonebd_metadata::{MetadataError, MetadataStore, StoreOptions};
 use clonebd_nbd::{Server, ServerConfig, ServerError, ShutdownHandle};
@@ -40,7 +42,7 @@ pub enum CloneSpec {
         source: PathBuf,
         /// Destination path.
         dest: PathBuf,
-        /// Metadata path (created and formatted if missing).
+        /// Metadata path (created and formatted only with `create_metadata`).
         metadata: PathBuf,
         /// Region size in bytes.
         region_bytes: u64,
@@ -66,6 +68,10 @@ pub struct RunOptions {
     pub spec: CloneSpec,
     /// The clone's size in bytes (default: the source's).
     pub size_bytes: Option<u64>,
+    /// Create and format the metadata file, which must not exist yet (`--create`). Without
+    /// it a missing metadata path is an error: a mistyped path must never start a clone
+    /// afresh over a destination that holds one.
+    pub create_metadata: bool,
     /// Serve NBD on this unix socket.
     pub nbd_unix: Option<PathBuf>,
     /// Serve NBD on this TCP address.
@@ -91,35 +97,73 @@ pub struct RunOptions {
 }
 
 /// Why the daemon could not start or stopped badly.
+///
+/// Each message names the role and path once and gives the cause once: none of these
+/// errors hands its cause on as a `source()`, so a printed chain never repeats it.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum DaemonError {
-    /// The table (or the flags) were refused; the text is the kernel's.
-    #[error("{error}{}", detail_of(.error))]
+    /// The table (or the flags) were refused; the text is the kernel's, or for a device that
+    /// did not open, what failed on which role.
+    #[error("{}", table_text(.error))]
     Table {
         /// The parser's error.
         error: TableError,
     },
-    /// A path could not be examined.
-    #[error("cannot open {path}: {source}", path = .path.display())]
+    /// A device could not be opened or examined.
+    #[error("{role} {error}")]
     Device {
-        /// The device.
-        path: PathBuf,
-        /// The open error.
-        source: OpenError,
+        /// "source", "destination" or "metadata".
+        role: &'static str,
+        /// The open error (it starts with the path).
+        error: OpenError,
     },
+    /// A path could not be examined.
+    #[error("{role} {}: cannot examine it: {}", .path.display(), describe(.error))]
+    Stat {
+        /// "source", "destination" or "metadata".
+        role: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The system's error.
+        error: io::Error,
+    },
+    /// Two roles name the same storage.
+    #[error("{0}")]
+    RolesOverlap(String),
+    /// The metadata path does not exist and `--create` was not given.
+    #[error(
+        "metadata {}: not found. To start a new clone, add --create (clonebd creates and formats it), or give a zeroed file or device, as the kernel's dm-clone expects; to go on with a clone, give the metadata it was started with",
+        .path.display()
+    )]
+    MetadataMissing {
+        /// The metadata path.
+        path: PathBuf,
+    },
+    /// `--create` was given for a path that exists.
+    #[error(
+        "metadata {}: already exists, and --create only makes new metadata. Drop --create to go on with the clone it holds (a zeroed file or device is formatted)",
+        .path.display()
+    )]
+    MetadataExists {
+        /// The metadata path.
+        path: PathBuf,
+    },
+    /// A size is not a whole number of sectors.
+    #[error("{0}")]
+    Size(String),
     /// The metadata could not be loaded or created.
-    #[error("Failed to load metadata: {source} ({path})", path = .path.display())]
+    #[error("metadata {}: {error}{}", .path.display(), metadata_hint(.error, .path))]
     Metadata {
         /// The metadata path.
         path: PathBuf,
         /// The store's error.
-        source: MetadataError,
+        error: MetadataError,
     },
     /// Space for the clone could not be reserved in the destination file.
     #[error(
-        "cannot reserve {bytes} bytes for the clone in {path}: {source} (free space, or start with --no-preallocate)",
-        path = .path.display()
+        "destination {}: cannot reserve {bytes} bytes for the clone: {}; free space, or start with --no-preallocate",
+        .path.display(), describe(.error)
     )]
     Preallocate {
         /// The destination.
@@ -127,42 +171,89 @@ pub enum DaemonError {
         /// The clone's size.
         bytes: u64,
         /// The system's error.
-        source: io::Error,
-    },
-    /// The metadata file could not be created.
-    #[error("cannot create metadata file {path}: {source}", path = .path.display())]
-    CreateMetadata {
-        /// The metadata path.
-        path: PathBuf,
-        /// The system's error.
-        source: io::Error,
+        error: io::Error,
     },
     /// An NBD listener could not start.
-    #[error("cannot serve NBD on {what}: {source}")]
+    #[error("NBD socket {what}: cannot listen: {}", describe(.error))]
     Listen {
         /// The socket.
         what: String,
         /// The system's error.
-        source: io::Error,
+        error: io::Error,
+    },
+    /// A thread could not start.
+    #[error("cannot start thread {name}: {}", describe(.error))]
+    Thread {
+        /// The thread's name.
+        name: String,
+        /// The system's error.
+        error: io::Error,
     },
     /// The NBD server refused the export.
     #[error("NBD server: {0}")]
-    Nbd(#[from] ServerError),
+    Nbd(ServerError),
     /// The control socket could not start.
-    #[error(transparent)]
-    Control(#[from] ControlError),
+    #[error("{0}")]
+    Control(ControlError),
     /// The FUSE export could not start.
-    #[error(transparent)]
-    Fuse(#[from] clonebd_fuse::FuseError),
+    #[error("{0}")]
+    Fuse(clonebd_fuse::FuseError),
     /// The ublk export could not start.
-    #[error(transparent)]
-    Ublk(#[from] clonebd_ublk::UblkError),
+    #[error("{0}")]
+    Ublk(clonebd_ublk::UblkError),
     /// Waiting for signals failed.
-    #[error("cannot wait for signals: {0}")]
+    #[error("cannot wait for signals: {}", describe(.0))]
     Signals(io::Error),
     /// The final commit failed: the metadata may not hold the last hydrations.
     #[error("the final metadata commit failed ({0:?}); the next start re-copies what was lost")]
     FinalCommit(IoStatus),
+}
+
+impl From<ServerError> for DaemonError {
+    fn from(e: ServerError) -> Self {
+        DaemonError::Nbd(e)
+    }
+}
+
+impl From<ControlError> for DaemonError {
+    fn from(e: ControlError) -> Self {
+        DaemonError::Control(e)
+    }
+}
+
+impl From<clonebd_fuse::FuseError> for DaemonError {
+    fn from(e: clonebd_fuse::FuseError) -> Self {
+        DaemonError::Fuse(e)
+    }
+}
+
+impl From<clonebd_ublk::UblkError> for DaemonError {
+    fn from(e: clonebd_ublk::UblkError) -> Self {
+        DaemonError::Ublk(e)
+    }
+}
+
+/// A table error in words: for a device that did not open, what the opener said (the role,
+/// the path and the cause); otherwise the kernel's text and its detail.
+fn table_text(e: &TableError) -> String {
+    match e {
+        TableError::MetadataOpen { failure, .. }
+        | TableError::DestinationOpen { failure, .. }
+        | TableError::SourceOpen { failure, .. } => failure.detail.clone(),
+        _ => format!("{e}{}", detail_of(e)),
+    }
+}
+
+/// What to do about a metadata device that is too small.
+fn metadata_hint(e: &MetadataError, path: &Path) -> String {
+    match e {
+        MetadataError::DeviceTooSmall { needed_bytes, .. } => format!(
+            "; for a new clone, make it large enough (truncate -s {} {})",
+            needed_bytes.div_ceil(4096) * 4096,
+            path.display()
+        ),
+        _ => String::new(),
+    }
 }
 
 fn detail_of(e: &TableError) -> String {
@@ -200,28 +291,25 @@ struct Opener {
     source: Option<FileDevice>,
 }
 
-fn failure(e: &OpenError) -> OpenFailure {
+/// An open error as the table parser takes it: the kernel's errno, and our words with the
+/// role in front.
+fn failure(role: &str, e: &OpenError) -> OpenFailure {
     let errno = match e {
-        OpenError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound => libc::ENODEV,
-        OpenError::Open { source, .. } | OpenError::Query { source, .. } => {
-            source.raw_os_error().unwrap_or(libc::EIO)
-        }
-        OpenError::InUse { .. } => libc::EBUSY,
-        OpenError::NotADevice { .. } => libc::ENOTBLK,
-        _ => libc::EIO,
+        OpenError::Open { cause, .. } if cause.kind() == io::ErrorKind::NotFound => libc::ENODEV,
+        _ => e.errno(),
     };
     OpenFailure {
         errno,
-        detail: e.to_string(),
+        detail: format!("{role} {e}"),
     }
 }
 
 impl TableDevices for Opener {
     fn open_metadata(&mut self, path: &str) -> Result<u64, OpenFailure> {
         let p = Path::new(path);
-        if let Some(size) = self.create_meta
-            && !p.exists()
-        {
+        if let Some(size) = self.create_meta {
+            // `Daemon::start` made sure nothing is there; create_new refuses a path that
+            // appeared since.
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -232,13 +320,13 @@ impl TableDevices for Opener {
                 Err(e) => {
                     return Err(OpenFailure {
                         errno: e.raw_os_error().unwrap_or(libc::EIO),
-                        detail: format!("cannot create {path}: {e}"),
+                        detail: format!("metadata {path}: cannot create it: {}", describe(&e)),
                     });
                 }
             }
         }
         let d = FileDevice::open(p, OpenOptions::read_write().exclusive(true))
-            .map_err(|e| failure(&e))?;
+            .map_err(|e| failure("metadata", &e))?;
         let size = d.size_bytes();
         self.meta = Some(d);
         Ok(size)
@@ -251,7 +339,7 @@ impl TableDevices for Opener {
                 .direct(self.direct)
                 .exclusive(true),
         )
-        .map_err(|e| failure(&e))?;
+        .map_err(|e| failure("destination", &e))?;
         let info = DeviceInfo {
             size_bytes: d.size_bytes(),
             logical_block_size: d.logical_block_size(),
@@ -264,7 +352,7 @@ impl TableDevices for Opener {
         // Read-only, always: the source is never written. Not locked: several clones may
         // share one source.
         let d = FileDevice::open(path, OpenOptions::read_only().direct(self.direct))
-            .map_err(|e| failure(&e))?;
+            .map_err(|e| failure("source", &e))?;
         let info = DeviceInfo {
             size_bytes: d.size_bytes(),
             logical_block_size: d.logical_block_size(),
@@ -272,6 +360,88 @@ impl TableDevices for Opener {
         self.source = Some(d);
         Ok(info)
     }
+}
+
+/// The three roles, in the order [`check_roles`] takes their paths.
+const ROLES: [&str; 3] = ["source", "destination", "metadata"];
+
+/// Refuses a clone whose source, destination and metadata share storage (the same file
+/// through any name or link, a loop device over one of the others, a partition and its
+/// disk, a file on a device that is another role), before anything is opened for writing.
+/// Paths that do not exist overlap nothing. `paths` are the source, the destination and the
+/// metadata.
+pub fn check_roles(paths: [&Path; 3]) -> Result<(), DaemonError> {
+    let mut ids = Vec::with_capacity(3);
+    for (role, path) in ROLES.iter().zip(paths) {
+        match Identity::of(path) {
+            Ok(id) => ids.push((*role, id)),
+            Err(error) => {
+                return Err(DaemonError::Stat {
+                    role,
+                    path: path.to_path_buf(),
+                    error,
+                });
+            }
+        }
+    }
+    for i in 0..ids.len() {
+        for j in i + 1..ids.len() {
+            let ((ra, Some(a)), (rb, Some(b))) = (&ids[i], &ids[j]) else {
+                continue;
+            };
+            let Some(how) = a.overlap(b) else { continue };
+            let first = format!("{ra} {}", a.path.display());
+            let second = format!("{rb} {}", b.path.display());
+            let harm = match (*ra, *rb) {
+                ("source", "metadata") => "the source would be formatted as metadata",
+                ("source", _) => "the source would be written",
+                _ => "the metadata and the clone's data would overwrite each other",
+            };
+            return Err(DaemonError::RolesOverlap(format!(
+                "{}: {harm}. Give the source, the destination and the metadata three different files or devices",
+                how.sentence(&first, &second)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a size that is not a whole number of sectors, naming the nearest sizes that
+/// work: clonebd never drops the partial sector at a source's end without a word.
+fn check_size(
+    size: u64,
+    given: bool,
+    source: &str,
+    source_bytes: Option<u64>,
+) -> Result<(), DaemonError> {
+    if size.is_multiple_of(SECTOR_SIZE) {
+        return Ok(());
+    }
+    let down = size / SECTOR_SIZE * SECTOR_SIZE;
+    let up = down + SECTOR_SIZE;
+    let text = if given {
+        let mut ok: Vec<String> = Vec::new();
+        if down > 0 {
+            ok.push(down.to_string());
+        }
+        if source_bytes.is_none_or(|s| up <= s) {
+            ok.push(up.to_string());
+        }
+        format!(
+            "--size {size}: not a multiple of 512 bytes (a clone is a whole number of sectors); the nearest sizes that work: {}",
+            ok.join(" or ")
+        )
+    } else {
+        let shorter = if down > 0 {
+            format!("give --size {down} to clone its first {down} bytes, or ")
+        } else {
+            String::new()
+        };
+        format!(
+            "source {source}: its size, {size} bytes, is not a multiple of 512 bytes, and a clone is a whole number of sectors: {shorter}extend the source to {up} bytes"
+        )
+    };
+    Err(DaemonError::Size(text))
 }
 
 fn dev_word(d: &FileDevice) -> String {
@@ -378,9 +548,9 @@ impl ControlHandler for Handler {
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
-    let listen_err = |source| DaemonError::Listen {
+    let listen_err = |error| DaemonError::Listen {
         what: path.display().to_string(),
-        source,
+        error,
     };
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -397,7 +567,32 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
 impl Daemon {
     /// Opens everything and starts serving.
     pub fn start(opts: &RunOptions) -> Result<Daemon, DaemonError> {
-        let (words, target_sectors, create_meta) = Self::table_words(opts)?;
+        let (words, target_sectors, create_size) = Self::table_words(opts)?;
+        if let [meta, dest, source, ..] = &words[..] {
+            check_roles([Path::new(source), Path::new(dest), Path::new(meta)])?;
+        }
+        let create_meta = match words.first() {
+            Some(meta) => {
+                let path = Path::new(meta);
+                // symlink_metadata: a dangling link is something there, not nothing.
+                let exists = path.symlink_metadata().is_ok();
+                match (opts.create_metadata, exists) {
+                    (true, true) => {
+                        return Err(DaemonError::MetadataExists {
+                            path: path.to_path_buf(),
+                        });
+                    }
+                    (false, false) => {
+                        return Err(DaemonError::MetadataMissing {
+                            path: path.to_path_buf(),
+                        });
+                    }
+                    (true, false) => create_size,
+                    (false, true) => None,
+                }
+            }
+            None => None,
+        };
         let refs: Vec<&str> = words.iter().map(String::as_str).collect();
         let mut opener = Opener {
             direct: opts.direct_io,
@@ -442,7 +637,7 @@ impl Daemon {
                 }
                 return Err(DaemonError::Metadata {
                     path: meta_path,
-                    source,
+                    error: source,
                 });
             }
         };
@@ -455,14 +650,14 @@ impl Daemon {
                         table.destination_path
                     );
                 }
-                Err(source) => {
+                Err(error) => {
                     if let Some(p) = opener.created_meta.take() {
                         let _ = std::fs::remove_file(p);
                     }
                     return Err(DaemonError::Preallocate {
                         path: PathBuf::from(&table.destination_path),
                         bytes: geometry.target_bytes(),
-                        source,
+                        error,
                     });
                 }
             }
@@ -560,9 +755,9 @@ impl Daemon {
             self.nbd_unix = Some(p.clone());
         }
         if let Some(addr) = opts.nbd_tcp {
-            let l = TcpListener::bind(addr).map_err(|source| DaemonError::Listen {
+            let l = TcpListener::bind(addr).map_err(|error| DaemonError::Listen {
                 what: addr.to_string(),
-                source,
+                error,
             })?;
             let server = Arc::new(Server::new(
                 Arc::new(CloneExport::new(self.volume.clone())),
@@ -627,16 +822,39 @@ impl Daemon {
         Ok(())
     }
 
-    /// Words for the table parser, the target length, and whether (and how big) to create a
-    /// missing metadata file.
+    /// Words for the table parser, the target length, and the size to create missing
+    /// metadata with (when `--create` asks for it).
     fn table_words(opts: &RunOptions) -> Result<(Vec<String>, u64, Option<u64>), DaemonError> {
         let source_size = |p: &Path| -> Result<u64, DaemonError> {
             FileDevice::open(p, OpenOptions::read_only())
                 .map(|d| d.size_bytes())
-                .map_err(|source| DaemonError::Device {
-                    path: p.to_path_buf(),
-                    source,
+                .map_err(|error| DaemonError::Device {
+                    role: "source",
+                    error,
                 })
+        };
+        // The clone's size: given (`--size`), or the source's; a whole number of sectors.
+        let target_bytes = |source: &Path| -> Result<u64, DaemonError> {
+            let shown = source.display().to_string();
+            match opts.size_bytes {
+                Some(s) => {
+                    if !s.is_multiple_of(SECTOR_SIZE) {
+                        let src = source_size(source).ok();
+                        check_size(s, true, &shown, src)?;
+                    }
+                    Ok(s)
+                }
+                None => {
+                    let s = source_size(source)?;
+                    check_size(s, false, &shown, Some(s))?;
+                    Ok(s)
+                }
+            }
+        };
+        let create_size = |target_sectors: u64, region_sectors: u64| {
+            Geometry::new(target_sectors, region_sectors)
+                .ok()
+                .map(|g| metadata_size_for(&g))
         };
         match &opts.spec {
             CloneSpec::Flags {
@@ -649,11 +867,7 @@ impl Daemon {
                 hydration_threshold,
                 hydration_batch_size,
             } => {
-                let size = match opts.size_bytes {
-                    Some(s) => s,
-                    None => source_size(source)?,
-                };
-                let target_sectors = size / SECTOR_SIZE;
+                let target_sectors = target_bytes(source)? / SECTOR_SIZE;
                 let region_sectors = region_bytes / SECTOR_SIZE;
                 let mut w = vec![
                     metadata.display().to_string(),
@@ -677,29 +891,28 @@ impl Daemon {
                     "hydration_batch_size".to_string(),
                     hydration_batch_size.to_string(),
                 ]);
-                let create = Geometry::new(target_sectors, region_sectors)
-                    .ok()
-                    .map(|g| metadata_size_for(&g));
+                let create = create_size(target_sectors, region_sectors);
                 Ok((w, target_sectors, create))
             }
             CloneSpec::Table(line) => {
                 let mut words = split_table_words(line);
-                let mut target = opts.size_bytes.map(|b| b / SECTOR_SIZE);
+                let mut target = None;
                 // Accept the full dmsetup form `<start> <len> clone ...` too.
                 if words.len() >= 3 && words[2] == "clone" {
-                    if target.is_none() {
-                        target = words[1].parse::<u64>().ok();
-                    }
+                    target = words[1].parse::<u64>().ok();
                     words.drain(..3);
                 }
-                let target = match target {
-                    Some(t) => t,
-                    None => match words.get(2) {
-                        Some(src) => source_size(Path::new(src))? / SECTOR_SIZE,
-                        None => 0,
-                    },
+                let target = match (opts.size_bytes, target, words.get(2)) {
+                    (None, Some(t), _) => t,
+                    (_, _, Some(src)) => target_bytes(Path::new(src))? / SECTOR_SIZE,
+                    (Some(s), _, None) => s / SECTOR_SIZE,
+                    (None, None, None) => 0,
                 };
-                Ok((words, target, None))
+                let create = words
+                    .get(3)
+                    .and_then(|w| w.parse::<u64>().ok())
+                    .and_then(|r| create_size(target, r));
+                Ok((words, target, create))
             }
         }
     }
@@ -771,9 +984,9 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(f)
-        .map_err(|source| DaemonError::Listen {
-            what: format!("thread {name}"),
-            source,
+        .map_err(|error| DaemonError::Thread {
+            name: name.to_string(),
+            error,
         })
 }
 

@@ -170,7 +170,9 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         .map_err(io("creating the destination"))?;
     let src_before = std::fs::read(&src).map_err(io("reading the source"))?;
 
-    say("== Starting the clone (hydration off for now), serving NBD on a unix socket");
+    say(
+        "== Starting the clone (new metadata, hydration off for now), serving NBD on a unix socket",
+    );
     let run_opts = RunOptions {
         spec: CloneSpec::Flags {
             source: src.clone(),
@@ -183,6 +185,8 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
             hydration_batch_size: default_batch(region),
         },
         size_bytes: None,
+        // A new clone: the metadata file was removed above, and --create makes it.
+        create_metadata: true,
         nbd_unix: Some(sock.clone()),
         nbd_tcp: None,
         control: Some(ctl.clone()),

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clonebd_core::AlignedBuf;
-use fuse_support::{Daemon, Files, Loop, can_run, is_mounted, pattern, run};
+use fuse_support::{Daemon, Files, Loop, can_run, create_if_new, is_mounted, pattern, run};
 
 const SIZE: usize = 8 << 20;
 
@@ -311,7 +311,7 @@ fn fuse_file_already_served_is_refused() {
     other[i] = f.s("clone.img");
     let out = Command::new(env!("CARGO_BIN_EXE_clonebd"))
         .arg("run")
-        .args(&other)
+        .args(create_if_new(&other))
         .output()
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -354,7 +354,7 @@ fn ublk_without_kernel_or_build_support_fails_with_a_clear_error() {
     args.drain(i..i + 2);
     let out = Command::new(env!("CARGO_BIN_EXE_clonebd"))
         .arg("run")
-        .args(&args)
+        .args(create_if_new(&args))
         .output()
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();

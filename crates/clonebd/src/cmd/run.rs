@@ -20,10 +20,18 @@ use clonebd::units::parse_size;
 /// case every default and check is exactly dm-clone's. Either way, errors are the kernel's
 /// ("Region size is not a power of 2", "Device size larger than destination device", ...).
 ///
-/// A missing METADATA file is created and formatted (sized for the clone, twice the bitmap
-/// plus 1 MiB); metadata written by the Linux kernel's dm-clone opens as it is. The region
-/// size and clone size are recorded in the metadata and must match on every later start.
-/// METADATA and DEST are locked while the daemon runs, so a second daemon cannot use them.
+/// A new clone needs --create, which creates and formats METADATA (sized for the clone,
+/// twice the bitmap plus 1 MiB) and refuses a path that exists; a zeroed METADATA file or
+/// device is formatted as the kernel does; metadata written by the Linux kernel's dm-clone
+/// opens as it is. A METADATA path that does not exist is an error without --create. The
+/// region size and clone size are recorded in the metadata and must match on every later
+/// start. METADATA and DEST are locked while the daemon runs, so a second daemon cannot use
+/// them.
+///
+/// SOURCE, DEST and METADATA must be three different files or devices: the same path, a
+/// link, a loop device over one of the others, a partition of another's disk or a file on
+/// another's file system is refused before anything is opened for writing. The clone's size
+/// (the source's, or --size) must be a whole number of 512-byte sectors.
 ///
 /// On SIGTERM or SIGINT the daemon stops accepting connections, finishes requests in
 /// flight, stops hydration, waits for copies in flight, commits the metadata and exits 0.
@@ -32,7 +40,7 @@ use clonebd::units::parse_size;
 /// Examples:
 ///
 ///   clonebd run --source /dev/vg/snap --dest /dev/nvme0n1p3 --metadata /var/lib/clone.meta \
-///       --nbd-unix /run/clone.sock --control /run/clone.ctl
+///       --create --nbd-unix /run/clone.sock --control /run/clone.ctl
 ///
 ///   clonebd run --table "/var/lib/clone.meta /dev/nvme0n1p3 /dev/vg/snap 8 1 no_hydration" \
 ///       --nbd-tcp 10809 --control /run/clone.ctl
@@ -55,7 +63,10 @@ pub struct RunArgs {
         conflicts_with = "table"
     )]
     dest: Option<PathBuf>,
-    /// The metadata device or file (kernel dm-clone v1 format); created if missing.
+    /// The metadata device or file (kernel dm-clone v1 format). It must exist: metadata
+    /// from an earlier start goes on with that clone, a zeroed file or device is formatted
+    /// (as the kernel does). To start a new clone in a file that does not exist yet, add
+    /// --create.
     #[arg(
         long,
         value_name = "META",
@@ -73,7 +84,15 @@ pub struct RunArgs {
         conflicts_with = "table"
     )]
     region_size: String,
-    /// The clone's size in bytes (suffixes k, m, g, t). Default: the source's size.
+    /// Create the metadata file and format it for a new clone (sized for it: twice the
+    /// bitmap plus 1 MiB). Refused if the path exists, so an existing clone's metadata is
+    /// never replaced; without it, a metadata path that does not exist is an error, so a
+    /// mistyped path cannot start a clone afresh over a destination that holds one.
+    #[arg(long)]
+    create: bool,
+    /// The clone's size in bytes (suffixes k, m, g, t), a multiple of 512. Default: the
+    /// source's size, which must then be a multiple of 512: a partial last sector is never
+    /// dropped silently (give --size to clone a shorter prefix on purpose).
     #[arg(long, value_name = "BYTES")]
     size: Option<String>,
     /// Start with background hydration off (`no_hydration`); enable it later with
@@ -212,6 +231,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
     Ok(RunOptions {
         spec,
         size_bytes,
+        create_metadata: a.create,
         nbd_unix: a.nbd_unix.clone(),
         nbd_tcp: a.nbd_tcp.as_deref().map(parse_tcp).transpose()?,
         control: a.control.clone(),

@@ -151,8 +151,15 @@ impl Daemon {
             let control = files.path("ctl.sock");
             let log = files.path(&format!("daemon-{}.log", log_serial()));
             let tcp: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+            // A new clone the first time, the same clone on every restart.
+            let create: &[&str] = if files.meta.exists() {
+                &[]
+            } else {
+                &["--create"]
+            };
             let child = Command::new(CLONEBD)
                 .arg("run")
+                .args(create)
                 .arg("--source")
                 .arg(&files.source)
                 .arg("--dest")
@@ -339,6 +346,12 @@ pub fn have(program: &str) -> bool {
         .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
         .unwrap_or(false);
     if !found {
+        // CI installs every client the tests use: there a missing one is a failure, never
+        // a silent skip.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{program} is not installed, and under CI no test may skip for it"
+        );
         println!("SKIPPED: {program} is not installed (apt-get install qemu-utils libnbd-bin fio)");
     }
     found

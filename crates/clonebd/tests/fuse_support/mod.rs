@@ -78,14 +78,28 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// `clonebd run` arguments with `--create` added when the `--metadata` file does not exist
+/// yet: a new clone the first time, the same clone on every restart.
+pub fn create_if_new<S: AsRef<str>>(args: &[S]) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    let meta = out
+        .iter()
+        .position(|a| a == "--metadata")
+        .and_then(|i| out.get(i + 1));
+    if meta.is_some_and(|m| !Path::new(m).exists()) {
+        out.push("--create".to_string());
+    }
+    out
+}
+
 impl Daemon {
-    /// Starts `clonebd run ARGS` and waits until FILE (if `fuse`) is mounted, or until
-    /// `ready` exists.
+    /// Starts `clonebd run ARGS` (with `--create` for a new clone) and waits until FILE (if
+    /// `fuse`) is mounted, or until `ready` exists.
     pub fn start(args: &[&str], fuse: Option<&Path>, ready: Option<&Path>, log: &Path) -> Daemon {
         let logf = std::fs::File::create(log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_clonebd"))
             .arg("run")
-            .args(args)
+            .args(create_if_new(args))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
