@@ -31,7 +31,10 @@ use thiserror::Error;
 
 use crate::control::{ControlError, ControlHandler, ControlReply, ControlRequest, ControlServer};
 use crate::export_nbd::CloneExport;
+use crate::pin::{PinError, PinFile};
+use crate::source::{self, Opened, SourceOptions, Sources};
 use crate::status::{RateMeter, status_json, status_line};
+use clonebd_remote::SourceStats;
 
 /// How the clone is described.
 #[derive(Debug, Clone)]
@@ -94,6 +97,10 @@ pub struct RunOptions {
     pub fuse: Option<PathBuf>,
     /// Serve the clone as a ublk block device (/dev/ublkbN).
     pub ublk: bool,
+    /// How a remote source is reached (timeouts, connections, TLS roots).
+    pub source: SourceOptions,
+    /// Where a remote source's identity is pinned (default: `META.source-pin`).
+    pub source_pin: Option<PathBuf>,
 }
 
 /// Why the daemon could not start or stopped badly.
@@ -110,14 +117,9 @@ pub enum DaemonError {
         /// The parser's error.
         error: TableError,
     },
-    /// A device could not be opened or examined.
-    #[error("{role} {error}")]
-    Device {
-        /// "source", "destination" or "metadata".
-        role: &'static str,
-        /// The open error (it starts with the path).
-        error: OpenError,
-    },
+    /// The source could not be opened (the message names it and the cause).
+    #[error("{0}")]
+    Source(String),
     /// A path could not be examined.
     #[error("{role} {}: cannot examine it: {}", .path.display(), describe(.error))]
     Stat {
@@ -201,6 +203,9 @@ pub enum DaemonError {
     /// The ublk export could not start.
     #[error("{0}")]
     Ublk(clonebd_ublk::UblkError),
+    /// A remote source's pinned identity could not be kept, or the source changed.
+    #[error("{0}")]
+    Pin(PinError),
     /// Waiting for signals failed.
     #[error("cannot wait for signals: {}", describe(.0))]
     Signals(io::Error),
@@ -288,7 +293,9 @@ struct Opener {
     created_meta: Option<PathBuf>,
     meta: Option<FileDevice>,
     dest: Option<FileDevice>,
-    source: Option<FileDevice>,
+    source: Option<Opened>,
+    sources: Sources,
+    source_opts: SourceOptions,
 }
 
 /// An open error as the table parser takes it: the kernel's errno, and our words with the
@@ -349,13 +356,17 @@ impl TableDevices for Opener {
     }
 
     fn open_source(&mut self, path: &str) -> Result<DeviceInfo, OpenFailure> {
-        // Read-only, always: the source is never written. Not locked: several clones may
-        // share one source.
-        let d = FileDevice::open(path, OpenOptions::read_only().direct(self.direct))
-            .map_err(|e| failure("source", &e))?;
+        // Read-only, always: the source is never written (see `source::open`).
+        let d = self
+            .sources
+            .get(path, &self.source_opts)
+            .map_err(|e| OpenFailure {
+                errno: e.errno(),
+                detail: e.to_string(),
+            })?;
         let info = DeviceInfo {
-            size_bytes: d.size_bytes(),
-            logical_block_size: d.logical_block_size(),
+            size_bytes: d.dev.size_bytes(),
+            logical_block_size: d.dev.logical_block_size(),
         };
         self.source = Some(d);
         Ok(info)
@@ -468,6 +479,8 @@ pub struct Daemon {
     sampler: Option<JoinHandle<()>>,
     fuse: Option<clonebd_fuse::FuseExport>,
     ublk: Option<clonebd_ublk::UblkExport>,
+    /// A remote source's state and counters.
+    source_stats: Option<Arc<SourceStats>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -484,6 +497,7 @@ struct Handler {
     rate: Arc<RateMeter>,
     servers: Arc<Mutex<Vec<Arc<Server>>>>,
     started: Instant,
+    source: Option<Arc<SourceStats>>,
 }
 
 impl Handler {
@@ -525,6 +539,7 @@ impl ControlHandler for Handler {
                     self.rate.rate(),
                     self.connections(),
                     self.started.elapsed(),
+                    self.source.as_ref().map(|s| s.report()),
                 );
                 match serde_json::to_string_pretty(&j) {
                     Ok(s) => ControlReply::ok(s),
@@ -567,7 +582,13 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
 impl Daemon {
     /// Opens everything and starts serving.
     pub fn start(opts: &RunOptions) -> Result<Daemon, DaemonError> {
-        let (words, target_sectors, create_size) = Self::table_words(opts)?;
+        let source_opts = SourceOptions {
+            direct: opts.direct_io,
+            ..opts.source.clone()
+        };
+        let mut sources = Sources::default();
+        let (words, target_sectors, create_size) =
+            Self::table_words(opts, &mut sources, &source_opts)?;
         if let [meta, dest, source, ..] = &words[..] {
             check_roles([Path::new(source), Path::new(dest), Path::new(meta)])?;
         }
@@ -601,6 +622,8 @@ impl Daemon {
             meta: None,
             dest: None,
             source: None,
+            sources,
+            source_opts,
         };
         let table = match parse_table(target_sectors, &refs, &mut opener) {
             Ok(t) => t,
@@ -622,7 +645,7 @@ impl Daemon {
             });
         };
         let meta_path = PathBuf::from(&table.metadata_path);
-        let devs = [dev_word(&meta_dev), dev_word(&dest), dev_word(&source)];
+        let devs = [dev_word(&meta_dev), dev_word(&dest), source.shown.clone()];
         let table_line = format_table_line(
             table.geometry.target_sectors(),
             [&devs[0], &devs[1], &devs[2]],
@@ -641,6 +664,30 @@ impl Daemon {
                 });
             }
         };
+        if let Some(remote) = &source.remote {
+            // Before the first copy: a fresh clone pins the source as it is now; one with
+            // hydrated regions goes on only with the source it began with.
+            let pinned =
+                PinFile::for_metadata(&meta_path, opts.source_pin.as_deref()).and_then(|pin| {
+                    pin.reconcile(map.nr_hydrated(), &remote.identity(), |p| remote.adopt(p))
+                        .map(|()| pin)
+                });
+            match pinned {
+                Ok(pin) => tracing::info!(
+                    "source {} pinned in {}: {} bytes, {:?}",
+                    remote.identity().uri,
+                    pin.path().display(),
+                    remote.identity().size,
+                    remote.identity().marks
+                ),
+                Err(e) => {
+                    if let Some(p) = opener.created_meta.take() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(DaemonError::Pin(e));
+                }
+            }
+        }
         if opts.preallocate {
             match dest.preallocate(geometry.target_bytes()) {
                 Ok(_) => {}
@@ -685,7 +732,7 @@ impl Daemon {
             geometry.region_bytes() / 1024,
             map.nr_hydrated(),
             table_line,
-            source.is_direct(),
+            source.direct,
             dest.is_direct(),
         );
         let volume = Volume::start(
@@ -693,7 +740,7 @@ impl Daemon {
                 engine: cfg,
                 copy_threads: opts.copy_threads.max(1),
             },
-            Arc::new(source),
+            Arc::clone(&source.dev),
             Arc::new(dest),
             Box::new(StoreBackend::new(store)),
             map,
@@ -711,6 +758,7 @@ impl Daemon {
             sampler: None,
             fuse: None,
             ublk: None,
+            source_stats: source.remote.as_ref().map(source::Remote::stats),
         };
         // From here on, a failure must still shut the volume down cleanly.
         match daemon.start_services(opts) {
@@ -815,6 +863,7 @@ impl Daemon {
                 rate,
                 servers: Arc::new(Mutex::new(self.nbd_servers.clone())),
                 started: Instant::now(),
+                source: self.source_stats.clone(),
             };
             self.control = Some(ControlServer::start(p, Arc::new(handler))?);
             tracing::info!("control socket {}", p.display());
@@ -824,28 +873,31 @@ impl Daemon {
 
     /// Words for the table parser, the target length, and the size to create missing
     /// metadata with (when `--create` asks for it).
-    fn table_words(opts: &RunOptions) -> Result<(Vec<String>, u64, Option<u64>), DaemonError> {
-        let source_size = |p: &Path| -> Result<u64, DaemonError> {
-            FileDevice::open(p, OpenOptions::read_only())
-                .map(|d| d.size_bytes())
-                .map_err(|error| DaemonError::Device {
-                    role: "source",
-                    error,
-                })
-        };
+    fn table_words(
+        opts: &RunOptions,
+        sources: &mut Sources,
+        source_opts: &SourceOptions,
+    ) -> Result<(Vec<String>, u64, Option<u64>), DaemonError> {
         // The clone's size: given (`--size`), or the source's; a whole number of sectors.
-        let target_bytes = |source: &Path| -> Result<u64, DaemonError> {
-            let shown = source.display().to_string();
+        let mut target_bytes = |source: &Path| -> Result<u64, DaemonError> {
+            let word = source.display().to_string();
+            let mut source_size = || {
+                sources
+                    .get(&word, source_opts)
+                    .map(|o| o.dev.size_bytes())
+                    .map_err(|e| DaemonError::Source(e.to_string()))
+            };
+            let shown = source::shown(&word);
             match opts.size_bytes {
                 Some(s) => {
                     if !s.is_multiple_of(SECTOR_SIZE) {
-                        let src = source_size(source).ok();
+                        let src = source_size().ok();
                         check_size(s, true, &shown, src)?;
                     }
                     Ok(s)
                 }
                 None => {
-                    let s = source_size(source)?;
+                    let s = source_size()?;
                     check_size(s, false, &shown, Some(s))?;
                     Ok(s)
                 }

@@ -192,6 +192,8 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         control: Some(ctl.clone()),
         fuse: None,
         ublk: false,
+        source: crate::source::SourceOptions::default(),
+        source_pin: None,
         direct_io: true,
         preallocate: true,
         copy_threads: 8,

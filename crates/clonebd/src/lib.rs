@@ -4,6 +4,8 @@
 //! - [`demo`]: `clonebd demo`: a clone's whole life with real I/O, verified;
 //! - [`export_nbd`]: the clone as an NBD export;
 //! - [`control`]: the control socket protocol, server and client;
+//! - [`pin`]: a remote source's identity, pinned with the clone;
+//! - [`source`]: opening the source, local or remote, read-only;
 //! - [`status`]: the dm-clone status line and the JSON status;
 //! - [`units`]: sizes as people write them.
 
@@ -13,5 +15,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod export_nbd;
+pub mod pin;
+pub mod source;
 pub mod status;
 pub mod units;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use clonebd_core::dmclone::{MetadataMode, StatusInfo, format_status_line};
 use clonebd_core::engine::Mode;
 use clonebd_driver::VolumeStatus;
+use clonebd_remote::SourceReport;
 use serde::{Deserialize, Serialize};
 
 /// The dm-clone INFO status of a volume.
@@ -88,6 +89,26 @@ pub struct StatusJson {
     pub total_connections: u64,
     /// Seconds since the daemon started.
     pub uptime_seconds: f64,
+    /// A remote source: its state and counters (absent for a local source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceJson>,
+}
+
+/// A remote source in the JSON status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceJson {
+    /// Its URI, without credentials.
+    pub uri: String,
+    /// `connected`, `retrying`, `failed` or `changed`.
+    pub state: String,
+    /// Requests made (each retry counts).
+    pub requests: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+    /// Requests that failed for good.
+    pub errors: u64,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
 }
 
 /// Measures the hydration rate over a sliding window of samples.
@@ -136,6 +157,7 @@ pub fn status_json(
     rate: f64,
     connections: (u64, u64),
     uptime: Duration,
+    source: Option<SourceReport>,
 ) -> StatusJson {
     let info = status_info(s);
     let mut features = Vec::new();
@@ -180,6 +202,14 @@ pub fn status_json(
         connections: connections.0,
         total_connections: connections.1,
         uptime_seconds: uptime.as_secs_f64(),
+        source: source.map(|r| SourceJson {
+            uri: r.uri,
+            state: r.state.as_str().to_string(),
+            requests: r.requests,
+            retries: r.retries,
+            errors: r.errors,
+            last_error: r.last_error,
+        }),
     }
 }
 

@@ -40,6 +40,8 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         nbd_io_uring: true,
         fuse: None,
         ublk: false,
+        source: clonebd::source::SourceOptions::default(),
+        source_pin: None,
     }
 }
 

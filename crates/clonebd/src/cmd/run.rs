@@ -3,10 +3,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use clonebd::daemon::{CloneSpec, Daemon, RunOptions, default_batch, default_threshold};
+use clonebd::source::SourceOptions;
 use clonebd::units::parse_size;
 
 /// Start a clone and serve it.
@@ -47,7 +49,15 @@ use clonebd::units::parse_size;
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
-    /// The device or image to clone (opened read-only).
+    /// What to clone, opened read-only: a file or block device, or a remote source:
+    /// an http:// or https:// URL of a raw image (read with ranged GETs; the server must
+    /// serve byte ranges), or an S3 object, s3://BUCKET/KEY[?versionId=V], configured as the
+    /// AWS tools are (AWS_ENDPOINT_URL, with path-style addressing, for MinIO and Ceph RGW;
+    /// AWS_REGION or AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    /// AWS_SESSION_TOKEN, or AWS_PROFILE in the shared credentials file). A remote source's
+    /// identity (size, and ETag, Last-Modified or S3 version) is pinned before the first
+    /// copy (see --source-pin): every read carries it, and a source that changed stops
+    /// hydration with an error instead of being mixed in.
     #[arg(
         long,
         value_name = "SRC",
@@ -163,6 +173,27 @@ pub struct RunArgs {
     /// io_uring, many per system call, and hands the other requests to the workers.
     #[arg(long)]
     no_nbd_io_uring: bool,
+    /// The longest a read from a remote source may take, retries included (seconds).
+    /// Transient failures (connection reset or refused, timeouts, HTTP 5xx, 429 and 503
+    /// with Retry-After) are retried with exponential back-off and jitter until then; then
+    /// the read fails with EIO (a client's cold read, or a write that needs a copy), or,
+    /// for background hydration, is tried again later: hydration pauses while the source
+    /// is away and resumes by itself. Hydrated regions never wait for the source.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    source_timeout: u64,
+    /// Keep-alive connections to an HTTP or S3 source.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    source_connections: usize,
+    /// Trust the PEM certificates in FILE for an https:// source (or S3 endpoint) instead of
+    /// the system's roots.
+    #[arg(long, value_name = "FILE")]
+    source_tls_ca: Option<PathBuf>,
+    /// Where a remote source's pinned identity is kept. Default: METADATA.source-pin beside
+    /// a metadata file; needed when METADATA is a block device. While no region is
+    /// hydrated the pin is written anew from the source as it is; once one is, a start
+    /// whose source does not match the pin is refused.
+    #[arg(long, value_name = "FILE")]
+    source_pin: Option<PathBuf>,
     /// Log format on standard error (the level comes from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -249,6 +280,13 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
         nbd_io_uring: !a.no_nbd_io_uring,
         fuse: a.fuse.clone(),
         ublk: a.ublk,
+        source: SourceOptions {
+            direct: !a.no_direct_io,
+            timeout: Duration::from_secs(a.source_timeout.max(1)),
+            connections: a.source_connections.max(1),
+            tls_ca: a.source_tls_ca.clone(),
+        },
+        source_pin: a.source_pin.clone(),
     })
 }
 

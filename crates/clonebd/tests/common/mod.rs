@@ -1,3 +1,4 @@
 //! Support shared by the daemon's integration tests; each file is one helper module.
 
 pub mod daemon;
+pub mod servers;

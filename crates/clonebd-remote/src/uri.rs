@@ -1,0 +1,210 @@
+//! What a `--source` word names: a local path, or a remote source's URI; and how a URI is
+//! shown without the credentials it may hold.
+
+use thiserror::Error;
+use url::Url;
+
+/// A source word, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceUri {
+    /// A local file or block device (any word that is not a URI of a known scheme).
+    Local(String),
+    /// An `http://` or `https://` URL of a raw image.
+    Http(Url),
+    /// An object in S3-compatible storage: `s3://BUCKET/KEY[?versionId=V]`.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The object's key.
+        key: String,
+        /// A version asked for, on a versioned bucket.
+        version_id: Option<String>,
+    },
+}
+
+/// Why a source URI is refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("source {shown}: {why}")]
+pub struct UriError {
+    /// The URI, without credentials.
+    pub shown: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl SourceUri {
+    /// Classifies `word`. A word with `://` and a scheme clonebd does not know is refused
+    /// rather than taken for a file name.
+    pub fn parse(word: &str) -> Result<SourceUri, UriError> {
+        let Some((scheme, _)) = word.split_once("://") else {
+            return Ok(SourceUri::Local(word.to_string()));
+        };
+        let err = |why: &str| UriError {
+            shown: redact(word),
+            why: why.to_string(),
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "http" | "https" => {
+                let url = Url::parse(word).map_err(|e| err(&format!("not a valid URL: {e}")))?;
+                if url.host_str().is_none() {
+                    return Err(err("the URL names no host"));
+                }
+                Ok(SourceUri::Http(url))
+            }
+            "s3" => {
+                let url = Url::parse(word).map_err(|e| err(&format!("not a valid URI: {e}")))?;
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| err("expected s3://BUCKET/KEY"))?
+                    .to_string();
+                let key = url.path().trim_start_matches('/');
+                if key.is_empty() {
+                    return Err(err("expected s3://BUCKET/KEY: the key is missing"));
+                }
+                let key = percent_decode(key).ok_or_else(|| err("the key is not valid UTF-8"))?;
+                let mut version_id = None;
+                for (k, v) in url.query_pairs() {
+                    match k.as_ref() {
+                        "versionId" => version_id = Some(v.into_owned()),
+                        other => {
+                            return Err(err(&format!(
+                                "unknown parameter {other:?} (only versionId is taken)"
+                            )));
+                        }
+                    }
+                }
+                Ok(SourceUri::S3 {
+                    bucket,
+                    key,
+                    version_id,
+                })
+            }
+            "nbd" | "nbds" | "nbd+unix" | "nbds+unix" => Err(err(
+                "NBD sources are not supported by this build of clonebd",
+            )),
+            other => Err(err(&format!(
+                "unknown scheme {other:?} (expected a path, http://, https:// or s3://)"
+            ))),
+        }
+    }
+
+    /// Whether this is a remote source.
+    pub fn is_remote(&self) -> bool {
+        !matches!(self, SourceUri::Local(_))
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Query parameters whose values are secrets (presigned URLs, tokens).
+fn secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "sig",
+        "token",
+        "credential",
+        "secret",
+        "password",
+        "key",
+        "auth",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
+}
+
+/// `uri` as it may be shown in logs, status and errors: no user name or password, and the
+/// values of secret-looking query parameters replaced by `REDACTED`.
+pub fn redact(uri: &str) -> String {
+    let Ok(mut url) = Url::parse(uri) else {
+        // Not a URL: drop anything between "://" and an "@" all the same.
+        return match (uri.find("://"), uri.find('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}{}", &uri[..s + 3], &uri[at + 1..]),
+            _ => uri.to_string(),
+        };
+    };
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret_param(&k) {
+                    "REDACTED".to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_classified_and_bad_uris_refused() {
+        assert_eq!(
+            SourceUri::parse("disk.img"),
+            Ok(SourceUri::Local("disk.img".into()))
+        );
+        assert_eq!(
+            SourceUri::parse("/dev/vg/snap"),
+            Ok(SourceUri::Local("/dev/vg/snap".into()))
+        );
+        assert!(matches!(
+            SourceUri::parse("https://example.com/a.img"),
+            Ok(SourceUri::Http(_))
+        ));
+        assert_eq!(
+            SourceUri::parse("s3://golden/images/a%20b.raw?versionId=v1"),
+            Ok(SourceUri::S3 {
+                bucket: "golden".into(),
+                key: "images/a b.raw".into(),
+                version_id: Some("v1".into())
+            })
+        );
+        assert_eq!(
+            SourceUri::parse("s3://golden/").map_err(|e| e.to_string()),
+            Err("source s3://golden/: expected s3://BUCKET/KEY: the key is missing".into())
+        );
+        assert!(SourceUri::parse("ftp://x/y").is_err());
+        assert!(SourceUri::parse("s3://b/k?acl=1").is_err());
+    }
+
+    #[test]
+    fn credentials_never_show() {
+        assert_eq!(
+            redact("https://user:pw@example.com/a.img"),
+            "https://example.com/a.img"
+        );
+        let r = redact(
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc&versionId=3",
+        );
+        assert!(!r.contains("AKIA") && !r.contains("abc"), "{r}");
+        assert!(r.contains("versionId=3"), "{r}");
+        assert_eq!(redact("nbd://u:p@host/x"), "nbd://host/x");
+    }
+}
