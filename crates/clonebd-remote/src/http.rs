@@ -294,7 +294,8 @@ impl HttpSource {
         }
     }
 
-    fn url(&self, head: bool) -> String {
+    /// The request's URL and, for S3, the headers that sign it (signed now, per attempt).
+    fn request(&self, head: bool) -> crate::s3::Signed {
         let version = self
             .pinned
             .read()
@@ -302,13 +303,21 @@ impl HttpSource {
             .version_id
             .clone();
         match &self.target {
-            Target::Url(u) => u.to_string(),
-            Target::S3(o) => o.signed_url(head, version.as_deref()),
+            Target::Url(u) => crate::s3::Signed {
+                url: u.to_string(),
+                headers: Vec::new(),
+            },
+            Target::S3(o) => o.request(head, version.as_deref(), std::time::SystemTime::now()),
         }
     }
 
     fn head(&self) -> Result<Head, Failure> {
-        let resp = self.agent.head(&self.url(true)).call().map_err(transport)?;
+        let r = self.request(true);
+        let mut req = self.agent.head(&r.url);
+        for (k, v) in &r.headers {
+            req = req.header(k, v);
+        }
+        let resp = req.call().map_err(transport)?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(status_failure(status, header(&resp, "retry-after"), "HEAD"));
@@ -335,10 +344,14 @@ impl HttpSource {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let r = self.request(false);
         let mut req = self
             .agent
-            .get(&self.url(false))
+            .get(&r.url)
             .header("Range", &format!("bytes={offset}-{end}"));
+        for (k, v) in &r.headers {
+            req = req.header(k, v);
+        }
         if let Some(e) = &pinned.etag {
             req = req.header("If-Match", e);
         } else if let Some(l) = &pinned.last_modified {
@@ -440,6 +453,20 @@ fn describe(f: &Failure) -> String {
 fn transport(e: ureq::Error) -> Failure {
     use ureq::Error as E;
     match e {
+        // A certificate that does not verify does not heal by trying again.
+        E::Io(io)
+            if io
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .is_some() =>
+        {
+            let why = io.get_ref().map(ToString::to_string).unwrap_or_default();
+            Failure::Fatal(if why.contains("certificate") {
+                format!("TLS: {why} (give the CA that signed it with --source-tls-ca)")
+            } else {
+                format!("TLS: {why}")
+            })
+        }
         E::Io(io) => Failure::Transient(clonebd_core::errno::describe(&io), None),
         E::Timeout(t) => Failure::Transient(format!("timed out ({t})"), None),
         E::HostNotFound => Failure::Transient("host not found".to_string(), None),

@@ -10,14 +10,15 @@
 //!   (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`); none: unsigned requests,
 //!   for public objects.
 //!
-//! Requests are presigned for a short time: the signature goes in the query string (which
-//! the shown URI never contains), so `Range` and `If-Match` travel as plain headers.
+//! Each request is signed when it is sent (SigV4 in the `Authorization` header, over `host`
+//! and the `x-amz-*` headers), so a retry hours later is signed afresh; `Range` and
+//! `If-Match` travel as plain headers. `rusty-s3` builds the addressing (path or virtual
+//! host style, the key's encoding).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::SystemTime;
 
-use rusty_s3::actions::{GetObject, HeadObject, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 use thiserror::Error;
 use url::Url;
@@ -82,10 +83,6 @@ pub struct S3Object {
     version_id: Option<String>,
     shown: String,
 }
-
-/// A presigned URL is good for this long: far longer than one request takes, short enough
-/// that a URL seen somewhere is soon useless.
-const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
 
 impl S3Object {
     /// The object `key` of `bucket` (at `version_id` if given), configured from `env`.
@@ -188,24 +185,181 @@ impl S3Object {
         self.version_id.as_deref()
     }
 
-    /// A presigned URL for a `HEAD` (or a `GET`) of the object, at `version` if given.
-    pub fn signed_url(&self, head: bool, version: Option<&str>) -> String {
-        let creds = self.credentials.as_ref();
-        let url = if head {
-            let mut a = HeadObject::new(&self.bucket, creds, &self.key);
-            if let Some(v) = version {
-                a.query_mut().insert("versionId", v.to_string());
-            }
-            a.sign(SIGNED_FOR)
-        } else {
-            let mut a = GetObject::new(&self.bucket, creds, &self.key);
-            if let Some(v) = version {
-                a.query_mut().insert("versionId", v.to_string());
-            }
-            a.sign(SIGNED_FOR)
+    /// A `HEAD` (or a `GET`) of the object, at `version` if given, signed at `now`.
+    pub fn request(&self, head: bool, version: Option<&str>, now: SystemTime) -> Signed {
+        let mut url = self.bucket.object_url(&self.key);
+        let query: Vec<(&str, &str)> = version.map(|v| ("versionId", v)).into_iter().collect();
+        url.set_query(None);
+        if !query.is_empty() {
+            url.set_query(Some(&canonical_query(&query)));
+        }
+        let Some(creds) = &self.credentials else {
+            return Signed {
+                url: url.to_string(),
+                headers: Vec::new(),
+            };
         };
-        url.to_string()
+        let method = if head { "HEAD" } else { "GET" };
+        let headers = sign(
+            &Signing {
+                method,
+                url: &url,
+                query: &query,
+                headers: &[],
+                payload_sha256: UNSIGNED_PAYLOAD,
+                key: creds.key(),
+                secret: creds.secret(),
+                token: creds.token(),
+                region: self.bucket.region(),
+            },
+            now,
+        );
+        Signed {
+            url: url.to_string(),
+            headers,
+        }
     }
+}
+
+/// A request ready to send: its URL and the headers that sign it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The URL (never with credentials in it).
+    pub url: String,
+    /// `Authorization`, `x-amz-date`, `x-amz-content-sha256`, `x-amz-security-token`.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The payload hash of a request whose body is not signed (S3 accepts it for every request,
+/// and a `GET` or `HEAD` has no body).
+const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
+
+/// What SigV4 signs of one request.
+struct Signing<'a> {
+    method: &'a str,
+    /// The URL; its path must be percent-encoded already (as `Bucket::object_url` does).
+    url: &'a Url,
+    query: &'a [(&'a str, &'a str)],
+    /// Further headers to sign, beyond `host` and the `x-amz-*` ones added here.
+    headers: &'a [(&'a str, &'a str)],
+    payload_sha256: &'a str,
+    key: &'a str,
+    secret: &'a str,
+    token: Option<&'a str>,
+    region: &'a str,
+}
+
+/// AWS Signature Version 4 in the `Authorization` header: the headers to add to the
+/// request. The header form rather than a presigned URL because every S3 implementation
+/// verifies it (moto, for one, checks only the header form), and no signature travels in a
+/// URL that a proxy may log.
+fn sign(r: &Signing<'_>, now: SystemTime) -> Vec<(String, String)> {
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let ts = jiff::Timestamp::from_second(secs).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let amz_date = ts.strftime("%Y%m%dT%H%M%SZ").to_string();
+    let day = &amz_date[..8];
+    let host = match r.url.port() {
+        Some(p) => format!("{}:{p}", r.url.host_str().unwrap_or_default()),
+        None => r.url.host_str().unwrap_or_default().to_string(),
+    };
+    let mut signed: Vec<(String, String)> = vec![
+        ("host".to_string(), host),
+        (
+            "x-amz-content-sha256".to_string(),
+            r.payload_sha256.to_string(),
+        ),
+        ("x-amz-date".to_string(), amz_date.clone()),
+    ];
+    if let Some(t) = r.token.filter(|t| !t.is_empty()) {
+        signed.push(("x-amz-security-token".to_string(), t.to_string()));
+    }
+    for (k, v) in r.headers {
+        signed.push((k.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    signed.sort();
+    let names = signed
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
+    let mut canonical = format!(
+        "{}\n{}\n{}\n",
+        r.method,
+        r.url.path(),
+        canonical_query(r.query)
+    );
+    for (k, v) in &signed {
+        canonical.push_str(&format!("{k}:{v}\n"));
+    }
+    canonical.push_str(&format!("\n{names}\n{}", r.payload_sha256));
+    let scope = format!("{day}/{}/s3/aws4_request", r.region);
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&sha256(canonical.as_bytes()))
+    );
+    let mut k = hmac_sha256(format!("AWS4{}", r.secret).as_bytes(), day.as_bytes());
+    for part in [r.region.as_bytes(), b"s3", b"aws4_request"] {
+        k = hmac_sha256(&k, part);
+    }
+    let signature = hex(&hmac_sha256(&k, to_sign.as_bytes()));
+    let mut out: Vec<(String, String)> = signed
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("x-amz-"))
+        .collect();
+    out.push((
+        "Authorization".to_string(),
+        format!(
+            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={names}, Signature={signature}",
+            r.key
+        ),
+    ));
+    out
+}
+
+/// The query string in SigV4's canonical form: names and values percent-encoded (all but
+/// the unreserved characters), sorted.
+fn canonical_query(q: &[(&str, &str)]) -> String {
+    let mut parts: Vec<String> = q
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect();
+    parts.sort();
+    parts.join("&")
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).into()
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::{KeyInit as _, Mac as _};
+    // HMAC takes a key of any length: `new_from_slice` cannot fail for it.
+    match hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {
+        Ok(mut m) => {
+            m.update(data);
+            m.finalize().into_bytes().into()
+        }
+        Err(_) => [0; 32],
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The profile's section name in the shared config file.
@@ -259,21 +413,26 @@ mod tests {
         ]);
         let o = S3Object::new("golden", "img/disk.raw", Some("v7".into()), &env).expect("object");
         assert_eq!(o.shown(), "s3://golden/img/disk.raw?versionId=v7");
-        let u = o.signed_url(false, Some("v7"));
-        // Path style on the endpoint, signed, with the version.
-        assert!(
-            u.starts_with("http://127.0.0.1:9000/golden/img/disk.raw?"),
-            "{u}"
+        let r = o.request(false, Some("v7"), SystemTime::UNIX_EPOCH);
+        // Path style on the endpoint, with the version, signed with the profile's keys.
+        assert_eq!(
+            r.url,
+            "http://127.0.0.1:9000/golden/img/disk.raw?versionId=v7"
         );
+        let h = |name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let auth = h("Authorization");
         assert!(
-            u.contains("versionId=v7") && u.contains("X-Amz-Signature="),
-            "{u}"
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=AKCI/19700101/eu-west-1/s3/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token, Signature="),
+            "{auth}"
         );
-        assert!(
-            u.contains("AKCI") && u.contains("X-Amz-Security-Token=tok"),
-            "{u}"
-        );
-        assert!(u.contains("eu-west-1"), "{u}");
+        assert_eq!(h("x-amz-security-token"), "tok");
+        assert_eq!(h("x-amz-date"), "19700101T000000Z");
         // The environment's keys win over the file.
         let env = S3Env::from_vars([
             ("AWS_ACCESS_KEY_ID", "AKENV"),
@@ -281,12 +440,24 @@ mod tests {
             ("AWS_SHARED_CREDENTIALS_FILE", c),
         ]);
         let o = S3Object::new("b", "k", None, &env).expect("object");
-        let u = o.signed_url(true, None);
+        let r = o.request(true, None, SystemTime::UNIX_EPOCH);
+        assert_eq!(r.url, "https://b.s3.us-east-1.amazonaws.com/k");
         assert!(
-            u.starts_with("https://b.s3.us-east-1.amazonaws.com/k?"),
-            "{u}"
+            r.headers
+                .iter()
+                .any(|(k, v)| k == "Authorization" && v.contains("Credential=AKENV/")),
+            "{:?}",
+            r.headers
         );
-        assert!(u.contains("AKENV"), "{u}");
+        // No credentials at all: unsigned, for public objects.
+        let o = S3Object::new(
+            "b",
+            "k",
+            None,
+            &S3Env::from_vars([("HOME", "/nonexistent")]),
+        )
+        .expect("object");
+        assert!(o.request(false, None, SystemTime::now()).headers.is_empty());
         // A profile that the file does not have is an error at start.
         let env = S3Env::from_vars([("AWS_SHARED_CREDENTIALS_FILE", c), ("AWS_PROFILE", "nope")]);
         let e = S3Object::new("b", "k", None, &env).expect_err("no such profile");
@@ -294,6 +465,44 @@ mod tests {
             e.to_string()
                 .starts_with("source s3://b/k: AWS_PROFILE nope: no aws_access_key_id"),
             "{e}"
+        );
+    }
+
+    /// The example of AWS's documentation for SigV4 in the Authorization header ("GET
+    /// Object": a range of examplebucket/test.txt, 2013-05-24, the example keys).
+    #[test]
+    fn signs_as_the_aws_documentation_does() {
+        let url = Url::parse("https://examplebucket.s3.amazonaws.com/test.txt").expect("url");
+        let headers = sign(
+            &Signing {
+                method: "GET",
+                url: &url,
+                query: &[],
+                headers: &[("Range", "bytes=0-9")],
+                payload_sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                key: "AKIAIOSFODNN7EXAMPLE",
+                secret: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                token: None,
+                region: "us-east-1",
+            },
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_369_353_600),
+        );
+        let auth = headers
+            .iter()
+            .find(|(k, _)| k == "Authorization")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        assert_eq!(
+            auth,
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
+    }
+
+    #[test]
+    fn the_canonical_query_is_encoded_and_sorted() {
+        assert_eq!(
+            canonical_query(&[("versionId", "a+b/c=d"), ("acl", "")]),
+            "acl=&versionId=a%2Bb%2Fc%3Dd"
         );
     }
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, Rng, clonebd, first_difference, run, run_status};
-use common::servers::{need, nginx};
+use common::servers::{make_certs, need, nginx, nginx_tls};
 
 fn have_all() -> bool {
     need("nginx") && need("qemu-img") && need("qemu-io")
@@ -270,4 +270,48 @@ fn an_image_replaced_mid_hydration_stops_hydration_and_a_restart_is_refused() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn an_https_image_is_cloned_with_the_ca_given_and_refused_without_it() {
+    if !have_all() || !need("openssl") {
+        return;
+    }
+    let f = Files::new(4 << 20, 17);
+    let certs = make_certs(f.dir.path());
+    let web = nginx_tls(f.dir.path(), &certs);
+    let url = format!("https://127.0.0.1:{}/source.img", web.port);
+    // The system's roots do not know the test's CA: refused, saying why.
+    let c = remote(&f, &url);
+    let out = clonebd(&[
+        "run",
+        "--create",
+        "--source",
+        &url,
+        "--dest",
+        c.dest.to_str().unwrap(),
+        "--metadata",
+        c.meta.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "an untrusted certificate was accepted"
+    );
+    assert!(
+        err.contains(&format!("clonebd: source {url}: TLS:")),
+        "{err}"
+    );
+    assert!(!c.meta.exists(), "metadata was created");
+    // With the CA: cloned, every byte right.
+    let ca = certs.ca.to_str().unwrap();
+    let d = Daemon::start(&c, &["--source-tls-ca", ca]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status(&d)["complete"].as_bool().unwrap() {
+        assert!(Instant::now() < deadline, "hydration does not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.terminate().success());
+    let dest = std::fs::read(&c.dest).expect("dest");
+    assert_eq!(first_difference(&dest, &f.source_bytes()), None);
 }

@@ -145,6 +145,17 @@ impl Daemon {
 
     /// As [`start`](Self::start) with another region size.
     pub fn start_with_region(files: &Files, region: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(files, region, extra, &[])
+    }
+
+    /// As [`start_with_region`](Self::start_with_region), with these environment variables
+    /// set (the AWS settings of an S3 source, for example).
+    pub fn start_with_env(
+        files: &Files,
+        region: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         for attempt in 0.. {
             let port = free_port();
             let socket = files.path("nbd.sock");
@@ -173,6 +184,7 @@ impl Daemon {
                 .arg("--control")
                 .arg(&control)
                 .args(extra)
+                .envs(env.iter().copied())
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -334,8 +346,14 @@ fn log_serial() -> u64 {
 
 /// Run the clonebd binary with `args`.
 pub fn clonebd(args: &[&str]) -> Output {
+    clonebd_env(args, &[])
+}
+
+/// Run the clonebd binary with `args` and these environment variables set.
+pub fn clonebd_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(CLONEBD)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run clonebd")
 }
