@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, Rng, clonebd, first_difference, run, run_status};
-use common::servers::{make_certs, need, nginx, nginx_tls};
+use common::servers::{make_certs, need, nginx, nginx_on, nginx_tls};
 
 fn have_all() -> bool {
     need("nginx") && need("qemu-img") && need("qemu-io")
@@ -311,6 +311,70 @@ fn an_https_image_is_cloned_with_the_ca_given_and_refused_without_it() {
         assert!(Instant::now() < deadline, "hydration does not finish");
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(d.terminate().success());
+    let dest = std::fs::read(&c.dest).expect("dest");
+    assert_eq!(first_difference(&dest, &f.source_bytes()), None);
+}
+
+#[test]
+fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_back() {
+    if !have_all() {
+        return;
+    }
+    let f = Files::new(8 << 20, 19);
+    let web = nginx(f.dir.path(), "");
+    let port = web.port;
+    let url = format!("http://127.0.0.1:{port}/source.img");
+    let c = remote(&f, &url);
+    let d = Daemon::start(
+        &c,
+        &["--hydration-rate-limit", "1m", "--source-timeout", "2"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&d)["nr_hydrated"].as_u64().unwrap() < 8 {
+        assert!(Instant::now() < deadline, "hydration does not progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(web);
+    // Hydrated regions read at once; a cold one fails after the source timeout, not never.
+    run(
+        "qemu-io",
+        &["-f", "raw", &d.unix_uri(), "-c", "read 0 65536"],
+    );
+    let t0 = Instant::now();
+    let out = run_status(
+        "qemu-io",
+        &["-f", "raw", &d.unix_uri(), "-c", "read 8323072 65536"],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("Input/output error"),
+        "a cold read with the source away: {said}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "a cold read waited {:?}",
+        t0.elapsed()
+    );
+    let st = status(&d);
+    assert!(
+        st["source"]["state"] == "failed" || st["source"]["state"] == "retrying",
+        "{st}"
+    );
+    assert!(!st["complete"].as_bool().unwrap());
+    // The server comes back on the same port: hydration resumes by itself and finishes.
+    let _web = nginx_on(f.dir.path(), port);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !status(&d)["complete"].as_bool().unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "hydration did not resume: {}",
+            status(&d)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(&d)["source"]["state"], "connected");
     assert!(d.terminate().success());
     let dest = std::fs::read(&c.dest).expect("dest");
     assert_eq!(first_difference(&dest, &f.source_bytes()), None);

@@ -57,18 +57,22 @@ pub fn need(program: &str) -> bool {
 
 /// nginx serving `root` on a free port of 127.0.0.1; `extra` goes into its `server` block.
 pub fn nginx(root: &Path, extra: &str) -> Server {
-    nginx_with(root, extra, None)
+    nginx_with(root, extra, None, free_port())
+}
+
+/// nginx serving `root` on `port` of 127.0.0.1 (to start one again where one was).
+pub fn nginx_on(root: &Path, port: u16) -> Server {
+    nginx_with(root, "", None, port)
 }
 
 /// nginx serving `root` over HTTPS with this certificate chain and key.
 pub fn nginx_tls(root: &Path, certs: &Certs) -> Server {
-    nginx_with(root, "", Some(certs))
+    nginx_with(root, "", Some(certs), free_port())
 }
 
-fn nginx_with(root: &Path, extra: &str, tls: Option<&Certs>) -> Server {
+fn nginx_with(root: &Path, extra: &str, tls: Option<&Certs>, port: u16) -> Server {
     let dir = root.join(format!(".nginx-{}", free_port()));
     std::fs::create_dir_all(&dir).expect("nginx dir");
-    let port = free_port();
     let log = dir.join("error.log");
     let conf = dir.join("nginx.conf");
     let (ssl, ssl_conf) = match tls {
