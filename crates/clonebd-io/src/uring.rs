@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -378,13 +378,7 @@ impl<T> Ring<T> {
                 fd: Arc::clone(&w.fd),
             });
         }
-        // SAFETY: eventfd takes plain integers and returns a new descriptor or -1.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a descriptor just returned by eventfd and owned by nobody else.
-        let fd = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(raw) }));
+        let fd = Arc::new(crate::eventfd()?);
         self.wake = Some(WakeRead {
             fd: Arc::clone(&fd),
             buf: vec![0u8; 8],

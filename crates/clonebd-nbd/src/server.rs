@@ -11,16 +11,20 @@
 //!
 //! [`ShutdownHandle::shutdown`] stops the accept loops, stops every reader (requests already
 //! read still run and their replies are sent), then closes the connections; the `serve_*`
-//! calls return once their connections are closed.
+//! calls return once their connections are closed. The accept loops wait on the listener and
+//! on a [`StopSignal`] together ([`clonebd_io::socket`]), so they stop whatever became of
+//! their address: a unix socket file removed or bound by another server does not matter.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
+
+use clonebd_io::socket::{Acceptor, StopSignal};
 
 use crate::backend::Backend;
 use crate::conn::{self, Job, Stream};
@@ -141,11 +145,10 @@ pub(crate) struct Inner {
     pub(crate) buffers: Arc<BufferPool>,
     pub(crate) jobs: Arc<JobQueue<Job>>,
     pub(crate) counters: Counters,
-    shutting_down: AtomicBool,
+    /// Given on shutdown; stops every accept loop.
+    stop: Arc<StopSignal>,
     /// Streams of open connections, to stop their readers on shutdown.
     connections: Mutex<HashMap<u64, Stream>>,
-    /// Addresses of listening sockets, to wake their accept loops on shutdown.
-    listeners: Mutex<Vec<Wake>>,
     next_id: AtomicU64,
 }
 
@@ -157,15 +160,9 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Wake {
-    Tcp(SocketAddr),
-    Unix(std::os::unix::net::SocketAddr),
-}
-
 impl Inner {
     pub(crate) fn shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
+        self.stop.is_stopped()
     }
 
     fn register(&self, id: u64, stream: Stream) {
@@ -201,23 +198,8 @@ impl ShutdownHandle {
     /// and their replies go out, then close every connection. Returns at once; the `serve_*`
     /// calls return when their connections are closed.
     pub fn shutdown(&self) {
-        if self.inner.shutting_down.swap(true, Ordering::AcqRel) {
+        if !self.inner.stop.stop() {
             return;
-        }
-        let wakes = self
-            .inner
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        for wake in wakes {
-            // A connection to ourselves wakes the blocked accept, which then sees the flag.
-            let _ = match wake {
-                Wake::Tcp(addr) => {
-                    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map(drop)
-                }
-                Wake::Unix(addr) => UnixStream::connect_addr(&addr).map(drop),
-            };
         }
         let conns = self
             .inner
@@ -249,6 +231,7 @@ impl Server {
         }
         let export =
             ExportInfo::from_backend(&config.export_name, &config.description, backend.as_ref())?;
+        let stop = Arc::new(StopSignal::new()?);
         let jobs = Arc::new(JobQueue::new());
         let mut workers = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
@@ -271,9 +254,8 @@ impl Server {
             buffers: Arc::new(BufferPool::default()),
             jobs,
             counters: Counters::default(),
-            shutting_down: AtomicBool::new(false),
+            stop,
             connections: Mutex::new(HashMap::new()),
-            listeners: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
         });
         Ok(Self { inner, workers })
@@ -310,53 +292,36 @@ impl Server {
 
     /// Accept and serve connections on a unix socket until shutdown.
     pub fn serve_unix(&self, listener: UnixListener) -> Result<(), ServerError> {
-        let addr = listener.local_addr()?;
-        if addr.as_pathname().is_some()
-            || std::os::linux::net::SocketAddrExt::as_abstract_name(&addr).is_some()
-        {
-            self.add_wake(Wake::Unix(addr));
-        } else {
-            tracing::warn!("unnamed unix listener: shutdown cannot wake its accept loop");
-        }
-        self.accept_loop(|| listener.accept().map(|(s, _)| Stream::Unix(s)))
+        let acceptor = Acceptor::new(listener, Arc::clone(&self.inner.stop))?;
+        self.accept_loop(|| Ok(acceptor.accept()?.map(Stream::Unix)))
     }
 
     /// Accept and serve connections on a TCP socket until shutdown. Accepted sockets get
     /// `TCP_NODELAY`.
     pub fn serve_tcp(&self, listener: TcpListener) -> Result<(), ServerError> {
-        let mut addr = listener.local_addr()?;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        self.add_wake(Wake::Tcp(addr));
+        let acceptor = Acceptor::new(listener, Arc::clone(&self.inner.stop))?;
         self.accept_loop(|| {
-            let (s, _) = listener.accept()?;
+            let Some(s) = acceptor.accept()? else {
+                return Ok(None);
+            };
             // "both the client and server SHOULD disable Nagle's algorithm".
             s.set_nodelay(true)?;
-            Ok(Stream::Tcp(s))
+            Ok(Some(Stream::Tcp(s)))
         })
     }
 
-    fn add_wake(&self, wake: Wake) {
-        self.inner
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(wake);
-    }
-
+    /// Serves connections from `accept` until it returns `None` (shutdown), then waits for
+    /// them to close.
     fn accept_loop(
         &self,
-        mut accept: impl FnMut() -> io::Result<Stream>,
+        mut accept: impl FnMut() -> io::Result<Option<Stream>>,
     ) -> Result<(), ServerError> {
         let inner = &self.inner;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        while !inner.shutting_down() {
+        loop {
             let stream = match accept() {
-                Ok(stream) => stream,
+                Ok(Some(stream)) => stream,
+                Ok(None) => break,
                 Err(err) => {
                     tracing::warn!(%err, "accept failed");
                     // Out of descriptors and the like: back off rather than spin.

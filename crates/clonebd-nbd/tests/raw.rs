@@ -447,3 +447,34 @@ fn shutdown_finishes_requests_in_flight_then_closes() {
     assert_eq!(srv.server.stats().active_connections, 0);
     assert!(std::os::unix::net::UnixStream::connect(&srv.socket).is_err());
 }
+
+#[test]
+fn shutdown_stops_both_accept_loops_when_the_unix_path_is_gone_or_taken() {
+    let mut srv = TestServer::start(SIZE);
+    // Someone removed our socket file and bound their own at the path: connecting there no
+    // longer reaches us, and shutdown must not depend on it.
+    std::fs::remove_file(&srv.socket).unwrap();
+    let theirs = std::os::unix::net::UnixListener::bind(&srv.socket).unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    let start = Instant::now();
+    let stopper = std::thread::spawn(move || {
+        srv.stop();
+        srv
+    });
+    while !stopper.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "serve_unix and serve_tcp still running 10 s after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let srv = stopper.join().unwrap();
+    assert!(
+        theirs.accept().is_err(),
+        "shutdown connected to the other server's socket"
+    );
+    assert!(
+        std::net::TcpStream::connect(srv.tcp).is_err(),
+        "TCP listener still open"
+    );
+}

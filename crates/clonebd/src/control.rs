@@ -4,17 +4,20 @@
 //! The protocol is one JSON object per line: the client sends a [`ControlRequest`], the
 //! daemon answers with one [`ControlReply`] and closes the connection. Requests are capped
 //! at 64 KiB.
+//!
+//! The socket is created and served through [`clonebd_io::socket`], as the NBD sockets are: a
+//! stale socket file is replaced and a live one refused at start; stopping wakes the accept
+//! loop without connecting to the path, and removes the file only if it is still ours.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use clonebd_core::errno::describe;
+use clonebd_io::socket::{Acceptor, BindError, Removal, SocketFile, StopSignal, bind_unix};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -88,19 +91,22 @@ pub trait ControlHandler: Send + Sync + 'static {
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ControlError {
-    /// The socket could not be created.
-    #[error("control socket {}: cannot create it: {}", .path.display(), describe(.cause))]
+    /// The socket could not be created: a server answers on the path, something else is
+    /// there, or binding failed.
+    #[error("control socket {}: {error}", .path.display())]
     Bind {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        error: BindError,
+    },
+    /// The socket was created but could not be served.
+    #[error("control socket {}: cannot serve it: {}", .path.display(), describe(.cause))]
+    Serve {
         /// The socket's path.
         path: PathBuf,
         /// The system's error.
         cause: io::Error,
-    },
-    /// Another daemon answers on the path.
-    #[error("control socket {}: in use by a running clonebd", .path.display())]
-    InUse {
-        /// The socket's path.
-        path: PathBuf,
     },
     /// The daemon could not be reached.
     #[error("control socket {path}: cannot reach clonebd: {} (is `clonebd run --control {path}` running?)", describe(.cause), path = .path.display())]
@@ -131,60 +137,69 @@ pub enum ControlError {
 /// A running control socket.
 #[derive(Debug)]
 pub struct ControlServer {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
+    file: SocketFile,
+    stop: Arc<StopSignal>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
-    /// Creates the socket at `path` (mode 0600) and serves it on a thread.
+    /// Creates the socket at `path` (mode 0600: it is never reachable with a looser one) and
+    /// serves it on a thread. A socket file left by a daemon that died is replaced; a path a
+    /// server answers on, or where something other than a socket is, is refused.
     pub fn start(path: &Path, handler: Arc<dyn ControlHandler>) -> Result<Self, ControlError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            // A socket left by a daemon that died: nobody answers it.
-            let _ = std::fs::remove_file(path);
-        }
-        // Bind under a temporary name, restrict it, then move it into place, so the socket
-        // is never reachable with a looser mode.
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let bind_err = |cause| ControlError::Bind {
+        let serve_err = |cause| ControlError::Serve {
             path: path.to_path_buf(),
             cause,
         };
-        let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-        std::fs::rename(&tmp, path).map_err(bind_err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("clonebd-control".into())
-            .spawn(move || accept_loop(&listener, &stop2, &handler))
-            .map_err(bind_err)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
-        })
+        let stop = Arc::new(StopSignal::new().map_err(serve_err)?);
+        let (listener, file) =
+            bind_unix(path, Some(0o600)).map_err(|error| ControlError::Bind {
+                path: path.to_path_buf(),
+                error,
+            })?;
+        let spawned = Acceptor::new(listener, Arc::clone(&stop)).and_then(|acceptor| {
+            std::thread::Builder::new()
+                .name("clonebd-control".into())
+                .spawn(move || accept_loop(&acceptor, &handler))
+        });
+        match spawned {
+            Ok(thread) => Ok(Self {
+                file,
+                stop,
+                thread: Some(thread),
+            }),
+            Err(cause) => {
+                remove_socket("control socket", &file);
+                Err(serve_err(cause))
+            }
+        }
     }
 
-    /// Stops serving and removes the socket.
+    /// Stops serving and removes the socket file, if it is still ours.
     pub fn stop(mut self) {
         self.stop_inner();
     }
 
     fn stop_inner(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        self.stop.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        remove_socket("control socket", &self.file);
+    }
+}
+
+/// Removes a socket file we bound (`role` names it in the log), unless another has taken its
+/// path since: that one is left alone, and the log says so.
+pub(crate) fn remove_socket(role: &str, file: &SocketFile) {
+    let path = file.path().display();
+    match file.remove() {
+        Ok(Removal::Removed) => {}
+        Ok(Removal::Gone) => tracing::info!("{role} {path}: already removed"),
+        Ok(Removal::Replaced) => {
+            tracing::warn!("{role} {path}: another socket took the path; left it in place");
+        }
+        Err(e) => tracing::warn!("{role} {path}: cannot remove it: {}", describe(&e)),
     }
 }
 
@@ -196,12 +211,18 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, stop: &AtomicBool, handler: &Arc<dyn ControlHandler>) {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(conn) = conn else { continue };
+fn accept_loop(acceptor: &Acceptor<UnixListener>, handler: &Arc<dyn ControlHandler>) {
+    loop {
+        let conn = match acceptor.accept() {
+            Ok(Some(conn)) => conn,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {}", describe(&e));
+                // Out of descriptors and the like: back off rather than spin.
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
         let h = Arc::clone(handler);
         let _ = std::thread::Builder::new()
             .name("clonebd-control-conn".into())
@@ -260,6 +281,7 @@ pub fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply, Contro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     struct Echo;
     impl ControlHandler for Echo {
@@ -278,10 +300,24 @@ mod tests {
         let r = request(&p, &ControlRequest::Table).expect("request");
         assert!(r.ok);
         assert_eq!(r.output, "Table");
-        assert!(matches!(
-            ControlServer::start(&p, Arc::new(Echo)),
-            Err(ControlError::InUse { .. })
-        ));
+        let in_use = ControlServer::start(&p, Arc::new(Echo)).expect_err("in use");
+        assert!(
+            matches!(
+                in_use,
+                ControlError::Bind {
+                    error: BindError::InUse,
+                    ..
+                }
+            ),
+            "{in_use}"
+        );
+        assert_eq!(
+            in_use.to_string(),
+            format!(
+                "control socket {}: in use: a server answers on it",
+                p.display()
+            )
+        );
         srv.stop();
         assert!(!p.exists());
         assert!(matches!(

@@ -8,7 +8,6 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,12 +23,15 @@ use clonebd_core::errno::describe;
 use clonebd_core::{BlockDev, Geometry, SECTOR_SIZE};
 use clonebd_driver::{MonotonicClock, StoreBackend, Volume, VolumeOptions};
 use clonebd_io::identity::Identity;
+use clonebd_io::socket::{BindError, SocketFile, bind_unix};
 use clonebd_io::{FileDevice, OpenError, OpenOptions};
 use clonebd_metadata::{MetadataError, MetadataStore, StoreOptions};
 use clonebd_nbd::{Server, ServerConfig, ServerError, ShutdownHandle};
 use thiserror::Error;
 
-use crate::control::{ControlError, ControlHandler, ControlReply, ControlRequest, ControlServer};
+use crate::control::{
+    ControlError, ControlHandler, ControlReply, ControlRequest, ControlServer, remove_socket,
+};
 use crate::export_nbd::CloneExport;
 use crate::pin::{PinError, PinFile};
 use crate::source::{self, Opened, SourceOptions, Sources};
@@ -175,7 +177,16 @@ pub enum DaemonError {
         /// The system's error.
         error: io::Error,
     },
-    /// An NBD listener could not start.
+    /// The NBD unix socket could not be created: a server answers on the path, something
+    /// else is there, or binding failed.
+    #[error("NBD socket {}: {error}", .path.display())]
+    Bind {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        error: BindError,
+    },
+    /// An NBD TCP listener could not start.
     #[error("NBD socket {what}: cannot listen: {}", describe(.error))]
     Listen {
         /// The socket.
@@ -473,7 +484,8 @@ pub struct Daemon {
     table_line: String,
     nbd: Vec<(ShutdownHandle, JoinHandle<()>)>,
     nbd_servers: Vec<Arc<Server>>,
-    nbd_unix: Option<PathBuf>,
+    /// The NBD unix socket's file, removed on shutdown if still ours.
+    nbd_unix: Option<SocketFile>,
     control: Option<ControlServer>,
     stop_sampler: Arc<AtomicBool>,
     sampler: Option<JoinHandle<()>>,
@@ -560,23 +572,6 @@ impl ControlHandler for Handler {
             }
         }
     }
-}
-
-fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
-    let listen_err = |error| DaemonError::Listen {
-        what: path.display().to_string(),
-        error,
-    };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(listen_err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another server answers on it",
-            )));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path).map_err(listen_err)
 }
 
 impl Daemon {
@@ -781,7 +776,12 @@ impl Daemon {
         }
         cfg.io_uring = opts.nbd_io_uring;
         if let Some(p) = &opts.nbd_unix {
-            let l = bind_unix(p)?;
+            let (l, file) = bind_unix(p, None).map_err(|error| DaemonError::Bind {
+                path: p.clone(),
+                error,
+            })?;
+            // Kept before anything else can fail, so that shutdown removes it.
+            self.nbd_unix = Some(file);
             let server = Arc::new(Server::new(
                 Arc::new(CloneExport::new(self.volume.clone())),
                 cfg.clone(),
@@ -800,7 +800,6 @@ impl Daemon {
             );
             self.nbd.push((h, t));
             self.nbd_servers.push(server);
-            self.nbd_unix = Some(p.clone());
         }
         if let Some(addr) = opts.nbd_tcp {
             let l = TcpListener::bind(addr).map_err(|error| DaemonError::Listen {
@@ -999,8 +998,8 @@ impl Daemon {
         for (_, t) in self.nbd.drain(..) {
             let _ = t.join();
         }
-        if let Some(p) = self.nbd_unix.take() {
-            let _ = std::fs::remove_file(p);
+        if let Some(f) = self.nbd_unix.take() {
+            remove_socket("NBD socket", &f);
         }
         if let Some(f) = self.fuse.take()
             && let Err(e) = f.stop()

@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -496,6 +498,86 @@ fn every_start_up_error_names_its_role_and_path_once() {
             c = ctl.display()
         )
     );
+}
+
+#[test]
+fn socket_paths_a_server_answers_on_or_that_are_not_sockets_are_refused_stale_ones_replaced() {
+    let f = Files::new(1 << 20, 11);
+    let (nbd, ctl) = (f.path("nbd.sock"), f.path("ctl.sock"));
+    // The first start creates the metadata (and fails later, at a socket); the others reuse it.
+    let start = |f: &Files| {
+        let mut a = vec![
+            "--source",
+            s(&f.source),
+            "--dest",
+            s(&f.dest),
+            "--metadata",
+            s(&f.meta),
+            // As the daemon of the last step has it.
+            "--region-size",
+            "64k",
+            "--nbd-unix",
+            s(&nbd),
+            "--control",
+            s(&ctl),
+        ];
+        if !f.meta.exists() {
+            a.push("--create");
+        }
+        refused(&a)
+    };
+    let ino = |p: &Path| std::fs::symlink_metadata(p).expect("stat").ino();
+
+    // Another server answers on the NBD path: refused, and its socket stays.
+    let live = UnixListener::bind(&nbd).expect("bind");
+    let theirs = ino(&nbd);
+    assert_eq!(
+        start(&f),
+        format!(
+            "NBD socket {}: in use: a server answers on it",
+            nbd.display()
+        )
+    );
+    assert_eq!(ino(&nbd), theirs, "the other server's socket was replaced");
+    assert!(!ctl.exists());
+    drop(live);
+
+    // Another server answers on the control path: refused, and the NBD socket the daemon
+    // had made in place of the stale one is removed again.
+    let live = UnixListener::bind(&ctl).expect("bind");
+    let theirs = ino(&ctl);
+    assert_eq!(
+        start(&f),
+        format!(
+            "control socket {}: in use: a server answers on it",
+            ctl.display()
+        )
+    );
+    assert_eq!(ino(&ctl), theirs, "the other server's socket was replaced");
+    assert!(!nbd.exists(), "NBD socket left behind by a failed start");
+    drop(live);
+
+    // A regular file at a socket path is never removed.
+    std::fs::write(&nbd, b"not a socket").expect("write");
+    assert_eq!(
+        start(&f),
+        format!(
+            "NBD socket {}: exists and is not a socket; not replacing it",
+            nbd.display()
+        )
+    );
+    assert_eq!(std::fs::read(&nbd).expect("read"), b"not a socket");
+    std::fs::remove_file(&nbd).expect("remove");
+
+    // Socket files left by servers that died (nobody answers): both replaced.
+    drop(UnixListener::bind(&nbd).expect("bind"));
+    assert!(
+        nbd.exists() && ctl.exists(),
+        "stale socket files to replace"
+    );
+    let d = Daemon::start(&f, &["--no-hydration"]);
+    assert!(d.terminate().success());
+    assert!(!nbd.exists() && !ctl.exists(), "socket files left behind");
 }
 
 #[test]

@@ -304,15 +304,22 @@ impl Daemon {
     }
 
     /// SIGTERM and wait for a clean exit (SIGKILL after 60 s); returns the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(60))
+            .unwrap_or_else(|log| panic!("clonebd did not stop within 60 s of SIGTERM:\n{log}"))
+    }
+
+    /// SIGTERM and wait up to `timeout` for the exit; returns the exit status, or, if the
+    /// daemon was still running (it is then killed), its log.
+    pub fn terminate_within(mut self, timeout: Duration) -> Result<ExitStatus, String> {
         self.signal(libc::SIGTERM);
-        if let Some(st) = self.wait_for(Duration::from_secs(60)) {
-            return st;
+        if let Some(st) = self.wait_for(timeout) {
+            return Ok(st);
         }
         let log = self.log_text();
         self.signal(libc::SIGKILL);
         let _ = self.wait_for(Duration::from_secs(10));
-        panic!("clonebd did not stop within 60 s of SIGTERM:\n{log}");
+        Err(log)
     }
 
     /// SIGKILL: the process dies wherever it is.
