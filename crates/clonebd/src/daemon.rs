@@ -647,6 +647,20 @@ impl Daemon {
             &table.ctr_args,
         );
         let geometry = table.geometry;
+        // Where a remote source's pin goes is known before the metadata is opened: a start
+        // that cannot keep the pin must not format a zeroed metadata device first.
+        let pin_file = match &source.remote {
+            Some(_) => match PinFile::for_metadata(&meta_path, opts.source_pin.as_deref()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    if let Some(p) = opener.created_meta.take() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(DaemonError::Pin(e));
+                }
+            },
+            None => None,
+        };
         let (store, map) = match MetadataStore::open(meta_dev, geometry, StoreOptions::default()) {
             Ok(x) => x,
             Err(source) => {
@@ -659,14 +673,12 @@ impl Daemon {
                 });
             }
         };
-        if let Some(remote) = &source.remote {
+        if let (Some(remote), Some(pin)) = (&source.remote, pin_file) {
             // Before the first copy: a fresh clone pins the source as it is now; one with
             // hydrated regions goes on only with the source it began with.
-            let pinned =
-                PinFile::for_metadata(&meta_path, opts.source_pin.as_deref()).and_then(|pin| {
-                    pin.reconcile(map.nr_hydrated(), &remote.identity(), |p| remote.adopt(p))
-                        .map(|()| pin)
-                });
+            let pinned = pin
+                .reconcile(map.nr_hydrated(), &remote.identity(), |p| remote.adopt(p))
+                .map(|()| pin);
             match pinned {
                 Ok(pin) => tracing::info!(
                     "source {} pinned in {}: {} bytes, {:?}",

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, Rng, clonebd, first_difference, run, run_status};
+use common::loops::{Loop, can_use_loop_devices};
 use common::servers::{make_certs, need, nginx, nginx_on, nginx_tls};
 
 fn have_all() -> bool {
@@ -346,8 +347,8 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
         "qemu-io",
         &["-f", "raw", &d.unix_uri(), "-c", "read 8323072 65536"],
     );
-    let said = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("Input/output error"),
         "a cold read with the source away: {said}"
@@ -376,6 +377,68 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
     }
     assert_eq!(status(&d)["source"]["state"], "connected");
     assert!(d.terminate().success());
+    let dest = std::fs::read(&c.dest).expect("dest");
+    assert_eq!(first_difference(&dest, &f.source_bytes()), None);
+}
+
+#[test]
+fn metadata_on_a_block_device_needs_a_pin_file_and_works_with_one() {
+    if !have_all() || !can_use_loop_devices() {
+        return;
+    }
+    let f = Files::new(4 << 20, 23);
+    let web = nginx(f.dir.path(), "");
+    let url = format!("http://127.0.0.1:{}/source.img", web.port);
+    let mut c = remote(&f, &url);
+    let meta_file = c.path("meta-dev.img");
+    std::fs::write(&meta_file, vec![0u8; 4 << 20]).expect("meta file");
+    let lo = Loop::attach(&meta_file, false);
+    let args = |pin: Option<&str>| {
+        let mut a = vec![
+            "run".to_string(),
+            "--source".to_string(),
+            url.clone(),
+            "--dest".to_string(),
+            c.dest.display().to_string(),
+            "--metadata".to_string(),
+            lo.0.clone(),
+        ];
+        if let Some(p) = pin {
+            a.extend(["--source-pin".to_string(), p.to_string()]);
+        }
+        a
+    };
+    // /dev holds nothing across a reboot: no pin beside the device, and no silent default.
+    let a = args(None);
+    let out = clonebd(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "clonebd: metadata {}: a block device has no place beside it for the remote source's pinned identity: give --source-pin FILE",
+            lo.0
+        )),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&meta_file)
+            .expect("meta")
+            .iter()
+            .all(|&b| b == 0),
+        "a refused start wrote the metadata device"
+    );
+    // With a pin file: the clone runs, and the pin is where it was asked to be.
+    let pin = c.path("clone.pin");
+    c.meta = PathBuf::from(&lo.0);
+    let d = Daemon::start(&c, &["--source-pin", pin.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status(&d)["complete"].as_bool().unwrap() {
+        assert!(Instant::now() < deadline, "hydration does not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.terminate().success());
+    let text = std::fs::read_to_string(&pin).expect("pin file");
+    assert!(text.contains(&url), "{text}");
     let dest = std::fs::read(&c.dest).expect("dest");
     assert_eq!(first_difference(&dest, &f.source_bytes()), None);
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::daemon::{CLONEBD, Daemon, Files, checksum, clonebd, have, run, run_status};
+use common::loops::{Loop, can_use_loop_devices};
 
 /// Runs `clonebd run ARGS` (it must fail) and returns its error line, without "clonebd: ".
 fn refused(args: &[&str]) -> String {
@@ -130,41 +131,6 @@ fn the_same_file_in_two_roles_is_refused_and_nothing_changes() {
     );
     assert_eq!(checksum(&zeroed), zsum);
     assert!(!f.meta.exists(), "a refused start created the metadata");
-}
-
-/// A loop device over a file, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path, partitions: bool) -> Loop {
-        let mut args = vec!["-f", "--show"];
-        if partitions {
-            args.push("-P");
-        }
-        args.push(s(file));
-        let dev = run("losetup", &args).trim().to_string();
-        Loop(dev)
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-fn can_use_loop_devices() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/loop-control").exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "loop devices are needed under CI (root and /dev/loop-control)"
-        );
-        println!("SKIPPED: loop devices need root and /dev/loop-control");
-        return false;
-    }
-    true
 }
 
 /// An MBR with one partition from sector 2048 to the end, written by hand (no partitioning
