@@ -38,6 +38,8 @@ use crate::source::{self, Opened, SourceOptions, Sources};
 use crate::status::{RateMeter, status_json, status_line};
 use clonebd_remote::SourceStats;
 
+use crate::notify::Notifier;
+
 /// How the clone is described.
 #[derive(Debug, Clone)]
 pub enum CloneSpec {
@@ -990,14 +992,20 @@ impl Daemon {
         &self.table_line
     }
 
-    /// Waits for SIGTERM or SIGINT, then shuts down.
-    pub fn run_until_signal(self) -> Result<(), DaemonError> {
+    /// Tells systemd the clone is ready (every export serves once [`Daemon::start`] has
+    /// returned), reports its progress, waits for SIGTERM or SIGINT, then shuts down.
+    pub fn run_until_signal(self, notify: &Notifier) -> Result<(), DaemonError> {
         use signal_hook::consts::{SIGINT, SIGTERM};
+        // Signals are caught before READY=1, so a stop right after it still commits.
         let mut signals =
             signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+        notify.ready(&crate::notify::progress(&self.volume));
+        let reporter = notify.report(self.volume.clone());
         if let Some(sig) = signals.forever().next() {
             tracing::info!("signal {sig}: stopping");
         }
+        notify.stopping();
+        drop(reporter);
         self.shutdown()
     }
 

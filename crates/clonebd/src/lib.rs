@@ -4,6 +4,7 @@
 //! - [`demo`]: `clonebd demo`: a clone's whole life with real I/O, verified;
 //! - [`export_nbd`]: the clone as an NBD export;
 //! - [`control`]: the control socket protocol, server and client;
+//! - [`notify`]: systemd's readiness, status and watchdog notifications;
 //! - [`pin`]: a remote source's identity, pinned with the clone;
 //! - [`source`]: opening the source, local or remote, read-only;
 //! - [`status`]: the dm-clone status line and the JSON status;
@@ -15,6 +16,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod export_nbd;
+pub mod notify;
 pub mod pin;
 pub mod source;
 pub mod status;

@@ -5,7 +5,14 @@ mod cmd;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = cmd::Cli::parse();
+    let argv = match cmd::config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("clonebd: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = cmd::Cli::parse_from(argv);
     match cmd::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod client;
+pub mod config;
 mod demo;
 mod dump;
 mod run;

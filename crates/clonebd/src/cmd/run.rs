@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use clonebd::daemon::{CloneSpec, Daemon, RunOptions, default_batch, default_threshold};
+use clonebd::notify::Notifier;
 use clonebd::source::SourceOptions;
 use clonebd::units::parse_size;
 
@@ -197,6 +198,14 @@ pub struct RunArgs {
     /// Log format on standard error (the level comes from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// Read settings from the TOML file FILE: each key is one of these long options, spelled
+    /// as the flag or with underscores, with its value (a string or a number; true or false
+    /// for a switch), for example `source = "/dev/vg/snap"` and `hydration-threshold = 64`.
+    /// A flag given on the command line overrides the file's setting. An unknown key or a
+    /// bad value is refused, naming the file and the key. This is how the systemd unit in
+    /// contrib/systemd runs a clone: `clonebd run --config /etc/clonebd/NAME.toml`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 /// How logs are written.
@@ -295,6 +304,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     super::init_logging(a.log_format == LogFormat::Json, "info");
     let opts = options(&a)?;
     let daemon = Daemon::start(&opts)?;
-    daemon.run_until_signal()?;
+    daemon.run_until_signal(&Notifier::from_env())?;
     Ok(ExitCode::SUCCESS)
 }
