@@ -5,6 +5,7 @@
 //! - [`buf`], [`clock`]: direct-I/O buffers and the clock seam;
 //! - [`dev`]: the block-device trait that real and simulated devices implement;
 //! - [`errno`]: system errors in words, with the errno's name;
+//! - [`histogram`]: lock-free latency histograms for metrics;
 //! - [`dmclone`]: the dm-clone table line, status line and messages, byte-exact;
 //! - [`engine`]: the region state machine, hydration and the commit protocol.
 //!
@@ -23,6 +24,7 @@ pub mod dmclone;
 pub mod engine;
 pub mod errno;
 pub mod geometry;
+pub mod histogram;
 
 pub use bitmap::{DirtySet, HydrationMap};
 pub use buf::AlignedBuf;

@@ -6,11 +6,13 @@
 //! - [`exec`] performs one engine action on the devices; the threaded driver and the
 //!   deterministic simulator share it, so what is simulated is what runs.
 //! - [`MetadataBackend`] is the seam to the metadata store.
+//! - [`metrics`]: lock-free counters and latency histograms of requests and commits.
 
 #![deny(missing_docs)]
 
 pub mod exec;
 mod meta;
+pub mod metrics;
 mod volume;
 
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};

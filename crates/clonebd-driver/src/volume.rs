@@ -17,6 +17,7 @@
 //! rounds in flight, so they never run concurrently. The engine lock is held only while the
 //! engine decides, never across I/O.
 
+use crate::metrics::{IoMetrics, Op};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -131,6 +132,8 @@ struct Shared {
     lbs: u64,
     /// Why the last background or foreground copy failed, for the log and the status.
     last_copy_error: Mutex<Option<String>>,
+    /// Request and commit counters.
+    metrics: IoMetrics,
 }
 
 /// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
@@ -150,18 +153,33 @@ pub struct Routed {
 }
 
 /// A request served outside the engine, in flight until dropped.
-struct Foreground(Arc<Shared>);
+struct Foreground {
+    sh: Arc<Shared>,
+    /// The request it counts as, once done.
+    op: Op,
+    bytes: u64,
+    since: Instant,
+}
 
 impl Foreground {
-    fn start(sh: &Arc<Shared>) -> Self {
+    fn start(sh: &Arc<Shared>, op: Op, bytes: u64) -> Self {
         sh.view.foreground_started(sh.clock.now());
-        Self(Arc::clone(sh))
+        Self {
+            sh: Arc::clone(sh),
+            op,
+            bytes,
+            since: Instant::now(),
+        }
     }
 }
 
 impl Drop for Foreground {
     fn drop(&mut self) {
-        self.0.view.foreground_finished(self.0.clock.now());
+        self.sh.view.foreground_finished(self.sh.clock.now());
+        // A routed request's errors are the caller's to report; it is counted as done.
+        self.sh
+            .metrics
+            .request(self.op, self.bytes, self.since.elapsed(), true);
     }
 }
 
@@ -236,6 +254,7 @@ impl Volume {
             geometry: opts.engine.geometry,
             lbs: u64::from(opts.engine.logical_block_size.max(512)),
             last_copy_error: Mutex::new(None),
+            metrics: IoMetrics::default(),
         });
         let mut threads = Vec::new();
         for i in 0..opts.copy_threads.max(1) {
@@ -284,15 +303,20 @@ impl Volume {
     /// read from the source.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus> {
         let sh = &self.sh;
-        sh.check_range(offset, buf.len() as u64)?;
-        sh.view.foreground_started(sh.clock.now());
-        let devs = Devices {
-            source: &*sh.source,
-            dest: &*sh.dest,
-        };
-        let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
-        sh.view.foreground_finished(sh.clock.now());
-        if r.is_ok() { Ok(()) } else { Err(r) }
+        let t = Instant::now();
+        let len = buf.len() as u64;
+        let r = sh.check_range(offset, len).and_then(|()| {
+            sh.view.foreground_started(sh.clock.now());
+            let devs = Devices {
+                source: &*sh.source,
+                dest: &*sh.dest,
+            };
+            let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
+            sh.view.foreground_finished(sh.clock.now());
+            if r.is_ok() { Ok(()) } else { Err(r) }
+        });
+        sh.metrics.request(Op::Read, len, t.elapsed(), r.is_ok());
+        r
     }
 
     /// Routes a plain (not FUA) write of `len` bytes at `offset` from memory aligned to
@@ -310,7 +334,7 @@ impl Volume {
             file: sh.dest.direct_file(offset, len, mem_align, true)?,
             offset,
             len: usize::try_from(len).ok()?,
-            _fg: Foreground::start(sh),
+            _fg: Foreground::start(sh, Op::Write, len),
         })
     }
 
@@ -318,43 +342,61 @@ impl Volume {
     /// recording its region are durable.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoStatus> {
         let sh = &self.sh;
-        sh.check_range(offset, data.len() as u64)?;
-        if fast_write_ok(&sh.view, &sh.geometry, offset, data.len() as u64, fua) {
-            // Hot path: a hydrated region is the destination's, nothing to decide.
-            sh.view.foreground_started(sh.clock.now());
-            let r = sh
-                .dest
-                .write_at(data, offset)
-                .map_err(|e| crate::exec::status_of(&e));
-            sh.view.foreground_finished(sh.clock.now());
-            return r;
-        }
+        let t = Instant::now();
         let len = data.len() as u64;
-        sh.submit(Request::Write { offset, len, fua }, ReqBuf::Write(data))
+        let r = sh.check_range(offset, len).and_then(|()| {
+            if fast_write_ok(&sh.view, &sh.geometry, offset, len, fua) {
+                // Hot path: a hydrated region is the destination's, nothing to decide.
+                sh.view.foreground_started(sh.clock.now());
+                let r = sh
+                    .dest
+                    .write_at(data, offset)
+                    .map_err(|e| crate::exec::status_of(&e));
+                sh.view.foreground_finished(sh.clock.now());
+                return r;
+            }
+            sh.submit(Request::Write { offset, len, fua }, ReqBuf::Write(data))
+        });
+        sh.metrics.request(Op::Write, len, t.elapsed(), r.is_ok());
+        r
     }
 
     /// Flushes: every write completed before this call is durable, and so is the metadata
     /// that routes it.
     pub fn flush(&self) -> Result<(), IoStatus> {
-        self.sh.submit(Request::Flush, ReqBuf::None)
+        self.counted(Op::Flush, 0, Request::Flush)
     }
 
     /// Discards `[offset, offset+len)`.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
-        self.sh
-            .submit(Request::Discard { offset, len }, ReqBuf::None)
+        self.counted(Op::Discard, len, Request::Discard { offset, len })
     }
 
     /// Makes `[offset, offset+len)` read as zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoStatus> {
-        self.sh
-            .submit(Request::WriteZeroes { offset, len, fua }, ReqBuf::None)
+        self.counted(
+            Op::WriteZeroes,
+            len,
+            Request::WriteZeroes { offset, len, fua },
+        )
     }
 
     /// Hydrates every region `[offset, offset+len)` touches, and returns once they are.
     pub fn hydrate(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
-        self.sh
-            .submit(Request::Hydrate { offset, len }, ReqBuf::None)
+        self.counted(Op::Cache, len, Request::Hydrate { offset, len })
+    }
+
+    /// A request without a buffer through the engine, counted.
+    fn counted(&self, op: Op, bytes: u64, req: Request) -> Result<(), IoStatus> {
+        let t = Instant::now();
+        let r = self.sh.submit(req, ReqBuf::None);
+        self.sh.metrics.request(op, bytes, t.elapsed(), r.is_ok());
+        r
+    }
+
+    /// The volume's request and commit counters.
+    pub fn metrics(&self) -> &IoMetrics {
+        &self.sh.metrics
     }
 
     /// Applies a control command (hydration messages, rate limit).
@@ -659,7 +701,12 @@ impl Shared {
             return st;
         }
         let mut meta = lock(&self.meta);
-        execute_metadata(&mut **meta, self.view.map(), a).unwrap_or(IoStatus::Invalid)
+        let t = Instant::now();
+        let st = execute_metadata(&mut **meta, self.view.map(), a).unwrap_or(IoStatus::Invalid);
+        if matches!(a, Action::CommitMetadata { .. }) {
+            self.metrics.commit(t.elapsed(), st == IoStatus::Ok);
+        }
+        st
     }
 
     fn send(&self, req: ReqId, m: Msg) {

@@ -247,7 +247,10 @@ impl HttpSource {
         let r = self.policy.run(
             |_, _| {
                 self.stats.request();
-                match f() {
+                let t = std::time::Instant::now();
+                let r = f();
+                self.stats.took(t.elapsed());
+                match r {
                     Ok(v) => Attempt::Done(v),
                     Err(Failure::Transient(e, after)) => Attempt::Transient {
                         error: Failure::Transient(e, after),

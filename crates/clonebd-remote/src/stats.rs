@@ -2,6 +2,9 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use clonebd_core::histogram::{Histogram, HistogramSnapshot};
 
 /// Where a remote source stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +51,7 @@ pub struct SourceStats {
     retries: AtomicU64,
     errors: AtomicU64,
     last_error: Mutex<Option<String>>,
+    latency: Histogram,
 }
 
 /// A snapshot of [`SourceStats`].
@@ -77,6 +81,7 @@ impl SourceStats {
             retries: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            latency: Histogram::default(),
         }
     }
 
@@ -101,6 +106,16 @@ impl SourceStats {
 
     pub(crate) fn request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One request (one attempt) took `d`, whatever its outcome.
+    pub(crate) fn took(&self, d: Duration) {
+        self.latency.observe(d);
+    }
+
+    /// The latency of the requests (each attempt on its own).
+    pub fn latency(&self) -> HistogramSnapshot {
+        self.latency.snapshot()
     }
 
     pub(crate) fn retry(&self, why: &str) {

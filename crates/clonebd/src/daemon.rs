@@ -38,6 +38,7 @@ use crate::source::{self, Opened, SourceOptions, Sources};
 use crate::status::{RateMeter, status_json, status_line};
 use clonebd_remote::SourceStats;
 
+use crate::metrics::{MetricsError, MetricsServer, MetricsSources};
 use crate::notify::Notifier;
 
 /// How the clone is described.
@@ -85,6 +86,8 @@ pub struct RunOptions {
     pub nbd_tcp: Option<SocketAddr>,
     /// The control socket.
     pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics at `/metrics` on this TCP address.
+    pub metrics: Option<SocketAddr>,
     /// Use O_DIRECT on the data devices where they allow it.
     pub direct_io: bool,
     /// Reserve the clone's space in a regular-file destination at start.
@@ -188,6 +191,9 @@ pub enum DaemonError {
         /// Why.
         error: BindError,
     },
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// An NBD TCP listener could not start.
     #[error("NBD socket {what}: cannot listen: {}", describe(.error))]
     Listen {
@@ -495,6 +501,7 @@ pub struct Daemon {
     ublk: Option<clonebd_ublk::UblkExport>,
     /// A remote source's state and counters.
     source_stats: Option<Arc<SourceStats>>,
+    metrics: Option<MetricsServer>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -768,6 +775,7 @@ impl Daemon {
             fuse: None,
             ublk: None,
             source_stats: source.remote.as_ref().map(source::Remote::stats),
+            metrics: None,
         };
         // From here on, a failure must still shut the volume down cleanly.
         match daemon.start_services(opts) {
@@ -868,6 +876,19 @@ impl Daemon {
                     std::thread::sleep(Duration::from_millis(500));
                 }
             })?);
+        }
+        if let Some(addr) = opts.metrics {
+            let m = MetricsServer::start(
+                addr,
+                MetricsSources {
+                    volume: self.volume.clone(),
+                    servers: self.nbd_servers.clone(),
+                    source: self.source_stats.clone(),
+                    started: Instant::now(),
+                },
+            )?;
+            tracing::info!("metrics at http://{}/metrics", m.local_addr());
+            self.metrics = Some(m);
         }
         if let Some(p) = &opts.control {
             let handler = Handler {
@@ -1012,6 +1033,7 @@ impl Daemon {
     /// Stops the exports (requests in flight finish), then runs the suspend sequence:
     /// stop hydration, wait for copies, commit.
     pub fn shutdown(mut self) -> Result<(), DaemonError> {
+        drop(self.metrics.take());
         for (h, _) in &self.nbd {
             h.shutdown();
         }

@@ -190,6 +190,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         nbd_unix: Some(sock.clone()),
         nbd_tcp: None,
         control: Some(ctl.clone()),
+        metrics: None,
         fuse: None,
         ublk: false,
         source: crate::source::SourceOptions::default(),

@@ -4,6 +4,7 @@
 //! - [`demo`]: `clonebd demo`: a clone's whole life with real I/O, verified;
 //! - [`export_nbd`]: the clone as an NBD export;
 //! - [`control`]: the control socket protocol, server and client;
+//! - [`metrics`]: the Prometheus endpoint (`--metrics`);
 //! - [`notify`]: systemd's readiness, status and watchdog notifications;
 //! - [`pin`]: a remote source's identity, pinned with the clone;
 //! - [`source`]: opening the source, local or remote, read-only;
@@ -16,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod export_nbd;
+pub mod metrics;
 pub mod notify;
 pub mod pin;
 pub mod source;

@@ -32,6 +32,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         nbd_unix: Some(dir.join("nbd.sock")),
         nbd_tcp: None,
         control: Some(control.to_path_buf()),
+        metrics: None,
         direct_io: false,
         preallocate: true,
         copy_threads: 2,

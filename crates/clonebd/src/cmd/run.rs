@@ -153,6 +153,13 @@ pub struct RunArgs {
     /// Create the control socket here (mode 0600), for status, table, message and wait.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://[ADDR:]PORT/metrics (127.0.0.1 unless ADDR is
+    /// given): regions total and hydrated, bytes hydrated, copy errors, client requests by
+    /// operation with latency histograms, commits and their latency, the metadata mode, NBD
+    /// connections, a remote source's requests, retries, errors and latency. The names are
+    /// listed in docs/METRICS.md.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    metrics: Option<String>,
     /// Use the page cache instead of O_DIRECT for SOURCE and DEST.
     #[arg(long)]
     no_direct_io: bool,
@@ -217,12 +224,13 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_tcp(s: &str) -> anyhow::Result<SocketAddr> {
+/// `[ADDR:]PORT` for the flag `flag`: a port alone is on 127.0.0.1.
+fn parse_tcp(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(port) = s.parse::<u16>() {
         return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     }
     s.parse()
-        .with_context(|| format!("--nbd-tcp {s}: expected PORT or ADDR:PORT"))
+        .with_context(|| format!("{flag} {s}: expected PORT or ADDR:PORT"))
 }
 
 /// Builds the daemon's options from the command line.
@@ -273,7 +281,16 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
         size_bytes,
         create_metadata: a.create,
         nbd_unix: a.nbd_unix.clone(),
-        nbd_tcp: a.nbd_tcp.as_deref().map(parse_tcp).transpose()?,
+        nbd_tcp: a
+            .nbd_tcp
+            .as_deref()
+            .map(|s| parse_tcp("--nbd-tcp", s))
+            .transpose()?,
+        metrics: a
+            .metrics
+            .as_deref()
+            .map(|s| parse_tcp("--metrics", s))
+            .transpose()?,
         control: a.control.clone(),
         direct_io: !a.no_direct_io,
         preallocate: !a.no_preallocate,

@@ -1,0 +1,160 @@
+//! Counters and latency histograms of a [`crate::Volume`]'s requests and commits, kept with
+//! relaxed atomic adds only: recording a request takes no lock and allocates nothing, so
+//! the I/O path pays a few uncontended atomic instructions. Read by the metrics endpoint
+//! at scrape time ([`IoMetrics::snapshot`] of each part).
+//!
+//! Every export reaches the volume through its request methods (and the routed writes of
+//! [`crate::Volume::route_write`], counted when the route is dropped), so this one place
+//! counts NBD, FUSE and ublk requests alike.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use clonebd_core::histogram::{Histogram, HistogramSnapshot, LATENCY_BOUNDS};
+
+/// A client request's operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Read.
+    Read,
+    /// Write (with or without FUA).
+    Write,
+    /// Flush.
+    Flush,
+    /// Discard (NBD trim, FUSE punch hole, ublk discard).
+    Discard,
+    /// Write zeroes.
+    WriteZeroes,
+    /// Hydrate a range (NBD cache).
+    Cache,
+}
+
+impl Op {
+    /// Every operation, in the order of [`IoMetrics::ops`].
+    pub const ALL: [Op; 6] = [
+        Op::Read,
+        Op::Write,
+        Op::Flush,
+        Op::Discard,
+        Op::WriteZeroes,
+        Op::Cache,
+    ];
+
+    /// Its name as a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Discard => "discard",
+            Op::WriteZeroes => "write_zeroes",
+            Op::Cache => "cache",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The counters of one operation.
+#[derive(Debug, Default)]
+pub struct OpStats {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    bytes: AtomicU64,
+    latency: Histogram,
+}
+
+/// What one operation's counters held when read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpSnapshot {
+    /// Requests completed.
+    pub requests: u64,
+    /// Of them, those that failed.
+    pub errors: u64,
+    /// Bytes the requests covered.
+    pub bytes: u64,
+    /// Their latency.
+    pub latency: HistogramSnapshot,
+}
+
+impl OpStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> OpSnapshot {
+        OpSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            latency: self.latency.snapshot(),
+        }
+    }
+}
+
+/// A volume's request and commit counters.
+#[derive(Debug, Default)]
+pub struct IoMetrics {
+    ops: [OpStats; 6],
+    commits: AtomicU64,
+    commit_errors: AtomicU64,
+    commit_latency: Histogram,
+}
+
+impl IoMetrics {
+    /// Records one completed request.
+    pub fn request(&self, op: Op, bytes: u64, took: Duration, ok: bool) {
+        let s = &self.ops[op.index()];
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if !ok {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        s.latency.observe(took);
+    }
+
+    /// Records one metadata commit.
+    pub fn commit(&self, took: Duration, ok: bool) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.commit_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.commit_latency.observe(took);
+    }
+
+    /// One operation's counters.
+    pub fn op(&self, op: Op) -> &OpStats {
+        &self.ops[op.index()]
+    }
+
+    /// Commits made, and of them those that failed.
+    pub fn commits(&self) -> (u64, u64) {
+        (
+            self.commits.load(Ordering::Relaxed),
+            self.commit_errors.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The commits' latency.
+    pub fn commit_latency(&self) -> HistogramSnapshot {
+        self.commit_latency.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_count_by_operation() {
+        let m = IoMetrics::default();
+        m.request(Op::Read, 4096, Duration::from_micros(100), true);
+        m.request(Op::Read, 4096, Duration::from_micros(100), false);
+        m.request(Op::Flush, 0, Duration::from_millis(2), true);
+        let r = m.op(Op::Read).snapshot();
+        assert_eq!((r.requests, r.errors, r.bytes), (2, 1, 8192));
+        assert_eq!(m.op(Op::Flush).snapshot().requests, 1);
+        assert_eq!(m.op(Op::Write).snapshot().requests, 0);
+        m.commit(Duration::from_millis(3), true);
+        assert_eq!(m.commits(), (1, 0));
+    }
+}
