@@ -12,6 +12,8 @@
 //! [`uring`] submits many reads, writes and socket transfers with one system call: a safe
 //! io_uring wrapper that owns the buffers of the operations in flight.
 //!
+//! [`limits`] raises the process's open-file limit for a daemon that holds many sockets.
+//!
 //! This is one of the two crates allowed `unsafe` (for `ioctl`, `fallocate` and io_uring);
 //! each block says why it is sound.
 
@@ -19,6 +21,7 @@
 
 mod file;
 pub mod identity;
+pub mod limits;
 pub mod uring;
 
 pub use file::{AccessMode, FileDevice, OpenError, OpenOptions};
