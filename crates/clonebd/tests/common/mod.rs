@@ -1,4 +1,5 @@
 //! Support shared by the daemon's integration tests; each file is one helper module.
 
 pub mod daemon;
+pub mod peers;
 pub mod servers;
