@@ -36,6 +36,9 @@
 //! payload, or never reads its replies, gives its charge back; the per-peer share is what
 //! keeps one such host from holding the whole budget.
 //!
+//! A *peer* is an IPv4 address, or an IPv6 /64 network (one host is usually given a whole
+//! /64, so counting single IPv6 addresses would limit nothing).
+//!
 //! Limits that bite are logged with the peer, at most once per [`LOG_INTERVAL`] for each
 //! kind of limit ([`Throttle`]), with the number of occurrences not logged in between.
 
@@ -51,6 +54,15 @@ use crate::proto::MAX_PAYLOAD;
 #[cfg(doc)]
 use crate::server::ServerConfig;
 use crate::server::ServerError;
+
+/// What per-peer limits count a connection from `ip` under: the address itself for IPv4,
+/// its /64 network for IPv6.
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+    }
+}
 
 /// The shortest time between two log lines about the same kind of limit.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(5);
@@ -148,7 +160,8 @@ impl Slots {
         if s.handshaking >= self.max_handshakes {
             return Err(Refusal::Handshakes);
         }
-        if let Some(ip) = peer {
+        let key = peer.map(peer_key);
+        if let Some(ip) = key {
             let n = s.per_peer.entry(ip).or_insert(0);
             if *n >= self.max_per_peer {
                 return Err(Refusal::PeerHandshakes);
@@ -158,7 +171,7 @@ impl Slots {
         s.handshaking += 1;
         Ok(HandshakeSlot {
             slots: Arc::clone(self),
-            peer,
+            peer: key,
         })
     }
 
@@ -409,7 +422,7 @@ impl ConnAdmission {
     ) -> Self {
         Self {
             budget,
-            peer,
+            peer: peer.map(peer_key),
             max_requests,
             max_bytes,
             count: 0,
@@ -631,6 +644,18 @@ mod tests {
         let _e1 = h1.establish().unwrap();
         assert_eq!(h2.establish().unwrap_err(), Refusal::Connections);
         assert_eq!(slots.counts(), (0, 1));
+    }
+
+    #[test]
+    fn ipv6_peers_are_counted_by_their_64_network() {
+        let slots = Arc::new(Slots::new(8, 1, 8));
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let _h = slots.begin(ip("2001:db8:1:2::1")).unwrap();
+        assert_eq!(
+            slots.begin(ip("2001:db8:1:2:ffff::9")).unwrap_err(),
+            Refusal::PeerHandshakes
+        );
+        assert!(slots.begin(ip("2001:db8:1:3::1")).is_ok());
     }
 
     #[test]
