@@ -183,9 +183,9 @@ pub struct RunArgs {
     /// never take the places of established ones (--nbd-max-connections).
     #[arg(long, value_name = "N", default_value_t = 128)]
     nbd_max_handshakes: usize,
-    /// NBD connections in their handshake at once from one IP address (TCP). Past it, new
-    /// connections from that address are closed as soon as they are accepted, so that one
-    /// host cannot take every handshake place.
+    /// NBD connections in their handshake at once from one IP address (TCP; for IPv6, one
+    /// /64 network). Past it, new connections from that address are closed as soon as they
+    /// are accepted, so that one host cannot take every handshake place.
     #[arg(long, value_name = "N", default_value_t = 16)]
     nbd_max_handshakes_per_peer: usize,
     /// NBD clients served at once (past their handshake), per socket. While all places are
@@ -199,8 +199,8 @@ pub struct RunArgs {
     /// error.
     #[arg(long, value_name = "BYTES", default_value = "256m")]
     nbd_memory_budget: String,
-    /// Of --nbd-memory-budget, what the connections from one IP address may hold (at least
-    /// 32m), so that one host cannot hold the whole budget. Connections over the unix
+    /// Of --nbd-memory-budget, what the connections from one IP address (for IPv6, one /64
+    /// network) may hold (at least 32m), so that one host cannot hold the whole budget. Connections over the unix
     /// socket are limited by the budget alone.
     #[arg(long, value_name = "BYTES", default_value = "128m")]
     nbd_memory_budget_per_peer: String,
