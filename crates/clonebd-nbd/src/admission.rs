@@ -9,9 +9,10 @@
 //! [`ServerConfig::max_connections`] established connections. A connection over a handshake
 //! limit, or arriving while every established slot is taken, is closed at once; a handshake
 //! that completes while every established slot is taken is closed then. Handshakes never
-//! take established slots, so connections that open and send nothing can delay only other
-//! handshakes, and only until the handshake deadline ([`ServerConfig::handshake_timeout`],
-//! enforced by the connection over the whole negotiation) closes them.
+//! take established slots, so connections that open and send nothing can crowd out only
+//! other handshakes (one peer at most its own share of them), and only until the handshake
+//! deadline ([`ServerConfig::handshake_timeout`], enforced by the connection over the whole
+//! negotiation) closes them.
 //!
 //! **Payload memory** ([`MemoryBudget`]). Every request that carries payload (write data
 //! read from the socket, read data not yet sent) is charged its length twice: against its
