@@ -16,13 +16,16 @@
 //! served and stopped: accept loops woken by an eventfd rather than by connecting to their
 //! own address, and unix socket files replaced only when stale and removed only while ours.
 //!
+//! [`limits`] raises the process's open-file limit for a daemon that holds many sockets.
+//!
 //! This is one of the two crates allowed `unsafe` (for `ioctl`, `fallocate`, io_uring,
-//! `eventfd` and `poll`); each block says why it is sound.
+//! `eventfd`, `poll` and `setrlimit`); each block says why it is sound.
 
 #![deny(missing_docs)]
 
 mod file;
 pub mod identity;
+pub mod limits;
 pub mod socket;
 pub mod uring;
 

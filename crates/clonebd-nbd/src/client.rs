@@ -139,7 +139,12 @@ impl ClientOptions {
 
     /// Connect over TCP (with `TCP_NODELAY`).
     pub fn connect_tcp(&self, addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
-        let s = TcpStream::connect(addr)?;
+        self.handshake_tcp(TcpStream::connect(addr)?)
+    }
+
+    /// Negotiate over a TCP socket already connected (one bound to a chosen local address,
+    /// say), with `TCP_NODELAY`.
+    pub fn handshake_tcp(&self, s: TcpStream) -> Result<Client, ClientError> {
         // "both the client and server SHOULD disable Nagle's algorithm".
         s.set_nodelay(true)?;
         Client::handshake(Stream::Tcp(s), self)

@@ -1,8 +1,13 @@
 //! One connection: the handshake, the request reader, the reply writer, and request execution.
 //!
-//! The reader thread drives the [`Handshake`] over the socket, then decodes requests with the
-//! codec. A request to execute is admitted against the connection's in-flight budget, its
-//! write payload is read into a pooled buffer, and it is queued for the worker pool. A rejected
+//! The reader thread drives the [`Handshake`] over the socket within the handshake's
+//! deadline (each read and write is given only the time left, so a client that sends a byte
+//! now and then cannot stretch it), then trades its handshake slot for an established one
+//! (see [`crate::admission`]) and decodes requests with the codec. A request to execute is
+//! admitted by the connection's [`ConnAdmission`] (its own in-flight bound, then the memory
+//! budget shared by all connections; the reader waits for either before reading any
+//! payload), its write payload is read into a pooled buffer, and it is queued for the
+//! worker pool. A rejected
 //! request has its payload skipped and its error reply queued directly. A read or write that
 //! arrives alone (nothing else in flight, nothing more buffered) runs on the reader thread
 //! itself. Workers call the [`Backend`](crate::Backend) and write the reply frame themselves
@@ -15,7 +20,7 @@
 //! in [`ring`] instead, on the same thread, and shares the request execution here.
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -23,7 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
+use std::time::{Duration, Instant};
 
+use crate::admission::{ConnAdmission, HandshakeSlot, Wait};
 use crate::backend::{Extent, NbdError, ZeroFlags};
 use crate::codec::{
     DecodeError, Disposition, ReplyHeader, ReplyTo, RequestHeader, TransmissionParams,
@@ -54,6 +61,14 @@ impl Stream {
         match self {
             Self::Tcp(s) => s.shutdown(how),
             Self::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// The peer's IP address (IPv4-mapped addresses as IPv4); `None` for a unix socket.
+    pub(crate) fn peer_ip(&self) -> Option<IpAddr> {
+        match self {
+            Self::Tcp(s) => s.peer_addr().ok().map(|a| a.ip().to_canonical()),
+            Self::Unix(_) => None,
         }
     }
 
@@ -183,10 +198,9 @@ enum Outgoing {
     Close,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inflight {
-    count: usize,
-    bytes: usize,
+    admission: ConnAdmission,
     /// Threads waiting on `room`; a release wakes them only if there are any, since every
     /// notification is a system call.
     waiting: usize,
@@ -198,6 +212,8 @@ struct Inflight {
 /// its worker jobs go to its thread through the [`RingLink`].
 pub(crate) struct Conn {
     pub(crate) inner: Arc<Inner>,
+    /// The peer's IP address (`None`: a unix socket).
+    pub(crate) peer: Option<IpAddr>,
     pub(crate) params: TransmissionParams,
     contexts: Vec<MetaContext>,
     ring: Option<RingLink>,
@@ -211,29 +227,53 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Wait until the request fits in the budget, then take its share. A request is always
-    /// admitted when nothing else is in flight. Returns whether nothing else was: then every
-    /// earlier reply has been written, and the writer thread is idle.
-    fn admit(&self, cost: usize) -> bool {
-        let cfg = &self.inner.config;
+    /// Wait until the request is admitted (see [`ConnAdmission::try_admit`]), then take its
+    /// share. Returns whether nothing else was in flight: then every earlier reply has been
+    /// written, and the writer thread is idle. `None`: the connection is closing (shutdown,
+    /// or a broken socket) while it waited for the shared budget.
+    fn admit(&self, cost: usize) -> Option<bool> {
         let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        while f.count > 0
-            && (f.count >= cfg.max_inflight_requests || f.bytes + cost > cfg.max_inflight_bytes)
-        {
-            f.waiting += 1;
-            f = self.room.wait(f).unwrap_or_else(PoisonError::into_inner);
-            f.waiting -= 1;
+        let mut counted = false;
+        loop {
+            match f.admission.try_admit(cost, None) {
+                Ok(alone) => return Some(alone),
+                Err(Wait::Connection) => {
+                    // Our own replies release this: they always go out (or fail).
+                    f.waiting += 1;
+                    f = self.room.wait(f).unwrap_or_else(PoisonError::into_inner);
+                    f.waiting -= 1;
+                }
+                Err(Wait::Budget(seen)) => {
+                    // Other connections release this, maybe never: look at shutdown and at
+                    // the socket now and then. Nothing of this request is read yet.
+                    let budget = Arc::clone(f.admission.budget());
+                    drop(f);
+                    if !counted {
+                        self.inner.budget_wait(self.peer, cost);
+                        counted = true;
+                    }
+                    if self.inner.shutting_down() || self.broken.load(Ordering::Acquire) {
+                        return None;
+                    }
+                    budget.wait_budget(seen, BUDGET_RECHECK);
+                    f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                }
+            }
         }
-        let alone = f.count == 0;
-        f.count += 1;
-        f.bytes += cost;
-        alone
+    }
+
+    /// Count an error reply sent before the connection closes, whatever the bounds.
+    fn admit_final(&self) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admission
+            .take_free();
     }
 
     fn release(&self, cost: usize) {
         let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        f.count -= 1;
-        f.bytes -= cost;
+        f.admission.release(1, cost);
         let wake = f.waiting > 0;
         drop(f);
         if wake {
@@ -243,7 +283,7 @@ impl Conn {
 
     fn wait_idle(&self) {
         let mut f = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        while f.count > 0 {
+        while f.admission.count() > 0 {
             f.waiting += 1;
             f = self.room.wait(f).unwrap_or_else(PoisonError::into_inner);
             f.waiting -= 1;
@@ -419,8 +459,20 @@ fn block_status(conn: &Conn, h: &RequestHeader, cost: usize) -> Result<ReplyFram
     })
 }
 
-/// Serve one connection to its end.
-pub(crate) fn run(inner: &Arc<Inner>, id: u64, stream: Stream) {
+/// How long a reader waiting for the shared budget sleeps before it looks again at shutdown
+/// and at its socket (a release wakes it sooner).
+const BUDGET_RECHECK: Duration = Duration::from_millis(500);
+
+/// Serve one connection to its end: the handshake (holding `slot`, by `deadline`), then, in
+/// an established slot, the transmission phase.
+pub(crate) fn run(
+    inner: &Arc<Inner>,
+    id: u64,
+    stream: Stream,
+    slot: HandshakeSlot,
+    peer: Option<IpAddr>,
+    deadline: Option<Instant>,
+) {
     let (read_half, mut write_half) = match stream.try_clone() {
         Ok(r) => (r, stream),
         Err(err) => {
@@ -429,7 +481,7 @@ pub(crate) fn run(inner: &Arc<Inner>, id: u64, stream: Stream) {
         }
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-    let negotiated = match handshake(inner, &mut reader, &mut write_half) {
+    let negotiated = match handshake(inner, &mut reader, &mut write_half, deadline) {
         Ok(Some(n)) => n,
         Ok(None) => {
             tracing::debug!(id, "client ended the handshake");
@@ -444,32 +496,113 @@ pub(crate) fn run(inner: &Arc<Inner>, id: u64, stream: Stream) {
             tracing::debug!(id, %err, "connection lost during handshake");
             return;
         }
+        Err(HandshakeEnd::Deadline) => {
+            inner.handshake_expired(peer);
+            return;
+        }
+    };
+    let established = match slot.establish() {
+        Ok(slot) => slot,
+        Err(why) => {
+            inner.refused(why, peer);
+            return;
+        }
     };
     Counters::add(&inner.counters.handshakes, 1);
     tracing::debug!(id, style = ?negotiated.style, contexts = negotiated.meta_contexts.len(), "transmission");
+    // The socket's timeouts are shared by both halves: neither applies from here on.
     let _ = reader.get_ref().set_read_timeout(None);
-    transmission(inner, id, negotiated, reader, write_half);
+    let _ = write_half.set_write_timeout(None);
+    transmission(inner, id, negotiated, reader, write_half, peer);
+    drop(established);
 }
 
 enum HandshakeEnd {
     Protocol(HandshakeError),
     Io(io::Error),
+    /// The handshake's deadline passed.
+    Deadline,
+}
+
+/// The time left before `deadline`, as a socket timeout (`None`: no deadline).
+fn time_left(deadline: Option<Instant>) -> Result<Option<Duration>, HandshakeEnd> {
+    let Some(d) = deadline else {
+        return Ok(None);
+    };
+    let left = d.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(HandshakeEnd::Deadline);
+    }
+    Ok(Some(left))
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Fill `buf` from the socket by `deadline`: each read may wait only for the time left.
+fn read_by(
+    reader: &mut BufReader<Stream>,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> Result<(), HandshakeEnd> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        if reader.buffer().is_empty() {
+            let left = time_left(deadline)?;
+            reader
+                .get_ref()
+                .set_read_timeout(left)
+                .map_err(HandshakeEnd::Io)?;
+        }
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => return Err(HandshakeEnd::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => return Err(HandshakeEnd::Deadline),
+            Err(e) => return Err(HandshakeEnd::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Write `data` to the socket by `deadline` (a client that does not read its replies cannot
+/// hold the handshake open either).
+fn write_by(
+    writer: &mut Stream,
+    data: &[u8],
+    deadline: Option<Instant>,
+) -> Result<(), HandshakeEnd> {
+    let mut sent = 0;
+    while sent < data.len() {
+        writer
+            .set_write_timeout(time_left(deadline)?)
+            .map_err(HandshakeEnd::Io)?;
+        match writer.write(&data[sent..]) {
+            Ok(0) => return Err(HandshakeEnd::Io(io::ErrorKind::WriteZero.into())),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => return Err(HandshakeEnd::Deadline),
+            Err(e) => return Err(HandshakeEnd::Io(e)),
+        }
+    }
+    Ok(())
 }
 
 fn handshake(
     inner: &Inner,
     reader: &mut BufReader<Stream>,
     writer: &mut Stream,
+    deadline: Option<Instant>,
 ) -> Result<Option<Negotiated>, HandshakeEnd> {
-    reader
-        .get_ref()
-        .set_read_timeout(inner.config.handshake_timeout)
-        .map_err(HandshakeEnd::Io)?;
     let mut hs = Handshake::new(inner.export.clone());
     let mut buf = Vec::new();
     loop {
         if !hs.output().is_empty() {
-            writer.write_all(hs.output()).map_err(HandshakeEnd::Io)?;
+            write_by(writer, hs.output(), deadline)?;
             hs.consume_output(hs.output().len());
         }
         match hs.status() {
@@ -480,7 +613,7 @@ fn handshake(
         }
         // `wanted` is at most 64 KiB.
         buf.resize(hs.wanted(), 0);
-        reader.read_exact(&mut buf).map_err(HandshakeEnd::Io)?;
+        read_by(reader, &mut buf, deadline)?;
         if let Err(err) = hs.feed(&buf) {
             return Err(HandshakeEnd::Protocol(err));
         }
@@ -493,6 +626,7 @@ fn transmission(
     n: Negotiated,
     mut reader: BufReader<Stream>,
     write_half: Stream,
+    peer: Option<IpAddr>,
 ) {
     let export = &inner.export;
     let params = TransmissionParams {
@@ -522,12 +656,16 @@ fn transmission(
     };
     let conn = Arc::new(Conn {
         inner: Arc::clone(inner),
+        peer,
         params,
         contexts: n.meta_contexts,
         ring: link,
         replies: tx,
         out: Mutex::new(write_half),
-        inflight: Mutex::new(Inflight::default()),
+        inflight: Mutex::new(Inflight {
+            admission: inner.conn_admission(peer),
+            waiting: 0,
+        }),
         room: Condvar::new(),
         broken: AtomicBool::new(false),
     });
@@ -535,7 +673,8 @@ fn transmission(
         drop(rx);
         let leftover = reader.buffer().to_vec();
         let sock = Arc::new(reader.into_inner());
-        if let Err(err) = ring::serve(&conn, link, uring, sock, &leftover) {
+        let admission = inner.conn_admission(peer);
+        if let Err(err) = ring::serve(&conn, link, uring, sock, &leftover, admission) {
             Counters::add(&inner.counters.protocol_errors, 1);
             tracing::warn!(id, %err, "closing connection after a protocol error");
         }
@@ -588,7 +727,7 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
             Ok(d) => d,
             Err(DecodeError::PayloadTooLarge(h)) => {
                 // Answer, so the client learns why, then close: the payload is not read.
-                conn.admit(0);
+                conn.admit_final();
                 conn.send(ReplyFrame::error(style, &h, NbdError::Invalid, 0));
                 return Err(DecodeError::PayloadTooLarge(h));
             }
@@ -603,7 +742,9 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
                 if !matches!(skipped, Ok(n) if n == u64::from(skip)) {
                     return Ok(());
                 }
-                conn.admit(0);
+                if conn.admit(0).is_none() {
+                    return Ok(());
+                }
                 conn.send(ReplyFrame::error(style, &h, error, 0));
             }
             Disposition::Execute => {
@@ -612,8 +753,10 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
                     Command::Read | Command::Write => h.length as usize,
                     _ => 0,
                 };
-                // Past the budget the reader waits here, before reading any payload.
-                let alone = conn.admit(cost);
+                // Past either bound the reader waits here, before reading any payload.
+                let Some(alone) = conn.admit(cost) else {
+                    return Ok(());
+                };
                 Counters::add(&inner.counters.requests, 1);
                 let mut payload = None;
                 if h.command == Command::Write {

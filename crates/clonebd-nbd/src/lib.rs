@@ -5,6 +5,8 @@
 //! - [`handshake`]: the fixed newstyle handshake as a sans-IO state machine;
 //! - [`codec`]: transmission-phase request decoding and reply encoding, sans-IO;
 //! - [`server`]: the threaded server over unix and TCP sockets;
+//! - [`admission`]: handshake and connection slots, and the payload memory budget shared by
+//!   connections;
 //! - [`client`]: a blocking client over the same codec.
 //!
 //! The codec and the handshake perform no I/O and allocate nothing whose size a peer chooses
@@ -36,6 +38,7 @@
 // Tests may unwrap: a panic there is a failed test, not a broken connection.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admission;
 pub mod backend;
 pub mod client;
 pub mod codec;
@@ -47,6 +50,7 @@ mod conn;
 mod pool;
 mod ring;
 
+pub use admission::MemoryBudget;
 pub use backend::{
     Backend, BackendFlags, BlockSizes, Extent, NbdError, Route, RouteKind, Segment, ZeroFlags,
 };

@@ -2,12 +2,15 @@
 //!
 //! [`BufferPool`] hands out buffers in power-of-two size classes from 4 KiB to 32 MiB and takes
 //! them back when a [`Buf`] is dropped, so the request path allocates only when the pool is
-//! empty. It keeps a bounded number of buffers per class. Every buffer starts on a 4 KiB
+//! empty. It keeps a bounded number of buffers per class, and at most
+//! [`RETAIN_BYTES_TOTAL`] in all: the memory budget bounds the buffers in use, this bounds
+//! those kept idle. Every buffer starts on a 4 KiB
 //! boundary ([`ALIGN`]), so that a backend whose devices are opened with `O_DIRECT` can hand
 //! aligned requests straight to them instead of falling back to buffered I/O. [`JobQueue`] is the shared queue the
 //! worker threads take jobs from; its lock is held only to push or pop, never across I/O.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use clonebd_io::uring::IoBuf;
@@ -19,6 +22,8 @@ const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 const RETAIN_BYTES_PER_CLASS: usize = 64 << 20;
 /// Buffers kept per size class, whatever their size.
 const RETAIN_COUNT_PER_CLASS: usize = 256;
+/// Bytes kept in all classes together.
+pub(crate) const RETAIN_BYTES_TOTAL: usize = 128 << 20;
 /// Where every buffer starts: a multiple of the largest logical block size devices use.
 pub(crate) const ALIGN: usize = clonebd_io::uring::ALIGN;
 
@@ -26,6 +31,8 @@ pub(crate) const ALIGN: usize = clonebd_io::uring::ALIGN;
 #[derive(Debug, Default)]
 pub(crate) struct BufferPool {
     classes: [Mutex<Vec<IoBuf>>; CLASSES],
+    /// Bytes of the buffers kept in `classes`.
+    retained: AtomicUsize,
 }
 
 fn class_of(len: usize) -> Option<usize> {
@@ -50,6 +57,9 @@ impl BufferPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
+        if let Some(io) = &cached {
+            self.retained.fetch_sub(io.capacity(), Ordering::Relaxed);
+        }
         let mut io = cached.unwrap_or_else(|| IoBuf::new(1 << (class as u32 + MIN_CLASS_SHIFT)));
         io.set_len(len);
         Buf {
@@ -78,11 +88,19 @@ impl BufferPool {
         }
         io.set_len(size);
         let limit = (RETAIN_BYTES_PER_CLASS / size).clamp(1, RETAIN_COUNT_PER_CLASS);
+        // Claim the room first, so that racing puts never keep more than the total.
+        if self.retained.fetch_add(size, Ordering::Relaxed) + size > RETAIN_BYTES_TOTAL {
+            self.retained.fetch_sub(size, Ordering::Relaxed);
+            return;
+        }
         let mut free = self.classes[class]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if free.len() < limit {
             free.push(io);
+        } else {
+            drop(free);
+            self.retained.fetch_sub(size, Ordering::Relaxed);
         }
     }
 }
@@ -227,6 +245,35 @@ mod tests {
         // And again once they come back from the free lists.
         let b = pool.get(4096);
         assert_eq!(b.as_slice().as_ptr().addr() % ALIGN, 0);
+    }
+
+    #[test]
+    fn idle_buffers_are_kept_up_to_the_total_across_classes() {
+        let pool = Arc::new(BufferPool::default());
+        // 64 MiB in each of three classes would be 192 MiB; the total keeps 128 MiB.
+        let held: Vec<Buf> = [32 << 20, 16 << 20, 8 << 20]
+            .iter()
+            .flat_map(|&len| {
+                let n = (RETAIN_BYTES_PER_CLASS / len).min(8);
+                (0..n).map(|_| pool.get(len)).collect::<Vec<_>>()
+            })
+            .collect();
+        drop(held);
+        assert_eq!(pool.retained.load(Ordering::Relaxed), RETAIN_BYTES_TOTAL);
+        let kept: usize = pool
+            .classes
+            .iter()
+            .map(|c| c.lock().unwrap().iter().map(IoBuf::capacity).sum::<usize>())
+            .sum();
+        assert_eq!(kept, RETAIN_BYTES_TOTAL);
+        // Taking one out makes room again.
+        let b = pool.get(32 << 20);
+        assert_eq!(
+            pool.retained.load(Ordering::Relaxed),
+            RETAIN_BYTES_TOTAL - (32 << 20)
+        );
+        drop(b);
+        assert_eq!(pool.retained.load(Ordering::Relaxed), RETAIN_BYTES_TOTAL);
     }
 
     #[test]

@@ -9,8 +9,11 @@
 //! on the worker pool, or on this thread for a lone read or write with nothing else in
 //! flight. A worker hands its reply to this thread through the [`RingLink`] and wakes the ring
 //! only if the thread is about to sleep. Only this thread writes to the socket, one gathered
-//! send at a time, so frames never interleave. The in-flight budget is counted here: past it,
-//! decoding stops (and with it reading the socket) until replies have gone out.
+//! send at a time, so frames never interleave. Requests are admitted here by the
+//! connection's [`ConnAdmission`], the same check as the threaded mode's (its own in-flight
+//! bound, then the memory budget shared by all connections): past either, decoding stops
+//! (and with it reading the socket) until replies have gone out, or, for the shared budget,
+//! until a release on any connection wakes the ring.
 //!
 //! **Flush ordering.** "`NBD_CMD_FLUSH` ... MUST NOT send a reply until all write requests
 //! which the server has completed (that is, replied to) before receiving the flush are
@@ -35,6 +38,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use clonebd_io::uring::{Dir, Done, Inline, IoBuf, Ring, SendPart, SharedFd, Waker};
 
+use crate::admission::{ConnAdmission, Wait};
 use crate::backend::{NbdError, RouteKind};
 use crate::codec::{DecodeError, Disposition, ReplyHeader, RequestHeader};
 use crate::conn::{Body, Conn, Job, ReplyFrame, Stream, run_job};
@@ -59,7 +63,8 @@ pub(crate) struct RingLink {
     /// Set by the connection's thread before it waits: a worker that finds it set wakes the
     /// ring (one system call), otherwise the thread will find the reply before waiting.
     sleeping: AtomicBool,
-    waker: Waker,
+    /// Also woken by releases of the shared memory budget when this connection waits for it.
+    waker: Arc<Waker>,
 }
 
 impl RingLink {
@@ -67,7 +72,7 @@ impl RingLink {
         Self {
             done: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
-            waker,
+            waker: Arc::new(waker),
         }
     }
 
@@ -136,6 +141,7 @@ pub(crate) fn serve(
     ring: Ring<Token>,
     sock: Arc<Stream>,
     leftover: &[u8],
+    admission: ConnAdmission,
 ) -> Result<(), DecodeError> {
     let mut input = IoBuf::new(INPUT_BYTES.max(leftover.len()));
     input.as_mut_slice()[..leftover.len()].copy_from_slice(leftover);
@@ -152,8 +158,8 @@ pub(crate) fn serve(
         payload_busy: false,
         reading: true,
         broken: false,
-        count: 0,
-        bytes: 0,
+        admission,
+        budget_wait: false,
         jobs: 0,
         outq: VecDeque::new(),
         sending: false,
@@ -188,8 +194,9 @@ struct Session<'a> {
     /// The socket failed: replies are dropped.
     broken: bool,
     /// Requests taken and not yet answered, and their payload bytes.
-    count: usize,
-    bytes: usize,
+    admission: ConnAdmission,
+    /// The request at the head of the input waits for the shared budget (counted once).
+    budget_wait: bool,
     /// Requests on the worker pool whose reply has not come back through the link.
     jobs: usize,
     outq: VecDeque<ReplyFrame>,
@@ -206,7 +213,8 @@ impl Session<'_> {
             self.pump();
             self.take_replies();
             self.flush_replies();
-            if !self.reading && self.count == 0 && !self.sending && self.outq.is_empty() {
+            if !self.reading && self.admission.count() == 0 && !self.sending && self.outq.is_empty()
+            {
                 return;
             }
             if let Err(err) = self.wait(&mut dones) {
@@ -285,7 +293,7 @@ impl Session<'_> {
                 Ok(d) => d,
                 Err(DecodeError::PayloadTooLarge(h)) => {
                     // Answer, so the client learns why, then close: the payload is not read.
-                    self.count += 1;
+                    self.admission.take_free();
                     self.queue(ReplyFrame::error(style, &h, NbdError::Invalid, 0));
                     return self.stop(Some(DecodeError::PayloadTooLarge(h)));
                 }
@@ -299,17 +307,24 @@ impl Session<'_> {
             if matches!(disposition, Disposition::Disconnect) {
                 return self.stop(None);
             }
-            let cfg = &self.conn.inner.config;
-            if self.count > 0
-                && (self.count >= cfg.max_inflight_requests
-                    || self.bytes + cost > cfg.max_inflight_bytes)
-            {
-                // Past the budget: wait for replies to go out before taking more.
-                return;
+            match self.admission.try_admit(cost, Some(&self.link.waker)) {
+                Ok(_) => self.budget_wait = false,
+                // Past the connection's bound: wait for its replies to go out.
+                Err(Wait::Connection) => return,
+                // Past the shared budget: the next release anywhere wakes the ring (or
+                // shutdown does, which ends reading here).
+                Err(Wait::Budget(_)) => {
+                    if !self.budget_wait {
+                        self.budget_wait = true;
+                        self.conn.inner.budget_wait(self.conn.peer, cost);
+                    }
+                    if self.conn.inner.shutting_down() {
+                        self.stop(None);
+                    }
+                    return;
+                }
             }
             self.head += hlen;
-            self.count += 1;
-            self.bytes += cost;
             Counters::add(&self.counters().requests, 1);
             match disposition {
                 Disposition::Reject { error, skip } => {
@@ -422,7 +437,7 @@ impl Session<'_> {
         // more received runs here (the client waits for this one reply); others, and flushes
         // (which may wait for a commit), go to the worker pool.
         let quick = matches!(h.command, Command::Read | Command::Write);
-        if quick && self.count == 1 && self.head == self.tail {
+        if quick && self.admission.count() == 1 && self.head == self.tail {
             let frame = run_job(&job);
             self.queue(frame);
             return;
@@ -617,8 +632,7 @@ impl Session<'_> {
     }
 
     fn release(&mut self, frames: usize, cost: usize) {
-        self.count -= frames;
-        self.bytes -= cost;
+        self.admission.release(frames, cost);
     }
 
     /// Take no more requests; `error` ends the connection as a protocol error.

@@ -5,9 +5,17 @@
 //! decoding) and a writer thread (reply frames, one gathered write each); requests run on a
 //! worker pool shared by all connections. With [`ServerConfig::io_uring`] the connection's
 //! thread does all of its socket I/O and the routed reads and writes through io_uring
-//! instead, and has no writer thread. A connection holds at most
+//! instead, and has no writer thread.
+//!
+//! Admission (see [`crate::admission`]): a connection in its handshake holds one of
+//! [`ServerConfig::max_handshakes`] handshake slots (and of
+//! [`ServerConfig::max_handshakes_per_peer`] for its IP address) and must finish the
+//! handshake within [`ServerConfig::handshake_timeout`]; only then does it take one of
+//! [`ServerConfig::max_connections`] established slots. A connection holds at most
 //! [`ServerConfig::max_inflight_bytes`] of payload and [`ServerConfig::max_inflight_requests`]
-//! requests; past either, its reader stops reading until replies have gone out.
+//! requests, and all connections together at most [`ServerConfig::memory_budget`] (one peer
+//! address [`ServerConfig::memory_budget_per_peer`]); past any of these, a reader stops
+//! reading until replies have gone out.
 //!
 //! [`ShutdownHandle::shutdown`] stops the accept loops, stops every reader (requests already
 //! read still run and their replies are sent), then closes the connections; the `serve_*`
@@ -17,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown, TcpListener};
+use std::net::{IpAddr, Shutdown, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,6 +34,7 @@ use std::time::Duration;
 
 use clonebd_io::socket::{Acceptor, StopSignal};
 
+use crate::admission::{ConnAdmission, HandshakeSlot, MemoryBudget, Refusal, Slots, Throttles};
 use crate::backend::Backend;
 use crate::conn::{self, Job, Stream};
 use crate::handshake::{ExportError, ExportInfo};
@@ -43,15 +52,31 @@ pub struct ServerConfig {
     /// at once across all connections: size it to the queue depth expected, since a call may
     /// block (a write waiting for its region to hydrate, for instance).
     pub workers: usize,
-    /// Connections served at once; more are closed as soon as accepted.
+    /// Connections in the transmission phase at once. While all are taken, new connections
+    /// are closed as soon as accepted, and a handshake that completes is closed then.
+    /// Connections still in their handshake do not count here.
     pub max_connections: usize,
+    /// Connections in their handshake at once; more are closed as soon as accepted.
+    pub max_handshakes: usize,
+    /// Connections in their handshake at once from one IP address (TCP); more from that
+    /// address are closed as soon as accepted.
+    pub max_handshakes_per_peer: usize,
     /// Payload bytes one connection may hold in flight (write data read, read data not yet
-    /// sent). A single request of up to 32 MiB is always admitted when nothing else is in
-    /// flight.
+    /// sent). A single request of up to 32 MiB is always within this bound when nothing
+    /// else is in flight on its connection.
     pub max_inflight_bytes: usize,
     /// Requests one connection may have in flight.
     pub max_inflight_requests: usize,
-    /// How long the handshake may wait for each piece of client input.
+    /// Payload bytes all connections together may hold in flight, counted as for
+    /// `max_inflight_bytes` (at least 32 MiB). Past it, readers stop reading until replies
+    /// have gone out.
+    pub memory_budget: usize,
+    /// Of `memory_budget`, what the connections from one IP address may hold (at least
+    /// 32 MiB), so that one host cannot hold the whole budget.
+    pub memory_budget_per_peer: usize,
+    /// The deadline of the whole handshake, from accept to the start of transmission; a
+    /// connection that has not finished its handshake by then is closed. `None`: no
+    /// deadline.
     pub handshake_timeout: Option<Duration>,
     /// Serve each connection through io_uring: its thread receives requests, submits the
     /// reads and writes the backend [routes](crate::Backend::route) many at a time, and sends
@@ -69,9 +94,13 @@ impl Default for ServerConfig {
             description: String::new(),
             workers: (cpus * 4).clamp(16, 128),
             max_connections: 64,
+            max_handshakes: 128,
+            max_handshakes_per_peer: 16,
             max_inflight_bytes: 64 << 20,
             max_inflight_requests: 256,
-            handshake_timeout: Some(Duration::from_secs(30)),
+            memory_budget: 256 << 20,
+            memory_budget_per_peer: 128 << 20,
+            handshake_timeout: Some(Duration::from_secs(10)),
             io_uring: true,
         }
     }
@@ -99,8 +128,13 @@ pub struct ServerStats {
     pub active_connections: u64,
     /// Connections accepted since the server started.
     pub total_connections: u64,
-    /// Connections closed at once because `max_connections` were open.
+    /// Connections closed without being served: over `max_handshakes`,
+    /// `max_handshakes_per_peer` or `max_connections`.
     pub rejected_connections: u64,
+    /// Connections closed because their handshake missed its deadline.
+    pub handshake_timeouts: u64,
+    /// Times a connection stopped reading because the shared memory budget was spent.
+    pub budget_waits: u64,
     /// Handshakes that reached the transmission phase.
     pub handshakes: u64,
     /// Requests taken in the transmission phase (disconnects excluded): rejected ones, and
@@ -123,6 +157,8 @@ pub(crate) struct Counters {
     pub(crate) active_connections: AtomicU64,
     pub(crate) total_connections: AtomicU64,
     pub(crate) rejected_connections: AtomicU64,
+    pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) budget_waits: AtomicU64,
     pub(crate) handshakes: AtomicU64,
     pub(crate) requests: AtomicU64,
     pub(crate) request_errors: AtomicU64,
@@ -147,6 +183,9 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     /// Given on shutdown; stops every accept loop.
     stop: Arc<StopSignal>,
+    pub(crate) slots: Arc<Slots>,
+    pub(crate) budget: Arc<MemoryBudget>,
+    pub(crate) throttles: Throttles,
     /// Streams of open connections, to stop their readers on shutdown.
     connections: Mutex<HashMap<u64, Stream>>,
     next_id: AtomicU64,
@@ -165,6 +204,60 @@ impl Inner {
         self.stop.is_stopped()
     }
 
+    /// The admission check of a new connection's requests.
+    pub(crate) fn conn_admission(&self, peer: Option<IpAddr>) -> ConnAdmission {
+        ConnAdmission::new(
+            Arc::clone(&self.budget),
+            peer,
+            self.config.max_inflight_requests,
+            self.config.max_inflight_bytes,
+        )
+    }
+
+    /// Count and log (rate-limited) a connection that stops reading for want of budget.
+    pub(crate) fn budget_wait(&self, peer: Option<IpAddr>, cost: usize) {
+        Counters::add(&self.counters.budget_waits, 1);
+        if let Some(held_back) = self.throttles.budget.allow() {
+            tracing::warn!(
+                peer = %PeerName(peer),
+                cost,
+                used = self.budget.used(),
+                budget = self.budget.limit(),
+                waits_since_last_report = held_back,
+                "memory budget spent; connection waits for replies to go out"
+            );
+        }
+    }
+
+    /// Count and log (rate-limited) a handshake closed at its deadline.
+    pub(crate) fn handshake_expired(&self, peer: Option<IpAddr>) {
+        Counters::add(&self.counters.handshake_timeouts, 1);
+        if let Some(held_back) = self.throttles.deadline.allow() {
+            tracing::warn!(
+                peer = %PeerName(peer),
+                deadline = ?self.config.handshake_timeout,
+                expired_since_last_report = held_back,
+                "handshake deadline passed; closing connection"
+            );
+        }
+    }
+
+    /// Count and log (rate-limited) a connection closed without being served.
+    pub(crate) fn refused(&self, why: Refusal, peer: Option<IpAddr>) {
+        Counters::add(&self.counters.rejected_connections, 1);
+        if let Some(held_back) = self.throttles.refused.allow() {
+            let (handshaking, established) = self.slots.counts();
+            tracing::warn!(
+                peer = %PeerName(peer),
+                handshaking,
+                established,
+                refused_since_last_report = held_back,
+                "{}; closing connection",
+                why.describe()
+            );
+        }
+    }
+
     fn register(&self, id: u64, stream: Stream) {
         self.connections
             .lock()
@@ -177,6 +270,18 @@ impl Inner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
+    }
+}
+
+/// A peer as logs show it: its IP address, or `local` for a unix socket.
+struct PeerName(Option<IpAddr>);
+
+impl std::fmt::Display for PeerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("local"),
+        }
     }
 }
 
@@ -210,6 +315,9 @@ impl ShutdownHandle {
             // Readers see end of file; writers keep going until the replies are out.
             let _ = stream.shutdown(Shutdown::Read);
         }
+        drop(conns);
+        // Readers waiting for the memory budget look at the flag.
+        self.inner.budget.wake_all();
     }
 
     /// Whether shutdown has begun.
@@ -219,12 +327,31 @@ impl ShutdownHandle {
 }
 
 impl Server {
-    /// A server for the export `backend` serves.
+    /// A server for the export `backend` serves, with its own memory budget of
+    /// [`ServerConfig::memory_budget`].
     pub fn new(backend: Arc<dyn Backend>, config: ServerConfig) -> Result<Self, ServerError> {
+        let budget = Arc::new(MemoryBudget::new(
+            config.memory_budget,
+            config.memory_budget_per_peer,
+        )?);
+        Self::with_budget(backend, config, budget)
+    }
+
+    /// A server whose connections draw on `budget`, which other servers may share (the
+    /// budget fields of `config` are then not used).
+    pub fn with_budget(
+        backend: Arc<dyn Backend>,
+        config: ServerConfig,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Self, ServerError> {
         if config.workers == 0 {
             return Err(ServerError::Config("workers must be at least 1"));
         }
-        if config.max_connections == 0 || config.max_inflight_requests == 0 {
+        if config.max_connections == 0
+            || config.max_inflight_requests == 0
+            || config.max_handshakes == 0
+            || config.max_handshakes_per_peer == 0
+        {
             return Err(ServerError::Config(
                 "connection and request limits must be at least 1",
             ));
@@ -247,6 +374,11 @@ impl Server {
                 }
             }
         }
+        let slots = Arc::new(Slots::new(
+            config.max_handshakes,
+            config.max_handshakes_per_peer,
+            config.max_connections,
+        ));
         let inner = Arc::new(Inner {
             backend,
             export,
@@ -255,6 +387,9 @@ impl Server {
             jobs,
             counters: Counters::default(),
             stop,
+            slots,
+            budget,
+            throttles: Throttles::default(),
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         });
@@ -281,6 +416,8 @@ impl Server {
             active_connections: get(&c.active_connections),
             total_connections: get(&c.total_connections),
             rejected_connections: get(&c.rejected_connections),
+            handshake_timeouts: get(&c.handshake_timeouts),
+            budget_waits: get(&c.budget_waits),
             handshakes: get(&c.handshakes),
             requests: get(&c.requests),
             request_errors: get(&c.request_errors),
@@ -334,13 +471,15 @@ impl Server {
             }
             threads.retain(|t| !t.is_finished());
             Counters::add(&inner.counters.total_connections, 1);
-            let active = inner.counters.active_connections.load(Ordering::Relaxed);
-            if active >= inner.config.max_connections as u64 {
-                Counters::add(&inner.counters.rejected_connections, 1);
-                tracing::warn!(active, "connection limit reached; closing new connection");
-                continue;
-            }
-            match self.spawn_connection(stream) {
+            let peer = stream.peer_ip();
+            let slot = match inner.slots.begin(peer) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    inner.refused(why, peer);
+                    continue;
+                }
+            };
+            match self.spawn_connection(stream, slot, peer) {
                 Ok(handle) => threads.push(handle),
                 Err(err) => tracing::warn!(%err, "cannot start a connection thread"),
             }
@@ -351,7 +490,18 @@ impl Server {
         Ok(())
     }
 
-    fn spawn_connection(&self, stream: Stream) -> io::Result<JoinHandle<()>> {
+    fn spawn_connection(
+        &self,
+        stream: Stream,
+        slot: HandshakeSlot,
+        peer: Option<IpAddr>,
+    ) -> io::Result<JoinHandle<()>> {
+        // The deadline counts from here: time spent waiting for a thread is the client's.
+        let deadline = self
+            .inner
+            .config
+            .handshake_timeout
+            .map(|t| std::time::Instant::now() + t);
         let inner = Arc::clone(&self.inner);
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         inner.register(id, stream.try_clone()?);
@@ -364,7 +514,7 @@ impl Server {
             .spawn({
                 let inner = Arc::clone(&inner);
                 move || {
-                    conn::run(&inner, id, stream);
+                    conn::run(&inner, id, stream, slot, peer, deadline);
                     inner.unregister(id);
                     inner
                         .counters

@@ -26,7 +26,7 @@ use clonebd_io::identity::Identity;
 use clonebd_io::socket::{BindError, SocketFile, bind_unix};
 use clonebd_io::{FileDevice, OpenError, OpenOptions};
 use clonebd_metadata::{MetadataError, MetadataStore, StoreOptions};
-use clonebd_nbd::{Server, ServerConfig, ServerError, ShutdownHandle};
+use clonebd_nbd::{MemoryBudget, Server, ServerConfig, ServerError, ShutdownHandle};
 use thiserror::Error;
 
 use crate::control::{
@@ -100,6 +100,8 @@ pub struct RunOptions {
     pub nbd_workers: Option<usize>,
     /// Serve NBD connections through io_uring (`ServerConfig::io_uring`).
     pub nbd_io_uring: bool,
+    /// Admission limits of the NBD servers.
+    pub nbd_limits: NbdLimits,
     /// Serve the clone as this regular file over FUSE (created if missing).
     pub fuse: Option<PathBuf>,
     /// Serve the clone as a ublk block device (/dev/ublkbN).
@@ -108,6 +110,38 @@ pub struct RunOptions {
     pub source: SourceOptions,
     /// Where a remote source's identity is pinned (default: `META.source-pin`).
     pub source_pin: Option<PathBuf>,
+}
+
+/// Admission limits of the NBD servers (see `clonebd_nbd::admission`); the defaults are
+/// `ServerConfig`'s. The memory budget is one for the unix and the TCP server together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Connections in the transmission phase at once, per server.
+    pub max_connections: usize,
+    /// Connections in their handshake at once, per server.
+    pub max_handshakes: usize,
+    /// Connections in their handshake at once from one IP address.
+    pub max_handshakes_per_peer: usize,
+    /// The deadline of the whole handshake.
+    pub handshake_timeout: Duration,
+    /// Payload bytes all connections may hold in flight.
+    pub memory_budget: usize,
+    /// Of the budget, what the connections of one IP address may hold.
+    pub memory_budget_per_peer: usize,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        let c = ServerConfig::default();
+        Self {
+            max_connections: c.max_connections,
+            max_handshakes: c.max_handshakes,
+            max_handshakes_per_peer: c.max_handshakes_per_peer,
+            handshake_timeout: c.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+            memory_budget: c.memory_budget,
+            memory_budget_per_peer: c.memory_budget_per_peer,
+        }
+    }
 }
 
 /// Why the daemon could not start or stopped badly.
@@ -586,6 +620,15 @@ impl ControlHandler for Handler {
 impl Daemon {
     /// Opens everything and starts serving.
     pub fn start(opts: &RunOptions) -> Result<Daemon, DaemonError> {
+        // Every NBD connection is a descriptor (two with threads): allow as many as the hard
+        // limit does, not the 1024 a shell starts with.
+        match clonebd_io::limits::raise_nofile_limit() {
+            Ok((before, after)) if after > before => {
+                tracing::debug!(before, after, "raised the open-file limit");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+        }
         let source_opts = SourceOptions {
             direct: opts.direct_io,
             ..opts.source.clone()
@@ -797,6 +840,18 @@ impl Daemon {
             cfg.workers = w.max(1);
         }
         cfg.io_uring = opts.nbd_io_uring;
+        let l = &opts.nbd_limits;
+        cfg.max_connections = l.max_connections;
+        cfg.max_handshakes = l.max_handshakes;
+        cfg.max_handshakes_per_peer = l.max_handshakes_per_peer;
+        cfg.handshake_timeout = Some(l.handshake_timeout);
+        cfg.memory_budget = l.memory_budget;
+        cfg.memory_budget_per_peer = l.memory_budget_per_peer;
+        // One budget for both servers: the bound is on the daemon's memory.
+        let budget = Arc::new(MemoryBudget::new(
+            l.memory_budget,
+            l.memory_budget_per_peer,
+        )?);
         if let Some(p) = &opts.nbd_unix {
             let (l, file) = bind_unix(p, None).map_err(|error| DaemonError::Bind {
                 path: p.clone(),
@@ -804,9 +859,10 @@ impl Daemon {
             })?;
             // Kept before anything else can fail, so that shutdown removes it.
             self.nbd_unix = Some(file);
-            let server = Arc::new(Server::new(
+            let server = Arc::new(Server::with_budget(
                 Arc::new(CloneExport::new(self.volume.clone())),
                 cfg.clone(),
+                Arc::clone(&budget),
             )?);
             let h = server.shutdown_handle();
             let s2 = Arc::clone(&server);
@@ -828,9 +884,10 @@ impl Daemon {
                 what: addr.to_string(),
                 error,
             })?;
-            let server = Arc::new(Server::new(
+            let server = Arc::new(Server::with_budget(
                 Arc::new(CloneExport::new(self.volume.clone())),
                 cfg,
+                budget,
             )?);
             let h = server.shutdown_handle();
             let s2 = Arc::clone(&server);

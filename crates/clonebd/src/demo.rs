@@ -201,6 +201,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         hydration_rate_limit: opts.rate_limit,
         nbd_workers: None,
         nbd_io_uring: true,
+        nbd_limits: crate::daemon::NbdLimits::default(),
     };
     let daemon = Daemon::start(&run_opts)?;
     let vol = daemon.volume().clone();

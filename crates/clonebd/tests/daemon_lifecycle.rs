@@ -39,6 +39,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         hydration_rate_limit: 0,
         nbd_workers: Some(2),
         nbd_io_uring: true,
+        nbd_limits: clonebd::daemon::NbdLimits::default(),
         fuse: None,
         ublk: false,
         source: clonebd::source::SourceOptions::default(),

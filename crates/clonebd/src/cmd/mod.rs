@@ -67,13 +67,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Starts logging to standard error: human-readable by default, JSON lines with `json`.
-/// The level comes from `RUST_LOG`, else `default_level`.
+/// The level comes from `RUST_LOG`, else `default_level`. Colours only on a terminal: a log
+/// file or the journal gets plain text.
 pub fn init_logging(json: bool, default_level: &str) {
+    use std::io::IsTerminal;
+
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if json {
         b.json().try_init()

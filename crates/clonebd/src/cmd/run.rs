@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use clonebd::daemon::{CloneSpec, Daemon, RunOptions, default_batch, default_threshold};
+use clonebd::daemon::{CloneSpec, Daemon, NbdLimits, RunOptions, default_batch, default_threshold};
 use clonebd::notify::Notifier;
 use clonebd::source::SourceOptions;
 use clonebd::units::parse_size;
@@ -181,6 +181,37 @@ pub struct RunArgs {
     /// io_uring, many per system call, and hands the other requests to the workers.
     #[arg(long)]
     no_nbd_io_uring: bool,
+    /// The time an NBD client has for its whole handshake, from connecting to the start of
+    /// transmission (seconds, at least 1). A connection that has not finished by then is
+    /// closed, however often it sends a byte; real clients take milliseconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    nbd_handshake_timeout: u64,
+    /// NBD connections in their handshake at once, per socket (unix or TCP). Past it, new
+    /// connections are closed as soon as they are accepted. Connections in their handshake
+    /// never take the places of established ones (--nbd-max-connections).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    nbd_max_handshakes: usize,
+    /// NBD connections in their handshake at once from one IP address (TCP; for IPv6, one
+    /// /64 network). Past it, new connections from that address are closed as soon as they
+    /// are accepted, so that one host cannot take every handshake place.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    nbd_max_handshakes_per_peer: usize,
+    /// NBD clients served at once (past their handshake), per socket. While all places are
+    /// taken, new connections are closed.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    nbd_max_connections: usize,
+    /// Memory all NBD connections together may hold for request data (write data received,
+    /// read data not yet sent), on both sockets; suffixes k, m, g; at least 32m, the largest
+    /// request. Each connection also holds at most 64 MiB. A connection that finds the budget
+    /// spent stops reading its socket until replies have gone out: clients wait, and see no
+    /// error.
+    #[arg(long, value_name = "BYTES", default_value = "256m")]
+    nbd_memory_budget: String,
+    /// Of --nbd-memory-budget, what the connections from one IP address (for IPv6, one /64
+    /// network) may hold (at least 32m), so that one host cannot hold the whole budget. Connections over the unix
+    /// socket are limited by the budget alone.
+    #[arg(long, value_name = "BYTES", default_value = "128m")]
+    nbd_memory_budget_per_peer: String,
     /// The longest a read from a remote source may take, retries included (seconds).
     /// Transient failures (connection reset or refused, timeouts, HTTP 5xx, 429 and 503
     /// with Retry-After) are retried with exponential back-off and jitter until then; then
@@ -304,6 +335,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
             .unwrap_or(0),
         nbd_workers: a.nbd_workers,
         nbd_io_uring: !a.no_nbd_io_uring,
+        nbd_limits: nbd_limits(a)?,
         fuse: a.fuse.clone(),
         ublk: a.ublk,
         source: SourceOptions {
@@ -316,6 +348,37 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
     })
 }
 
+fn nbd_limits(a: &RunArgs) -> anyhow::Result<NbdLimits> {
+    let size = |flag: &str, s: &str| -> anyhow::Result<usize> {
+        let n = parse_size(s).with_context(|| format!("--{flag}"))?;
+        let n = usize::try_from(n).with_context(|| format!("--{flag} {s}: too large"))?;
+        if n < 32 << 20 {
+            bail!("--{flag} {s}: must be at least 32m, the largest NBD request");
+        }
+        Ok(n)
+    };
+    let count = |flag: &str, n: usize| -> anyhow::Result<usize> {
+        if n == 0 {
+            bail!("--{flag}: must be at least 1");
+        }
+        Ok(n)
+    };
+    if a.nbd_handshake_timeout == 0 {
+        bail!("--nbd-handshake-timeout: must be at least 1 second");
+    }
+    Ok(NbdLimits {
+        max_connections: count("nbd-max-connections", a.nbd_max_connections)?,
+        max_handshakes: count("nbd-max-handshakes", a.nbd_max_handshakes)?,
+        max_handshakes_per_peer: count(
+            "nbd-max-handshakes-per-peer",
+            a.nbd_max_handshakes_per_peer,
+        )?,
+        handshake_timeout: Duration::from_secs(a.nbd_handshake_timeout),
+        memory_budget: size("nbd-memory-budget", &a.nbd_memory_budget)?,
+        memory_budget_per_peer: size("nbd-memory-budget-per-peer", &a.nbd_memory_budget_per_peer)?,
+    })
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     super::init_logging(a.log_format == LogFormat::Json, "info");
@@ -323,4 +386,53 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let daemon = Daemon::start(&opts)?;
     daemon.run_until_signal(&Notifier::from_env())?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::*;
+    use crate::cmd::{Cli, Command};
+
+    fn parse(extra: &[&str]) -> Box<RunArgs> {
+        let mut args = vec![
+            "clonebd",
+            "run",
+            "--source",
+            "s",
+            "--dest",
+            "d",
+            "--metadata",
+            "m",
+        ];
+        args.extend_from_slice(extra);
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Run(a) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nbd_limit_defaults_are_the_servers() {
+        assert_eq!(nbd_limits(&parse(&[])).unwrap(), NbdLimits::default());
+    }
+
+    #[test]
+    fn nbd_limits_below_their_minimum_are_refused() {
+        assert!(nbd_limits(&parse(&["--nbd-memory-budget", "16m"])).is_err());
+        assert!(nbd_limits(&parse(&["--nbd-memory-budget-per-peer", "1m"])).is_err());
+        assert!(nbd_limits(&parse(&["--nbd-handshake-timeout", "0"])).is_err());
+        assert!(nbd_limits(&parse(&["--nbd-max-handshakes", "0"])).is_err());
+        let l = nbd_limits(&parse(&[
+            "--nbd-memory-budget",
+            "1g",
+            "--nbd-handshake-timeout",
+            "3",
+        ]))
+        .unwrap();
+        assert_eq!(l.memory_budget, 1 << 30);
+        assert_eq!(l.handshake_timeout, Duration::from_secs(3));
+    }
 }

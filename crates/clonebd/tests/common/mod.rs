@@ -2,4 +2,5 @@
 
 pub mod daemon;
 pub mod loops;
+pub mod peers;
 pub mod servers;
