@@ -23,15 +23,18 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+mod reply;
+
+pub(crate) use reply::{Assembly, Sink, read_head};
+
 use crate::backend::{BlockSizes, Extent, NbdError};
-use crate::codec::{ChunkBody, Reply, RequestHeader, decode_reply};
+use crate::codec::RequestHeader;
 use crate::conn::Stream;
 use crate::handshake::{ClientOption, MetaContext};
 use crate::proto::{
     Command, EXTENDED_REQUEST_LEN, HeaderStyle, IHAVEOPT, MAX_OPTION_LEN, MAX_PAYLOAD, NBDMAGIC,
-    OPTION_REPLY_MAGIC, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_LEN,
-    STRUCTURED_REPLY_MAGIC, client_flags, command_flags as cf, handshake_flags, info, opt, rep,
-    reply_flags, reply_type, transmission_flags as tf,
+    OPTION_REPLY_MAGIC, client_flags, command_flags as cf, handshake_flags, info, opt, rep,
+    transmission_flags as tf,
 };
 
 /// Why a client call failed.
@@ -112,6 +115,8 @@ pub struct ClientOptions {
     pub meta_contexts: Vec<String>,
     /// Read and write timeout of the socket (none: wait forever).
     pub timeout: Option<Duration>,
+    /// How long a TCP connect may take (none: the system's limit).
+    pub connect_timeout: Option<Duration>,
 }
 
 impl ClientOptions {
@@ -122,6 +127,7 @@ impl ClientOptions {
             structured: true,
             meta_contexts: Vec::new(),
             timeout: None,
+            connect_timeout: None,
         }
     }
 
@@ -139,7 +145,11 @@ impl ClientOptions {
 
     /// Connect over TCP (with `TCP_NODELAY`).
     pub fn connect_tcp(&self, addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
-        self.handshake_tcp(TcpStream::connect(addr)?)
+        let s = match self.connect_timeout {
+            None => TcpStream::connect(addr)?,
+            Some(t) => connect_each(addr, t)?,
+        };
+        self.handshake_tcp(s)
     }
 
     /// Negotiate over a TCP socket already connected (one bound to a chosen local address,
@@ -149,6 +159,19 @@ impl ClientOptions {
         s.set_nodelay(true)?;
         Client::handshake(Stream::Tcp(s), self)
     }
+}
+
+/// `TcpStream::connect_timeout` over every address `addr` resolves to, the last error if none
+/// answers.
+fn connect_each(addr: impl ToSocketAddrs, t: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, t) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A request sent and not yet answered.
@@ -164,14 +187,15 @@ pub struct Pending {
     pub length: u64,
 }
 
-/// Where a reply's data goes.
-enum Sink<'a> {
-    /// No data expected.
-    None,
-    /// Read data for the request's range.
-    Read(&'a mut [u8]),
-    /// Block status extents, kept for one context id.
-    Status(u32, &'a mut Vec<Extent>),
+/// A connection taken over by the multiplexed client.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub(crate) reader: Stream,
+    pub(crate) writer: Stream,
+    pub(crate) style: HeaderStyle,
+    pub(crate) size: u64,
+    pub(crate) transmission_flags: u16,
+    pub(crate) block_sizes: BlockSizes,
 }
 
 /// A connected NBD client in the transmission phase.
@@ -439,6 +463,26 @@ impl Client {
         &self.contexts
     }
 
+    /// The connection's two halves and what was negotiated, for the multiplexed client.
+    /// Nothing follows the handshake until a request is sent, so no reply can be buffered.
+    pub(crate) fn into_parts(mut self) -> Result<Parts, ClientError> {
+        self.usable()?;
+        if !self.reader.buffer().is_empty() {
+            return Err(ClientError::Protocol("data after the handshake"));
+        }
+        let parts = Parts {
+            reader: self.reader.get_ref().try_clone()?,
+            writer: self.writer.try_clone()?,
+            style: self.style,
+            size: self.size,
+            transmission_flags: self.transmission_flags,
+            block_sizes: self.block_sizes,
+        };
+        // Dropping `self` now closes only its own descriptors, sending nothing.
+        self.closed = true;
+        Ok(parts)
+    }
+
     fn advertised(&self, flag: u16) -> bool {
         self.transmission_flags & flag != 0
     }
@@ -515,172 +559,18 @@ impl Client {
     fn reply(
         &mut self,
         p: &Pending,
-        mut sink: Sink<'_>,
+        sink: Sink<'_>,
     ) -> Result<Result<(), ClientError>, ClientError> {
-        let mut covered = 0u64;
-        let mut first_error: Option<ClientError> = None;
+        let mut a = Assembly::new(*p, sink);
         loop {
-            let mut magic = [0u8; 4];
-            self.reader.read_exact(&mut magic)?;
-            let magic_v = u32::from_be_bytes(magic);
-            if magic_v == SIMPLE_REPLY_MAGIC {
-                // "S: 32 bits, 0x67446698, magic (`NBD_SIMPLE_REPLY_MAGIC`) S: 32 bits, error
-                // (MAY be zero) S: 64 bits, cookie S: (*length* bytes of data if the request
-                // is of type `NBD_CMD_READ` and *error* is zero)". Structured replies forbid
-                // it for reads: "the server MUST NOT send a simple reply to NBD_CMD_READ".
-                let mut h = [0u8; SIMPLE_REPLY_LEN];
-                h[..4].copy_from_slice(&magic);
-                self.reader.read_exact(&mut h[4..])?;
-                let Some((Reply::Simple { cookie, error }, _)) = decode_reply(&h, MAX_PAYLOAD)
-                    .map_err(|_| ClientError::Protocol("bad simple reply"))?
-                else {
-                    return Err(ClientError::Protocol("bad simple reply"));
-                };
-                if cookie != p.cookie {
-                    return Err(ClientError::Protocol("reply for an unknown cookie"));
-                }
-                if error != 0 {
-                    return Ok(Err(server_error(error, Vec::new())));
-                }
-                match sink {
-                    Sink::Read(buf) if !self.style.structured() => {
-                        self.reader.read_exact(buf)?;
-                        return Ok(Ok(()));
-                    }
-                    Sink::Read(_) => {
-                        return Err(ClientError::Protocol("simple reply to a structured read"));
-                    }
-                    Sink::Status(..) => {
-                        return Err(ClientError::Protocol("simple reply to block status"));
-                    }
-                    Sink::None => return Ok(Ok(())),
-                }
-            }
-            if magic_v != STRUCTURED_REPLY_MAGIC || !self.style.structured() {
-                return Err(ClientError::Protocol("bad reply magic"));
-            }
-            // "S: 32 bits, 0x668e33ef, magic (`NBD_STRUCTURED_REPLY_MAGIC`) S: 16 bits, flags
-            // S: 16 bits, type S: 64 bits, cookie S: 32 bits, length of payload (unsigned)".
-            let mut h = [0u8; STRUCTURED_REPLY_LEN];
-            h[..4].copy_from_slice(&magic);
-            self.reader.read_exact(&mut h[4..])?;
-            let flags = be16(&h, 4);
-            let ty = be16(&h, 6);
-            let cookie = be64(&h, 8);
-            let len = be32(&h, 16);
-            if cookie != p.cookie {
+            let head = read_head(&mut self.reader, self.style)?;
+            if head.cookie() != p.cookie {
                 return Err(ClientError::Protocol("reply for an unknown cookie"));
             }
-            if ty == reply_type::OFFSET_DATA {
-                // "64 bits: offset (unsigned) *length - 8* bytes: data". Read straight into
-                // the caller's buffer, after checking the range lies within the request.
-                let Sink::Read(buf) = &mut sink else {
-                    return Err(ClientError::Protocol(
-                        "data chunk for a request without data",
-                    ));
-                };
-                if len <= 8 {
-                    return Err(ClientError::Protocol("empty data chunk"));
-                }
-                let mut o = [0u8; 8];
-                self.reader.read_exact(&mut o)?;
-                let at = u64::from_be_bytes(o);
-                let n = u64::from(len - 8);
-                let start = at.checked_sub(p.offset);
-                let range = start.and_then(|s| Some((s, s.checked_add(n)?)));
-                let Some((s, e)) = range.filter(|&(_, e)| e <= p.length) else {
-                    return Err(ClientError::Protocol("data chunk outside the request"));
-                };
-                self.reader.read_exact(&mut buf[s as usize..e as usize])?;
-                covered += n;
-            } else {
-                // Everything else is small: at most the extents of one context, capped.
-                if len > MAX_PAYLOAD {
-                    return Err(ClientError::Protocol("reply chunk too long"));
-                }
-                let mut chunk = vec![0u8; STRUCTURED_REPLY_LEN + len as usize];
-                chunk[..STRUCTURED_REPLY_LEN].copy_from_slice(&h);
-                self.reader.read_exact(&mut chunk[STRUCTURED_REPLY_LEN..])?;
-                let Some((Reply::Chunk { body, .. }, _)) = decode_reply(&chunk, MAX_PAYLOAD)
-                    .map_err(|_| ClientError::Protocol("malformed reply chunk"))?
-                else {
-                    return Err(ClientError::Protocol("malformed reply chunk"));
-                };
-                match body {
-                    ChunkBody::None if flags & reply_flags::DONE == 0 => {
-                        return Err(ClientError::Protocol("NBD_REPLY_TYPE_NONE without DONE"));
-                    }
-                    ChunkBody::None => {}
-                    ChunkBody::OffsetHole { offset, length } => {
-                        let Sink::Read(buf) = &mut sink else {
-                            return Err(ClientError::Protocol(
-                                "hole chunk for a request without data",
-                            ));
-                        };
-                        let n = u64::from(length);
-                        let range = offset
-                            .checked_sub(p.offset)
-                            .and_then(|s| Some((s, s.checked_add(n)?)));
-                        let Some((s, e)) = range.filter(|&(_, e)| e <= p.length && n > 0) else {
-                            return Err(ClientError::Protocol("hole chunk outside the request"));
-                        };
-                        buf[s as usize..e as usize].fill(0);
-                        covered += n;
-                    }
-                    ChunkBody::BlockStatus {
-                        context_id,
-                        extents,
-                    } => {
-                        let Sink::Status(want, out) = &mut sink else {
-                            return Err(ClientError::Protocol("block status for another command"));
-                        };
-                        if extents.is_empty() || extents.iter().any(|&(l, _)| l == 0) {
-                            return Err(ClientError::Protocol("empty block status extent"));
-                        }
-                        if context_id == *want {
-                            out.extend(extents.into_iter().map(|(length, flags)| Extent {
-                                length,
-                                flags: flags as u32,
-                            }));
-                        }
-                    }
-                    ChunkBody::Error { error, message }
-                    | ChunkBody::ErrorOffset { error, message, .. } => {
-                        if error == 0 {
-                            return Err(ClientError::Protocol("error chunk with error zero"));
-                        }
-                        first_error.get_or_insert(server_error(error, message));
-                    }
-                    ChunkBody::OffsetData { .. } => unreachable!("handled above"),
-                    // "A client MUST NOT ... unless it is an error type": an unknown type
-                    // without the error bit cannot be understood.
-                    ChunkBody::Other { ty, .. } if ty & (1 << 15) != 0 => {
-                        first_error
-                            .get_or_insert(server_error(crate::proto::errno::EINVAL, Vec::new()));
-                    }
-                    ChunkBody::Other { .. } => {
-                        return Err(ClientError::Protocol("unknown reply chunk type"));
-                    }
-                }
-            }
-            if flags & reply_flags::DONE != 0 {
-                break;
+            if a.feed(&mut self.reader, self.style, head)? {
+                return a.outcome().0;
             }
         }
-        if let Some(e) = first_error {
-            return Ok(Err(e));
-        }
-        if p.command == Command::Read && covered != p.length {
-            return Err(ClientError::Protocol(
-                "read reply does not cover the request",
-            ));
-        }
-        if let Sink::Status(_, out) = &sink
-            && out.is_empty()
-        {
-            return Err(ClientError::Protocol("no block status for the context"));
-        }
-        Ok(Ok(()))
     }
 
     fn check_payload(&self, len: u64) -> Result<(), ClientError> {

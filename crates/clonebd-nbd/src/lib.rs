@@ -7,7 +7,8 @@
 //! - [`server`]: the threaded server over unix and TCP sockets;
 //! - [`admission`]: handshake and connection slots, and the payload memory budget shared by
 //!   connections;
-//! - [`client`]: a blocking client over the same codec.
+//! - [`client`]: a blocking client over the same codec, one request at a time;
+//! - [`mux`]: the same client's connection shared by many threads, replies in any order.
 //!
 //! The codec and the handshake perform no I/O and allocate nothing whose size a peer chooses
 //! beyond fixed caps (32 MiB of payload, 64 KiB of option data), so they can be fuzzed alone.
@@ -43,6 +44,7 @@ pub mod backend;
 pub mod client;
 pub mod codec;
 pub mod handshake;
+pub mod mux;
 pub mod proto;
 pub mod server;
 
@@ -56,4 +58,5 @@ pub use backend::{
 };
 pub use client::{Client, ClientError, ClientOptions};
 pub use handshake::{ExportInfo, Handshake, MetaContext, Negotiated};
+pub use mux::MuxClient;
 pub use server::{Server, ServerConfig, ServerError, ServerStats, ShutdownHandle};
