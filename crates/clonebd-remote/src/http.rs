@@ -24,7 +24,7 @@ use ureq::tls::{Certificate, RootCerts, TlsConfig};
 use url::Url;
 
 use crate::SourceIdentity;
-use crate::retry::{Attempt, GaveUp, Policy, retry_after};
+use crate::retry::{Failure, Policy, request, retry_after};
 use crate::s3::S3Object;
 use crate::stats::{SourceState, SourceStats};
 use crate::uri::redact;
@@ -104,17 +104,6 @@ pub struct HttpSource {
     pinned: RwLock<Pinned>,
     policy: Policy,
     stats: Arc<SourceStats>,
-}
-
-/// One failed attempt.
-#[derive(Debug)]
-enum Failure {
-    /// May heal.
-    Transient(String, Option<Duration>),
-    /// Cannot heal, the source is reachable.
-    Fatal(String),
-    /// The source is not the pinned one.
-    Changed(String),
 }
 
 impl HttpSource {
@@ -239,62 +228,7 @@ impl HttpSource {
 
     /// Runs one request under the retry policy, keeping the counters; the error in words.
     fn retrying<T>(&self, mut f: impl FnMut() -> Result<T, Failure>) -> Result<T, String> {
-        if self.stats.state() == SourceState::Changed {
-            return Err(
-                "changed since the clone began; no more reads are made from it".to_string(),
-            );
-        }
-        let r = self.policy.run(
-            |_, _| {
-                self.stats.request();
-                let t = std::time::Instant::now();
-                let r = f();
-                self.stats.took(t.elapsed());
-                match r {
-                    Ok(v) => Attempt::Done(v),
-                    Err(Failure::Transient(e, after)) => Attempt::Transient {
-                        error: Failure::Transient(e, after),
-                        after,
-                    },
-                    Err(e) => Attempt::Fatal(e),
-                }
-            },
-            |e, wait| {
-                let why = describe(e);
-                tracing::warn!(source = self.stats.uri(), "retrying in {wait:?}: {why}");
-                self.stats.retry(&why);
-            },
-        );
-        match r {
-            Ok(v) => {
-                if self.stats.state() != SourceState::Connected {
-                    self.stats.set_state(SourceState::Connected);
-                }
-                Ok(v)
-            }
-            Err(GaveUp::TimedOut { last, attempts }) => {
-                let why = format!(
-                    "unreachable: {} (gave up after {attempts} attempts in {:?})",
-                    describe(&last),
-                    self.policy.deadline
-                );
-                self.stats.failed(&why, SourceState::Failed);
-                Err(why)
-            }
-            Err(GaveUp::Fatal(Failure::Changed(why))) => {
-                let why = format!(
-                    "changed since the clone began ({why}); hydration stops, hydrated regions keep serving"
-                );
-                tracing::error!(source = self.stats.uri(), "{why}");
-                self.stats.failed(&why, SourceState::Changed);
-                Err(why)
-            }
-            Err(GaveUp::Fatal(f)) => {
-                let why = describe(&f);
-                self.stats.failed(&why, SourceState::Failed);
-                Err(why)
-            }
-        }
+        request(&self.policy, &self.stats, |_| f())
     }
 
     /// The request's URL and, for S3, the headers that sign it (signed now, per attempt).
@@ -445,12 +379,6 @@ fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String>
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-}
-
-fn describe(f: &Failure) -> String {
-    match f {
-        Failure::Transient(s, _) | Failure::Fatal(s) | Failure::Changed(s) => s.clone(),
-    }
 }
 
 fn transport(e: ureq::Error) -> Failure {

@@ -3,6 +3,9 @@
 //! - [`http`]: a raw image at an `http://` or `https://` URL, or an object in S3-compatible
 //!   storage ([`s3`]), read with ranged `GET`s over a pool of keep-alive connections
 //!   (`ureq`, rustls; blocking, like the rest of clonebd: no async runtime);
+//! - [`nbd`]: an export on an NBD server, read over multiplexed connections
+//!   ([`clonebd_nbd::MuxClient`]) that are re-established, and checked unchanged, when they
+//!   break;
 //! - [`retry`]: the one policy for timeouts, retries with back-off and jitter, and giving up;
 //! - [`SourceIdentity`]: what a source's content is known by (size, ETag, version), which
 //!   the clone pins before its first copy and every request then carries (`If-Match`,
@@ -17,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod http;
+pub mod nbd;
 pub mod retry;
 pub mod s3;
 mod stats;

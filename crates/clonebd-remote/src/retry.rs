@@ -1,8 +1,9 @@
 //! The one place that decides how a remote source waits, retries and gives up.
 //!
 //! Every request to a remote source (an HTTP range, an S3 range, an NBD read) goes through
-//! [`Policy::run`]: each attempt has a timeout of its own (set on the connection), failures
-//! the network is known to heal (a reset or refused connection, a timeout, HTTP 5xx, 429
+//! [`Policy::run`], by way of `request`, which also keeps the source's counters and state
+//! the same way for every protocol: each attempt has a timeout of its own (set on the
+//! connection, and never past the request's deadline), failures the network is known to heal (a reset or refused connection, a timeout, HTTP 5xx, 429
 //! and 503 "SlowDown", with `Retry-After` honoured) are retried with exponential back-off
 //! and full jitter, and the whole request gives up once `--source-timeout` has passed, so a
 //! cold read never hangs: it fails with EIO, and the engine's own back-off retries a
@@ -11,6 +12,8 @@
 //! a 404) ends the request at once.
 
 use std::time::{Duration, Instant};
+
+use crate::stats::{SourceState, SourceStats};
 
 /// How one attempt ended, as the policy sees it.
 #[derive(Debug)]
@@ -107,6 +110,91 @@ impl Policy {
                     std::thread::sleep(wait);
                 }
             }
+        }
+    }
+}
+
+/// One failed attempt of a request to a remote source, as every protocol reports it.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// May heal (with the server's `Retry-After`, if any).
+    Transient(String, Option<Duration>),
+    /// Cannot heal; the source is reachable.
+    Fatal(String),
+    /// The source is not the pinned one.
+    Changed(String),
+}
+
+impl Failure {
+    fn describe(&self) -> &str {
+        match self {
+            Failure::Transient(s, _) | Failure::Fatal(s) | Failure::Changed(s) => s,
+        }
+    }
+}
+
+/// Runs one request to a remote source under `policy`, keeping `stats`: every attempt
+/// counts (and is timed, whatever its outcome), each transient failure is logged and counted as a retry, and the outcome sets the
+/// state (connected, failed, or changed for good). The error is in words, for the caller to
+/// put after the source's URI. A source marked changed is not asked again. `f` is given what
+/// is left of the deadline, to bound its own waits by.
+pub(crate) fn request<T>(
+    policy: &Policy,
+    stats: &SourceStats,
+    mut f: impl FnMut(Duration) -> Result<T, Failure>,
+) -> Result<T, String> {
+    if stats.state() == SourceState::Changed {
+        return Err("changed since the clone began; no more reads are made from it".to_string());
+    }
+    let r = policy.run(
+        |_, left| {
+            stats.request();
+            let t = Instant::now();
+            let r = f(left);
+            stats.took(t.elapsed());
+            match r {
+                Ok(v) => Attempt::Done(v),
+                Err(Failure::Transient(e, after)) => Attempt::Transient {
+                    error: Failure::Transient(e, after),
+                    after,
+                },
+                Err(e) => Attempt::Fatal(e),
+            }
+        },
+        |e, wait| {
+            let why = e.describe();
+            tracing::warn!(source = stats.uri(), "retrying in {wait:?}: {why}");
+            stats.retry(why);
+        },
+    );
+    match r {
+        Ok(v) => {
+            if stats.state() != SourceState::Connected {
+                stats.set_state(SourceState::Connected);
+            }
+            Ok(v)
+        }
+        Err(GaveUp::TimedOut { last, attempts }) => {
+            let why = format!(
+                "unreachable: {} (gave up after {attempts} attempts in {:?})",
+                last.describe(),
+                policy.deadline
+            );
+            stats.failed(&why, SourceState::Failed);
+            Err(why)
+        }
+        Err(GaveUp::Fatal(Failure::Changed(why))) => {
+            let why = format!(
+                "changed since the clone began ({why}); hydration stops, hydrated regions keep serving"
+            );
+            tracing::error!(source = stats.uri(), "{why}");
+            stats.failed(&why, SourceState::Changed);
+            Err(why)
+        }
+        Err(GaveUp::Fatal(f)) => {
+            let why = f.describe().to_string();
+            stats.failed(&why, SourceState::Failed);
+            Err(why)
         }
     }
 }

@@ -1,5 +1,10 @@
 //! What a `--source` word names: a local path, or a remote source's URI; and how a URI is
 //! shown without the credentials it may hold.
+//!
+//! NBD URIs are spelled as qemu and libnbd spell them (the NBD project's URI format):
+//! `nbd://HOST[:PORT][/EXPORT]` (port 10809 by default) and
+//! `nbd+unix:///[EXPORT]?socket=PATH`; the export name is the path without its first `/`,
+//! percent-decoded. The TLS forms (`nbds://`, `nbds+unix://`) are refused for now.
 
 use thiserror::Error;
 use url::Url;
@@ -11,6 +16,13 @@ pub enum SourceUri {
     Local(String),
     /// An `http://` or `https://` URL of a raw image.
     Http(Url),
+    /// An NBD export.
+    Nbd {
+        /// Where the server listens.
+        addr: NbdAddr,
+        /// The export's name (`""`: the server's default export).
+        export: String,
+    },
     /// An object in S3-compatible storage: `s3://BUCKET/KEY[?versionId=V]`.
     S3 {
         /// The bucket.
@@ -21,6 +33,23 @@ pub enum SourceUri {
         version_id: Option<String>,
     },
 }
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// TCP.
+    Tcp {
+        /// A host name or address (an IPv6 address without its brackets).
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// A unix socket.
+    Unix(std::path::PathBuf),
+}
+
+/// The NBD port assigned by IANA.
+pub const NBD_DEFAULT_PORT: u16 = 10809;
 
 /// Why a source URI is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -80,11 +109,12 @@ impl SourceUri {
                     version_id,
                 })
             }
-            "nbd" | "nbds" | "nbd+unix" | "nbds+unix" => Err(err(
-                "NBD sources are not supported by this build of clonebd",
+            "nbd" | "nbd+unix" => parse_nbd(word).map_err(|why| err(&why)),
+            "nbds" | "nbds+unix" => Err(err(
+                "NBD over TLS (nbds://) is not supported yet; use nbd:// or nbd+unix:// (through a TLS tunnel if the network needs one)",
             )),
             other => Err(err(&format!(
-                "unknown scheme {other:?} (expected a path, http://, https:// or s3://)"
+                "unknown scheme {other:?} (expected a path, http://, https://, s3://, nbd:// or nbd+unix://)"
             ))),
         }
     }
@@ -93,6 +123,49 @@ impl SourceUri {
     pub fn is_remote(&self) -> bool {
         !matches!(self, SourceUri::Local(_))
     }
+}
+
+/// `nbd://HOST[:PORT][/EXPORT]` or `nbd+unix:///[EXPORT]?socket=PATH`.
+fn parse_nbd(word: &str) -> Result<SourceUri, String> {
+    let url = Url::parse(word).map_err(|e| format!("not a valid URI: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("an NBD URI takes no user name or password".to_string());
+    }
+    let export = percent_decode(url.path().strip_prefix('/').unwrap_or(url.path()))
+        .ok_or("the export name is not valid UTF-8")?;
+    let mut socket = None;
+    for (k, v) in url.query_pairs() {
+        match k.as_ref() {
+            "socket" => socket = Some(std::path::PathBuf::from(v.into_owned())),
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?} (only socket is taken)"
+                ));
+            }
+        }
+    }
+    let unix = url.scheme().eq_ignore_ascii_case("nbd+unix");
+    let addr = if unix {
+        if url.host_str().is_some_and(|h| !h.is_empty()) || url.port().is_some() {
+            return Err("expected nbd+unix:///EXPORT?socket=PATH (no host)".to_string());
+        }
+        NbdAddr::Unix(socket.ok_or("expected nbd+unix:///EXPORT?socket=PATH: socket is missing")?)
+    } else {
+        if socket.is_some() {
+            return Err("socket= is for nbd+unix:// URIs".to_string());
+        }
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            _ => return Err("expected nbd://HOST[:PORT][/EXPORT]: the host is missing".to_string()),
+        };
+        NbdAddr::Tcp {
+            host,
+            port: url.port().unwrap_or(NBD_DEFAULT_PORT),
+        }
+    };
+    Ok(SourceUri::Nbd { addr, export })
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -192,6 +265,59 @@ mod tests {
         );
         assert!(SourceUri::parse("ftp://x/y").is_err());
         assert!(SourceUri::parse("s3://b/k?acl=1").is_err());
+    }
+
+    #[test]
+    fn nbd_uris_are_parsed_as_qemu_spells_them() {
+        let tcp = |host: &str, port| NbdAddr::Tcp {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(
+            SourceUri::parse("nbd://127.0.0.1:1234/x"),
+            Ok(SourceUri::Nbd {
+                addr: tcp("127.0.0.1", 1234),
+                export: "x".into()
+            })
+        );
+        assert_eq!(
+            SourceUri::parse("nbd://example.com"),
+            Ok(SourceUri::Nbd {
+                addr: tcp("example.com", 10809),
+                export: String::new()
+            })
+        );
+        assert_eq!(
+            SourceUri::parse("nbd://[::1]/a%20b"),
+            Ok(SourceUri::Nbd {
+                addr: tcp("::1", 10809),
+                export: "a b".into()
+            })
+        );
+        assert_eq!(
+            SourceUri::parse("nbd+unix:///disk?socket=/run/q.sock"),
+            Ok(SourceUri::Nbd {
+                addr: NbdAddr::Unix("/run/q.sock".into()),
+                export: "disk".into()
+            })
+        );
+        assert_eq!(
+            SourceUri::parse("nbd+unix://?socket=/run/q.sock"),
+            Ok(SourceUri::Nbd {
+                addr: NbdAddr::Unix("/run/q.sock".into()),
+                export: String::new()
+            })
+        );
+        let refused = |w: &str| SourceUri::parse(w).map_err(|e| e.to_string()).unwrap_err();
+        assert_eq!(
+            refused("nbd+unix:///disk"),
+            "source nbd+unix:///disk: expected nbd+unix:///EXPORT?socket=PATH: socket is missing"
+        );
+        assert!(refused("nbds://h/x").contains("not supported yet"));
+        assert!(refused("nbd:///x").contains("the host is missing"));
+        assert!(refused("nbd://h/x?tls=on").contains("unknown parameter"));
+        assert!(refused("nbd://u:p@h/x").contains("no user name"));
+        assert!(!refused("nbd://u:p@h/x").contains("u:p"));
     }
 
     #[test]

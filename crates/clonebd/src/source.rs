@@ -1,5 +1,6 @@
 //! Opening the source a `--source` word (or the table's source field) names: a local file
-//! or block device, or a remote source (an HTTP(S) URL, an S3 object), always read-only.
+//! or block device, or a remote source (an HTTP(S) URL, an S3 object, an NBD export), always
+//! read-only.
 //!
 //! The daemon needs the source's size before the table parser runs (the clone's default
 //! size) and the device itself when the parser opens it, so [`Sources`] opens a word once
@@ -12,6 +13,7 @@ use std::time::Duration;
 use clonebd_core::BlockDev;
 use clonebd_io::{FileDevice, OpenError, OpenOptions};
 use clonebd_remote::http::{HttpOptions, HttpSource, Target};
+use clonebd_remote::nbd::{NbdOptions, NbdSource};
 use clonebd_remote::retry::Policy;
 use clonebd_remote::s3::{S3Env, S3Object};
 use clonebd_remote::uri::{SourceUri, redact};
@@ -24,8 +26,9 @@ pub struct SourceOptions {
     pub direct: bool,
     /// The longest a request to a remote source may take, retries included.
     pub timeout: Duration,
-    /// Keep-alive connections to an HTTP or S3 source.
-    pub connections: usize,
+    /// Connections to a remote source; `None`: the scheme's default
+    /// ([`DEFAULT_HTTP_CONNECTIONS`], [`DEFAULT_NBD_CONNECTIONS`]).
+    pub connections: Option<usize>,
     /// Trust these PEM certificates for HTTPS instead of the system's roots.
     pub tls_ca: Option<PathBuf>,
 }
@@ -35,11 +38,18 @@ impl Default for SourceOptions {
         Self {
             direct: true,
             timeout: Duration::from_secs(60),
-            connections: 64,
+            connections: None,
             tls_ca: None,
         }
     }
 }
+
+/// Keep-alive connections to an HTTP or S3 source unless `--source-connections` says.
+pub const DEFAULT_HTTP_CONNECTIONS: usize = 64;
+
+/// Connections to an NBD server (that allows several) unless `--source-connections` says:
+/// each carries many reads at once.
+pub const DEFAULT_NBD_CONNECTIONS: usize = 4;
 
 /// Why a source could not be opened: the message names the source and the cause once.
 #[derive(Debug, thiserror::Error)]
@@ -69,24 +79,36 @@ impl SourceError {
 
 /// A remote source, as the daemon keeps it beside the device.
 #[derive(Debug, Clone)]
-pub struct Remote {
-    http: Arc<HttpSource>,
+pub enum Remote {
+    /// An HTTP(S) image or an S3 object.
+    Http(Arc<HttpSource>),
+    /// An NBD export.
+    Nbd(Arc<NbdSource>),
 }
 
 impl Remote {
     /// Its identity now.
     pub fn identity(&self) -> SourceIdentity {
-        self.http.identity()
+        match self {
+            Remote::Http(h) => h.identity(),
+            Remote::Nbd(n) => n.identity(),
+        }
     }
 
     /// Goes on with the identity pinned when the clone began; refused if it changed.
     pub fn adopt(&self, pinned: &SourceIdentity) -> Result<(), String> {
-        self.http.adopt(pinned).map_err(|e| e.to_string())
+        match self {
+            Remote::Http(h) => h.adopt(pinned).map_err(|e| e.to_string()),
+            Remote::Nbd(n) => n.adopt(pinned).map_err(|e| e.to_string()),
+        }
     }
 
     /// Its state and counters.
     pub fn stats(&self) -> Arc<SourceStats> {
-        self.http.stats()
+        match self {
+            Remote::Http(h) => h.stats(),
+            Remote::Nbd(n) => n.stats(),
+        }
     }
 }
 
@@ -121,7 +143,7 @@ pub fn open(word: &str, opts: &SourceOptions) -> Result<Opened, SourceError> {
                 deadline: opts.timeout,
                 ..Policy::default()
             },
-            connections: opts.connections,
+            connections: opts.connections.unwrap_or(DEFAULT_HTTP_CONNECTIONS),
             tls_ca: opts.tls_ca.clone(),
             ..HttpOptions::default()
         };
@@ -130,7 +152,7 @@ pub fn open(word: &str, opts: &SourceOptions) -> Result<Opened, SourceError> {
         Ok(Opened {
             dev: Arc::clone(&h) as Arc<dyn BlockDev>,
             shown: h.stats().uri().to_string(),
-            remote: Some(Remote { http: h }),
+            remote: Some(Remote::Http(h)),
             direct: false,
         })
     };
@@ -156,6 +178,25 @@ pub fn open(word: &str, opts: &SourceOptions) -> Result<Opened, SourceError> {
             })
         }
         SourceUri::Http(url) => http(Target::Url(url)),
+        SourceUri::Nbd { addr, export } => {
+            let o = NbdOptions {
+                policy: Policy {
+                    deadline: opts.timeout,
+                    ..Policy::default()
+                },
+                connections: opts.connections.unwrap_or(DEFAULT_NBD_CONNECTIONS),
+                ..NbdOptions::default()
+            };
+            let n = NbdSource::open(addr, export, redact(word), &o)
+                .map_err(|e| SourceError::Remote(e.to_string()))?;
+            let n = Arc::new(n);
+            Ok(Opened {
+                dev: Arc::clone(&n) as Arc<dyn BlockDev>,
+                shown: n.stats().uri().to_string(),
+                remote: Some(Remote::Nbd(n)),
+                direct: false,
+            })
+        }
         SourceUri::S3 {
             bucket,
             key,

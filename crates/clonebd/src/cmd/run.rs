@@ -55,10 +55,13 @@ pub struct RunArgs {
     /// serve byte ranges), or an S3 object, s3://BUCKET/KEY[?versionId=V], configured as the
     /// AWS tools are (AWS_ENDPOINT_URL, with path-style addressing, for MinIO and Ceph RGW;
     /// AWS_REGION or AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
-    /// AWS_SESSION_TOKEN, or AWS_PROFILE in the shared credentials file). A remote source's
-    /// identity (size, and ETag, Last-Modified or S3 version) is pinned before the first
-    /// copy (see --source-pin): every read carries it, and a source that changed stops
-    /// hydration with an error instead of being mixed in.
+    /// AWS_SESSION_TOKEN, or AWS_PROFILE in the shared credentials file), or an NBD export
+    /// as qemu spells it, nbd://HOST[:PORT][/EXPORT] (port 10809 by default) or
+    /// nbd+unix:///[EXPORT]?socket=PATH (nbds:// with TLS is not supported yet); a
+    /// connection that breaks is made again and its reads resent. A remote source's
+    /// identity (size, and ETag, Last-Modified or S3 version, or NBD export name) is pinned
+    /// before the first copy (see --source-pin): every read carries it, and a source that
+    /// changed stops hydration with an error instead of being mixed in.
     #[arg(
         long,
         value_name = "SRC",
@@ -220,9 +223,12 @@ pub struct RunArgs {
     /// is away and resumes by itself. Hydrated regions never wait for the source.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     source_timeout: u64,
-    /// Keep-alive connections to an HTTP or S3 source.
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    source_connections: usize,
+    /// Connections to a remote source: keep-alive connections to an HTTP or S3 source
+    /// (default 64); connections to an NBD server, each carrying many reads at once
+    /// (default 4; one when the server does not advertise CAN_MULTI_CONN and the export is
+    /// writable).
+    #[arg(long, value_name = "N")]
+    source_connections: Option<usize>,
     /// Trust the PEM certificates in FILE for an https:// source (or S3 endpoint) instead of
     /// the system's roots.
     #[arg(long, value_name = "FILE")]
@@ -341,7 +347,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
         source: SourceOptions {
             direct: !a.no_direct_io,
             timeout: Duration::from_secs(a.source_timeout.max(1)),
-            connections: a.source_connections.max(1),
+            connections: a.source_connections.map(|n| n.max(1)),
             tls_ca: a.source_tls_ca.clone(),
         },
         source_pin: a.source_pin.clone(),

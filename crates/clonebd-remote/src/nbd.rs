@@ -1,0 +1,302 @@
+//! An export on an NBD server (qemu-nbd, nbdkit, nbd-server, another clonebd) as a
+//! read-only block device.
+//!
+//! Opening connects once, with the handshake of [`clonebd_nbd::Client`] (structured replies
+//! when the server offers them, `NBD_OPT_GO` with the block sizes), and takes the export's
+//! size and transmission flags. Reads then go over [`MuxClient`] connections, each carrying
+//! the reads of many threads at once: `--source-connections` of them when the server says
+//! several connections see the same data (`NBD_FLAG_CAN_MULTI_CONN`) or the export is
+//! read-only, else one. A read larger than the server's maximum payload is split.
+//!
+//! Faults, all under [`crate::retry::request`] (the same rules as HTTP): a connect and every
+//! read have a timeout; a connection that breaks (reset, the server gone, a reply that does
+//! not come in time, a protocol violation) is dropped, and the reads that were on it are sent
+//! again on a new one, connected and negotiated afresh; an error the server answers with
+//! (`EIO`, say) is retried too, except for those a retry cannot change (`EINVAL`, `ENOSPC`,
+//! `EPERM`). A new connection must find the export as it was: of another size, or with
+//! other transmission flags, the source is marked changed, and this read and every later
+//! one fail.
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use clonebd_core::{BlockDev, Caps};
+use clonebd_nbd::proto::{errno, transmission_flags as tf};
+use clonebd_nbd::{ClientError, ClientOptions, MuxClient};
+use thiserror::Error;
+
+use crate::SourceIdentity;
+use crate::retry::{Failure, Policy, request};
+use crate::stats::{SourceState, SourceStats};
+use crate::uri::NbdAddr;
+
+/// How an NBD source is reached.
+#[derive(Debug, Clone)]
+pub struct NbdOptions {
+    /// Retries and the deadline of every read (`--source-timeout`).
+    pub policy: Policy,
+    /// Time limit of a connect and handshake.
+    pub connect_timeout: Duration,
+    /// Time limit of each read's reply.
+    pub attempt_timeout: Duration,
+    /// Connections, where the server allows several (`--source-connections`).
+    pub connections: usize,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            connect_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(30),
+            connections: 4,
+        }
+    }
+}
+
+/// Why an NBD source could not be opened or adopted.
+#[derive(Debug, Error)]
+#[error("source {uri}: {why}")]
+pub struct NbdError {
+    /// The URI.
+    pub uri: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+/// An NBD export, read-only.
+#[derive(Debug)]
+pub struct NbdSource {
+    addr: NbdAddr,
+    export: String,
+    opts: NbdOptions,
+    size: u64,
+    flags: u16,
+    max_read: usize,
+    conns: Vec<Mutex<Option<Arc<MuxClient>>>>,
+    next: AtomicUsize,
+    stats: Arc<SourceStats>,
+}
+
+/// Locks `m`, taking a poisoned lock as is (the slot holds a connection or none).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl NbdSource {
+    /// Connects to `export` at `addr` (shown as `uri`) and takes its size and flags.
+    pub fn open(
+        addr: NbdAddr,
+        export: String,
+        uri: String,
+        opts: &NbdOptions,
+    ) -> Result<NbdSource, NbdError> {
+        let stats = Arc::new(SourceStats::new(uri.clone()));
+        let mut src = NbdSource {
+            addr,
+            export,
+            opts: opts.clone(),
+            size: 0,
+            flags: 0,
+            max_read: 0,
+            conns: Vec::new(),
+            next: AtomicUsize::new(0),
+            stats,
+        };
+        let first = request(&src.opts.policy, &src.stats, |left| src.connect(left))
+            .map_err(|why| NbdError { uri, why })?;
+        src.size = first.size();
+        src.flags = first.transmission_flags();
+        // At most 4 MiB per request: large enough for any copy, small enough to share.
+        src.max_read = first.max_read().min(4 << 20);
+        let several = src.flags & (tf::CAN_MULTI_CONN | tf::READ_ONLY) != 0;
+        let n = if several { opts.connections.max(1) } else { 1 };
+        src.conns = (0..n).map(|_| Mutex::new(None)).collect();
+        *lock(&src.conns[0]) = Some(Arc::new(first));
+        src.stats.set_state(SourceState::Connected);
+        tracing::info!(
+            source = src.stats.uri(),
+            size = src.size,
+            flags = format!("{:#x}", src.flags),
+            connections = n,
+            "NBD source connected"
+        );
+        Ok(src)
+    }
+
+    /// The counters and state, for `status`.
+    pub fn stats(&self) -> Arc<SourceStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Connections reads are spread over.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The identity the export has: its size and name.
+    pub fn identity(&self) -> SourceIdentity {
+        let mut marks = std::collections::BTreeMap::new();
+        marks.insert("export".to_string(), self.export.clone());
+        SourceIdentity {
+            uri: self.stats.uri().to_string(),
+            size: self.size,
+            marks,
+        }
+    }
+
+    /// Goes on with the identity pinned when the clone began; refused, naming the
+    /// difference, when the export is not that one.
+    pub fn adopt(&self, pinned: &SourceIdentity) -> Result<(), NbdError> {
+        match pinned.difference(&self.identity()) {
+            None => Ok(()),
+            Some(why) => {
+                self.stats.failed(&why, SourceState::Changed);
+                Err(NbdError {
+                    uri: self.stats.uri().to_string(),
+                    why: format!(
+                        "changed since the clone began ({why}); refusing to mix its bytes with those copied before"
+                    ),
+                })
+            }
+        }
+    }
+
+    /// One connection, negotiated, checked against what the first one found.
+    /// `left` is what the request has left of its deadline.
+    fn connect(&self, left: Duration) -> Result<MuxClient, Failure> {
+        let mut o = ClientOptions::new(&self.export);
+        let t = self.opts.connect_timeout.min(left);
+        o.timeout = Some(t);
+        o.connect_timeout = Some(t);
+        let c = match &self.addr {
+            NbdAddr::Unix(path) => o.connect_unix(path),
+            NbdAddr::Tcp { host, port } => o.connect_tcp((host.as_str(), *port)),
+        }
+        .and_then(|c| MuxClient::new(c, Some(self.opts.attempt_timeout)))
+        .map_err(|e| classify(&e, "connecting"))?;
+        if self.size != 0 || self.flags != 0 {
+            if c.size() != self.size {
+                return Err(Failure::Changed(format!(
+                    "its size was {} bytes and is {} bytes now",
+                    self.size,
+                    c.size()
+                )));
+            }
+            if c.transmission_flags() != self.flags {
+                return Err(Failure::Changed(format!(
+                    "its transmission flags were {:#x} and are {:#x} now",
+                    self.flags,
+                    c.transmission_flags()
+                )));
+            }
+            tracing::info!(source = self.stats.uri(), "NBD source reconnected");
+        }
+        Ok(c)
+    }
+
+    /// The connection in slot `i`, connected now if it is not (or no longer) working.
+    fn conn(&self, i: usize, left: Duration) -> Result<Arc<MuxClient>, Failure> {
+        let mut slot = lock(&self.conns[i]);
+        if let Some(c) = slot.as_ref().filter(|c| c.broken().is_none()) {
+            return Ok(Arc::clone(c));
+        }
+        *slot = None;
+        let c = Arc::new(self.connect(left)?);
+        *slot = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// One attempt at one read, with `left` of the request's deadline.
+    fn attempt(&self, buf: &mut [u8], offset: u64, left: Duration) -> Result<(), Failure> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let c = self.conn(i, left)?;
+        c.read(offset, buf, self.opts.attempt_timeout.min(left))
+            .map_err(|e| {
+                if c.broken().is_some() {
+                    let mut slot = lock(&self.conns[i]);
+                    if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &c)) {
+                        *slot = None;
+                    }
+                }
+                classify(&e, "reading")
+            })
+    }
+}
+
+/// What a failed connect or read means for retrying.
+fn classify(e: &ClientError, doing: &str) -> Failure {
+    match e {
+        ClientError::Server { value, .. }
+            if matches!(*value, errno::EINVAL | errno::ENOSPC | errno::EPERM) =>
+        {
+            Failure::Fatal(format!("the server refused the read: {e}"))
+        }
+        ClientError::Server { .. } => Failure::Transient(format!("the server answered {e}"), None),
+        ClientError::Io(io) => Failure::Transient(
+            format!("{doing}: {}", clonebd_core::errno::describe(io)),
+            None,
+        ),
+        ClientError::Broken => Failure::Transient(
+            format!("{doing}: the connection broke; the read is sent again"),
+            None,
+        ),
+        ClientError::NotNewstyle { .. } | ClientError::OptionRefused { .. } => {
+            Failure::Fatal(format!("{doing}: {e}"))
+        }
+        // A server that breaks the protocol may have been interrupted mid-reply.
+        other => Failure::Transient(format!("{doing}: {other}"), None),
+    }
+}
+
+impl BlockDev for NbdSource {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            discard: false,
+            write_zeroes: false,
+            volatile_cache: false,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.size => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("read at {offset}+{} past the end of the source", buf.len()),
+                ));
+            }
+        }
+        let mut at = offset;
+        for piece in buf.chunks_mut(self.max_read.max(512)) {
+            request(&self.opts.policy, &self.stats, |left| {
+                self.attempt(piece, at, left)
+            })
+            .map_err(|why| io::Error::other(format!("source {}: {why}", self.stats.uri())))?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("source {} is read-only", self.stats.uri()),
+        ))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.write_at(&[], 0)
+    }
+}
