@@ -234,7 +234,9 @@ fn classify(e: &ClientError, doing: &str) -> Failure {
         {
             Failure::Fatal(format!("the server refused the read: {e}"))
         }
-        ClientError::Server { .. } => Failure::Transient(format!("the server answered {e}"), None),
+        ClientError::Server { .. } => {
+            Failure::Transient(format!("the server answered the read with {e}"), None)
+        }
         ClientError::Io(io) => Failure::Transient(
             format!("{doing}: {}", clonebd_core::errno::describe(io)),
             None,

@@ -216,7 +216,9 @@ pub fn redact(uri: &str) -> String {
     };
     let _ = url.set_username("");
     let _ = url.set_password(None);
-    if url.query().is_some() {
+    // The query is rewritten only when it holds a secret, so that a URI without one is
+    // shown as it was written (a socket path stays readable).
+    if url.query_pairs().any(|(k, _)| secret_param(&k)) {
         let pairs: Vec<(String, String)> = url
             .query_pairs()
             .map(|(k, v)| {
@@ -332,5 +334,9 @@ mod tests {
         assert!(!r.contains("AKIA") && !r.contains("abc"), "{r}");
         assert!(r.contains("versionId=3"), "{r}");
         assert_eq!(redact("nbd://u:p@host/x"), "nbd://host/x");
+        assert_eq!(
+            redact("nbd+unix:///x?socket=/run/a.sock"),
+            "nbd+unix:///x?socket=/run/a.sock"
+        );
     }
 }

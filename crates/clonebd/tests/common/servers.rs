@@ -1,6 +1,8 @@
 //! Real servers the remote-source tests start on 127.0.0.1 and stop when dropped: nginx
 //! (from `nginx-light`, in the foreground, with a configuration the test writes) serving a
-//! directory with byte ranges and ETags, and moto's S3 server with authentication on.
+//! directory with byte ranges and ETags, moto's S3 server with authentication on, and NBD
+//! servers: qemu-nbd and nbdkit (with any plugin and filters), on a unix socket or a TCP
+//! port, which a test may kill and start again on the same socket or port.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::TcpStream;
@@ -13,8 +15,10 @@ use super::daemon::free_port;
 /// A server process, killed on drop.
 pub struct Server {
     child: Child,
-    /// Its port on 127.0.0.1.
+    /// Its port on 127.0.0.1 (0 for a server on a unix socket).
     pub port: u16,
+    /// Its unix socket, for a server on one.
+    pub socket: Option<PathBuf>,
     /// Its log.
     pub log: PathBuf,
 }
@@ -108,7 +112,123 @@ fn nginx_with(root: &Path, extra: &str, tls: Option<&Certs>, port: u16) -> Serve
         .spawn()
         .expect("start nginx");
     wait_for_port(&mut child, port, &log);
-    Server { child, port, log }
+    Server {
+        child,
+        port,
+        socket: None,
+        log,
+    }
+}
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A TCP port on 127.0.0.1.
+    Tcp(u16),
+    /// A unix socket.
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// A free TCP port.
+    pub fn tcp() -> Self {
+        Listen::Tcp(free_port())
+    }
+
+    /// The NBD URI of `export` here.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            Listen::Tcp(p) => format!("nbd://127.0.0.1:{p}/{export}"),
+            Listen::Unix(s) => format!("nbd+unix:///{export}?socket={}", s.display()),
+        }
+    }
+}
+
+fn spawn_nbd(program: &str, args: &[String], at: &Listen, log: PathBuf) -> Server {
+    if let Listen::Unix(s) = at {
+        let _ = std::fs::remove_file(s);
+    }
+    let out = std::fs::File::create(&log).expect("server log");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {program}: {e}"));
+    match at {
+        Listen::Tcp(port) => {
+            wait_for_port(&mut child, *port, &log);
+            Server {
+                child,
+                port: *port,
+                socket: None,
+                log,
+            }
+        }
+        Listen::Unix(sock) => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::os::unix::net::UnixStream::connect(sock).is_err() {
+                if let Ok(Some(st)) = child.try_wait() {
+                    panic!(
+                        "{program} exited with {st}:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{program} not listening on {sock:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Server {
+                child,
+                port: 0,
+                socket: Some(sock.clone()),
+                log,
+            }
+        }
+    }
+}
+
+/// qemu-nbd serving `image` read-only as `export`, to many clients at once.
+pub fn qemu_nbd(image: &Path, export: &str, at: &Listen) -> Server {
+    let mut args: Vec<String> = [
+        "-f",
+        "raw",
+        "-r",
+        "--persistent",
+        "--shared=0",
+        "-x",
+        export,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    match at {
+        Listen::Tcp(p) => {
+            args.extend(["-b".into(), "127.0.0.1".into(), "-p".into(), p.to_string()])
+        }
+        Listen::Unix(s) => args.extend(["-k".into(), s.display().to_string()]),
+    }
+    args.push(image.display().to_string());
+    let log = image.with_extension(format!("qemu-nbd.{}.log", free_port()));
+    spawn_nbd("qemu-nbd", &args, at, log)
+}
+
+/// nbdkit in the foreground, read-only, with `words` (filters, the plugin and its
+/// parameters, as on nbdkit's command line).
+pub fn nbdkit(dir: &Path, words: &[&str], at: &Listen) -> Server {
+    let mut args: Vec<String> = vec!["-f".into(), "-r".into()];
+    match at {
+        Listen::Tcp(p) => {
+            args.extend(["-i".into(), "127.0.0.1".into(), "-p".into(), p.to_string()])
+        }
+        Listen::Unix(s) => args.extend(["-U".into(), s.display().to_string()]),
+    }
+    args.extend(words.iter().map(|w| w.to_string()));
+    let log = dir.join(format!("nbdkit.{}.log", free_port()));
+    spawn_nbd("nbdkit", &args, at, log)
 }
 
 /// moto's S3 server (`moto_server`, from `moto[server]` in a virtualenv: the program
@@ -153,7 +273,12 @@ impl Moto {
             .expect("start moto_server");
         wait_for_port(&mut child, port, &log);
         let mut m = Moto {
-            server: Server { child, port, log },
+            server: Server {
+                child,
+                port,
+                socket: None,
+                log,
+            },
             key_id: String::new(),
             secret: String::new(),
             python,
