@@ -11,17 +11,22 @@
 //! completion and the destination file alone must hold what the clone showed. The source is
 //! checksummed after every round.
 //!
+//! It runs twice: with a local source, and with the source on an NBD server (qemu-nbd), so
+//! that reads of unhydrated regions and copies go over the network while the daemon dies.
+//!
 //! The seed is printed; set `CLONEBD_SIGKILL_SEED` to replay one, `CLONEBD_SIGKILL_ROUNDS` to
 //! change the number of rounds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clonebd_nbd::{Client, ClientOptions};
 use common::daemon::{Daemon, Files, Rng, checksum, clonebd};
+use common::servers::{Listen, need, qemu_nbd};
 
 // Small regions and many of them, so that every round still finds unhydrated regions and a
 // flush must commit new hydration bits to keep its promise.
@@ -220,17 +225,49 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn sigkill_under_writes_and_flushes_loses_nothing_acknowledged_as_durable() {
+    let seed = seed();
+    let files = Files::new(SIZE, seed);
+    let source = files.source.clone();
+    let rounds = env_u64("CLONEBD_SIGKILL_ROUNDS").unwrap_or(12);
+    sigkill_rounds(&files, &source, seed, rounds);
+}
+
+/// The same with the source on an NBD server (qemu-nbd, read-only, on a unix socket): the
+/// clone's reads of unhydrated regions and its copies go over the network.
+#[test]
+fn sigkill_with_a_remote_nbd_source_loses_nothing_acknowledged_as_durable() {
+    if !need("qemu-nbd") {
+        return;
+    }
+    let seed = seed();
+    let local = Files::new(SIZE, seed);
+    let at = Listen::Unix(local.path("source.sock"));
+    let _server = qemu_nbd(&local.source, "golden", &at);
+    let g = Files::new(SIZE, 0);
+    let files = Files {
+        source: PathBuf::from(at.uri("golden")),
+        ..g
+    };
+    let rounds = env_u64("CLONEBD_SIGKILL_ROUNDS").unwrap_or(6);
+    sigkill_rounds(&files, &local.source, seed, rounds);
+}
+
+fn seed() -> u64 {
     let seed = env_u64("CLONEBD_SIGKILL_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    let rounds = env_u64("CLONEBD_SIGKILL_ROUNDS").unwrap_or(12);
-    println!("seed {seed} (CLONEBD_SIGKILL_SEED={seed} replays it), {rounds} rounds");
+    println!("seed {seed} (CLONEBD_SIGKILL_SEED={seed} replays it)");
+    seed
+}
+
+/// `rounds` SIGKILLs of the clone `files`, whose source holds the bytes of `source_file`.
+fn sigkill_rounds(files: &Files, source_file: &Path, seed: u64, rounds: u64) {
+    println!("{rounds} rounds");
     let mut rng = Rng::new(seed);
-    let files = Files::new(SIZE, seed);
-    let source = files.source_bytes();
-    let source_sum = checksum(&files.source);
+    let source = std::fs::read(source_file).unwrap();
+    let source_sum = checksum(source_file);
     let model = Arc::new(Mutex::new(Model::new()));
     let started = Instant::now();
     for round in 0..rounds {
@@ -241,7 +278,7 @@ fn sigkill_under_writes_and_flushes_loses_nothing_acknowledged_as_durable() {
         } else {
             &["--no-hydration"]
         };
-        let d = Daemon::start_with_region(&files, "4k", extra);
+        let d = Daemon::start_with_region(files, "4k", extra);
         let opts = ClientOptions::new("clonebd");
         let c = opts.connect_unix(&d.socket).unwrap();
         let m = Arc::clone(&model);
@@ -250,13 +287,13 @@ fn sigkill_under_writes_and_flushes_loses_nothing_acknowledged_as_durable() {
         std::thread::sleep(Duration::from_millis(50 + rng.below(500)));
         d.kill();
         loader.join().unwrap();
-        check_metadata(&files);
+        check_metadata(files);
         assert_eq!(
-            checksum(&files.source),
+            checksum(source_file),
             source_sum,
             "round {round}: the source changed"
         );
-        let d = Daemon::start_with_region(&files, "4k", &["--no-hydration"]);
+        let d = Daemon::start_with_region(files, "4k", &["--no-hydration"]);
         let image = read_all(&d);
         let mut m = model.lock().unwrap();
         if let Err(e) = m.check_and_settle(&image, &source) {
@@ -270,18 +307,18 @@ fn sigkill_under_writes_and_flushes_loses_nothing_acknowledged_as_durable() {
         assert!(d.terminate().success());
     }
     // Finish: hydrate everything and compare the destination alone.
-    let d = Daemon::start_with_region(&files, "4k", &[]);
+    let d = Daemon::start_with_region(files, "4k", &[]);
     d.ctl_ok("wait", &["--timeout", "120", "--no-progress"]);
     let image = read_all(&d);
     let want = model.lock().unwrap().image(&source);
     assert!(image == want, "the clone changed across a clean restart");
     assert!(d.terminate().success());
-    check_metadata(&files);
+    check_metadata(files);
     assert!(
         files.dest_bytes() == want,
         "the destination alone differs from the clone after full hydration"
     );
-    assert_eq!(checksum(&files.source), source_sum, "the source changed");
+    assert_eq!(checksum(source_file), source_sum, "the source changed");
     let m = model.lock().unwrap();
     assert!(
         m.writes > 100 && m.flushes > 5,
