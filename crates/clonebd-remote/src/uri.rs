@@ -310,7 +310,10 @@ mod tests {
                 export: String::new()
             })
         );
-        let refused = |w: &str| SourceUri::parse(w).map_err(|e| e.to_string()).unwrap_err();
+        let refused = |w: &str| match SourceUri::parse(w) {
+            Ok(u) => panic!("{w} was taken as {u:?}"),
+            Err(e) => e.to_string(),
+        };
         assert_eq!(
             refused("nbd+unix:///disk"),
             "source nbd+unix:///disk: expected nbd+unix:///EXPORT?socket=PATH: socket is missing"
