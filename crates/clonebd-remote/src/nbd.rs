@@ -6,7 +6,9 @@
 //! size and transmission flags. Reads then go over [`MuxClient`] connections, each carrying
 //! the reads of many threads at once: `--source-connections` of them when the server says
 //! several connections see the same data (`NBD_FLAG_CAN_MULTI_CONN`) or the export is
-//! read-only, else one. A read larger than the server's maximum payload is split.
+//! read-only, else one; and fewer when the server does not greet the extra connections (a
+//! qemu-nbd without `--shared` takes one client). A read larger than the server's maximum
+//! payload is split.
 //!
 //! Faults, all under [`crate::retry::request`] (the same rules as HTTP): a connect and every
 //! read have a timeout; a connection that breaks (reset, the server gone, a reply that does
@@ -55,6 +57,9 @@ impl Default for NbdOptions {
         }
     }
 }
+
+/// How long a connection beyond the first may take to be greeted when the source is opened.
+const EXTRA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why an NBD source could not be opened or adopted.
 #[derive(Debug, Error)]
@@ -112,9 +117,27 @@ impl NbdSource {
         // At most 4 MiB per request: large enough for any copy, small enough to share.
         src.max_read = first.max_read().min(4 << 20);
         let several = src.flags & (tf::CAN_MULTI_CONN | tf::READ_ONLY) != 0;
-        let n = if several { opts.connections.max(1) } else { 1 };
-        src.conns = (0..n).map(|_| Mutex::new(None)).collect();
-        *lock(&src.conns[0]) = Some(Arc::new(first));
+        let want = if several { opts.connections.max(1) } else { 1 };
+        // All connections now: a server that takes fewer clients (qemu-nbd takes one unless
+        // given --shared) leaves the extra ones without a greeting, and reads are then
+        // spread over the ones it took, not sent to one it never answers.
+        let mut conns = vec![Arc::new(first)];
+        while conns.len() < want {
+            match src.connect(EXTRA_CONNECT_TIMEOUT.min(opts.connect_timeout)) {
+                Ok(c) => conns.push(Arc::new(c)),
+                Err(f) => {
+                    tracing::warn!(
+                        source = src.stats.uri(),
+                        "the server took {} of the {want} connections asked for (the next: {}); reads share those",
+                        conns.len(),
+                        f.describe()
+                    );
+                    break;
+                }
+            }
+        }
+        let n = conns.len();
+        src.conns = conns.into_iter().map(|c| Mutex::new(Some(c))).collect();
         src.stats.set_state(SourceState::Connected);
         tracing::info!(
             source = src.stats.uri(),
@@ -236,6 +259,15 @@ fn classify(e: &ClientError, doing: &str) -> Failure {
         }
         ClientError::Server { .. } => {
             Failure::Transient(format!("the server answered the read with {e}"), None)
+        }
+        // A socket timeout reads as EAGAIN: say what it is.
+        ClientError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Failure::Transient(format!("{doing}: no answer in time"), None)
         }
         ClientError::Io(io) => Failure::Transient(
             format!("{doing}: {}", clonebd_core::errno::describe(io)),

@@ -126,7 +126,7 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    fn describe(&self) -> &str {
+    pub(crate) fn describe(&self) -> &str {
         match self {
             Failure::Transient(s, _) | Failure::Fatal(s) | Failure::Changed(s) => s,
         }

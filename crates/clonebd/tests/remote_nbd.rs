@@ -3,7 +3,8 @@
 //! every byte right; a slow server, and one that fails reads at random with EIO, still give
 //! every byte right through retries; a server killed mid-hydration and started again is
 //! reconnected to (hydrated regions serve meanwhile) and hydration finishes; a server that
-//! comes back with another size is refused: hydration stops and a restart is refused.
+//! comes back with another size is refused: hydration stops and a restart is refused; a
+//! server that takes one client (qemu-nbd's default) gets one connection.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, clonebd, first_difference, run, run_status};
-use common::servers::{Listen, nbdkit, need, qemu_nbd};
+use common::servers::{Listen, nbdkit, need, qemu_nbd, qemu_nbd_shared};
 
 fn have_all() -> bool {
     need("qemu-nbd") && need("nbdkit") && need("qemu-img") && need("qemu-io")
@@ -111,6 +112,29 @@ fn a_clone_of_a_qemu_nbd_export_on_a_unix_socket_reads_right_and_ends_equal() {
     let at = Listen::Unix(f.path("qemu.sock"));
     let _q = qemu_nbd(&f.source, "golden", &at);
     clone_reads_right_and_ends_equal(&f, &at.uri("golden"));
+}
+
+#[test]
+fn a_server_that_takes_one_client_gets_one_connection_and_the_clone_completes() {
+    if !have_all() {
+        return;
+    }
+    let f = Files::new(4 << 20, 26);
+    let at = Listen::Unix(f.path("qemu1.sock"));
+    let _q = qemu_nbd_shared(&f.source, "golden", &at, 1);
+    let c = remote(&f, &at.uri("golden"));
+    let d = Daemon::start(&c, &["--source-connections", "3"]);
+    d.ctl_ok("wait", &["--no-progress"]);
+    assert_eq!(status(&d)["source"]["state"], "connected");
+    let log = d.log_text();
+    assert!(
+        log.contains("the server took 1 of the 3 connections asked for"),
+        "{log}"
+    );
+    assert!(d.terminate().success());
+    if let Some(diff) = first_difference(&c.dest_bytes(), &f.source_bytes()) {
+        panic!("destination differs from the source: {diff}");
+    }
 }
 
 #[test]

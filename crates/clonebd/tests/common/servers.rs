@@ -193,18 +193,21 @@ fn spawn_nbd(program: &str, args: &[String], at: &Listen, log: PathBuf) -> Serve
 
 /// qemu-nbd serving `image` read-only as `export`, to many clients at once.
 pub fn qemu_nbd(image: &Path, export: &str, at: &Listen) -> Server {
-    let mut args: Vec<String> = [
-        "-f",
-        "raw",
-        "-r",
-        "--persistent",
-        "--shared=0",
-        "-x",
-        export,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    qemu_nbd_shared(image, export, at, 0)
+}
+
+/// qemu-nbd serving `image` read-only as `export` to `shared` clients at once (0: any
+/// number; qemu-nbd's own default is 1).
+pub fn qemu_nbd_shared(image: &Path, export: &str, at: &Listen, shared: u32) -> Server {
+    let mut args: Vec<String> = vec![
+        "-f".into(),
+        "raw".into(),
+        "-r".into(),
+        "--persistent".into(),
+        format!("--shared={shared}"),
+        "-x".into(),
+        export.into(),
+    ];
     match at {
         Listen::Tcp(p) => {
             args.extend(["-b".into(), "127.0.0.1".into(), "-p".into(), p.to_string()])
