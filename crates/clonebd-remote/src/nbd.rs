@@ -21,7 +21,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use clonebd_core::{BlockDev, Caps};
@@ -80,9 +80,21 @@ pub struct NbdSource {
     size: u64,
     flags: u16,
     max_read: usize,
-    conns: Vec<Mutex<Option<Arc<MuxClient>>>>,
+    conns: Vec<Slot>,
     next: AtomicUsize,
     stats: Arc<SourceStats>,
+}
+
+/// One connection's place: the connection while it works, and a lock held by the one
+/// read that connects it again, so that the others do not queue behind a connect (each has
+/// its own deadline): they back off and try again.
+#[derive(Debug, Default)]
+struct Slot {
+    conn: Mutex<Option<Arc<MuxClient>>>,
+    /// Held while connecting.
+    connecting: Mutex<()>,
+    /// Why the last connect failed, for the reads that wait meanwhile.
+    last: Mutex<Option<String>>,
 }
 
 /// Locks `m`, taking a poisoned lock as is (the slot holds a connection or none).
@@ -137,7 +149,14 @@ impl NbdSource {
             }
         }
         let n = conns.len();
-        src.conns = conns.into_iter().map(|c| Mutex::new(Some(c))).collect();
+        src.conns = conns
+            .into_iter()
+            .map(|c| Slot {
+                conn: Mutex::new(Some(c)),
+                connecting: Mutex::new(()),
+                last: Mutex::new(None),
+            })
+            .collect();
         src.stats.set_state(SourceState::Connected);
         tracing::info!(
             source = src.stats.uri(),
@@ -222,14 +241,41 @@ impl NbdSource {
 
     /// The connection in slot `i`, connected now if it is not (or no longer) working.
     fn conn(&self, i: usize, left: Duration) -> Result<Arc<MuxClient>, Failure> {
-        let mut slot = lock(&self.conns[i]);
-        if let Some(c) = slot.as_ref().filter(|c| c.broken().is_none()) {
-            return Ok(Arc::clone(c));
+        let slot = &self.conns[i];
+        let working = |c: &Option<Arc<MuxClient>>| {
+            c.as_ref().filter(|c| c.broken().is_none()).map(Arc::clone)
+        };
+        if let Some(c) = working(&lock(&slot.conn)) {
+            return Ok(c);
         }
-        *slot = None;
-        let c = Arc::new(self.connect(left)?);
-        *slot = Some(Arc::clone(&c));
-        Ok(c)
+        let _connecting = match slot.connecting.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let why = match lock(&slot.last).as_deref() {
+                    Some(last) => format!("{last} (another read is connecting again)"),
+                    None => "another read is connecting again".to_string(),
+                };
+                return Err(Failure::Transient(why, None));
+            }
+        };
+        // Made again by another read meanwhile?
+        if let Some(c) = working(&lock(&slot.conn)) {
+            return Ok(c);
+        }
+        *lock(&slot.conn) = None;
+        match self.connect(left) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *lock(&slot.conn) = Some(Arc::clone(&c));
+                *lock(&slot.last) = None;
+                Ok(c)
+            }
+            Err(f) => {
+                *lock(&slot.last) = Some(f.describe().to_string());
+                Err(f)
+            }
+        }
     }
 
     /// One attempt at one read, with `left` of the request's deadline.
@@ -239,7 +285,7 @@ impl NbdSource {
         c.read(offset, buf, self.opts.attempt_timeout.min(left))
             .map_err(|e| {
                 if c.broken().is_some() {
-                    let mut slot = lock(&self.conns[i]);
+                    let mut slot = lock(&self.conns[i].conn);
                     if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &c)) {
                         *slot = None;
                     }
