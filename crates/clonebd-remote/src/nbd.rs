@@ -8,7 +8,7 @@
 //! several connections see the same data (`NBD_FLAG_CAN_MULTI_CONN`) or the export is
 //! read-only, else one; and fewer when the server does not greet the extra connections (a
 //! qemu-nbd without `--shared` takes one client). A read larger than the server's maximum
-//! payload is split.
+//! payload is split, and one not aligned to its minimum block size is widened to it.
 //!
 //! Faults, all under [`crate::retry::request`] (the same rules as HTTP): a connect and every
 //! read have a timeout; a connection that breaks (reset, the server gone, a reply that does
@@ -80,6 +80,7 @@ pub struct NbdSource {
     size: u64,
     flags: u16,
     max_read: usize,
+    min_block: u64,
     conns: Vec<Slot>,
     next: AtomicUsize,
     stats: Arc<SourceStats>,
@@ -118,6 +119,7 @@ impl NbdSource {
             size: 0,
             flags: 0,
             max_read: 0,
+            min_block: 1,
             conns: Vec::new(),
             next: AtomicUsize::new(0),
             stats,
@@ -127,7 +129,11 @@ impl NbdSource {
         src.size = first.size();
         src.flags = first.transmission_flags();
         // At most 4 MiB per request: large enough for any copy, small enough to share.
-        src.max_read = first.max_read().min(4 << 20);
+        // "the client MUST ... use lengths and offsets that are a multiple of the minimum
+        // block size": reads that are not are widened to it (`read_at`).
+        src.min_block = u64::from(first.block_sizes().minimum.max(1));
+        let unit = src.min_block as usize;
+        src.max_read = (first.max_read().min(4 << 20) / unit).max(1) * unit;
         let several = src.flags & (tf::CAN_MULTI_CONN | tf::READ_ONLY) != 0;
         let want = if several { opts.connections.max(1) } else { 1 };
         // All connections now: a server that takes fewer clients (qemu-nbd takes one unless
@@ -331,6 +337,22 @@ fn classify(e: &ClientError, doing: &str) -> Failure {
     }
 }
 
+impl NbdSource {
+    /// Reads `buf` at `offset`, both aligned to the server's minimum block size, in pieces
+    /// of at most its maximum payload.
+    fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for piece in buf.chunks_mut(self.max_read) {
+            request(&self.opts.policy, &self.stats, |left| {
+                self.attempt(piece, at, left)
+            })
+            .map_err(|why| io::Error::other(format!("source {}: {why}", self.stats.uri())))?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    }
+}
+
 impl BlockDev for NbdSource {
     fn size_bytes(&self) -> u64 {
         self.size
@@ -354,14 +376,17 @@ impl BlockDev for NbdSource {
                 ));
             }
         }
-        let mut at = offset;
-        for piece in buf.chunks_mut(self.max_read.max(512)) {
-            request(&self.opts.policy, &self.stats, |left| {
-                self.attempt(piece, at, left)
-            })
-            .map_err(|why| io::Error::other(format!("source {}: {why}", self.stats.uri())))?;
-            at += piece.len() as u64;
+        let end = offset + buf.len() as u64;
+        let min = self.min_block;
+        if offset.is_multiple_of(min) && (end.is_multiple_of(min) || end == self.size) {
+            return self.read_aligned(buf, offset);
         }
+        let start = offset / min * min;
+        let stop = end.div_ceil(min).saturating_mul(min).min(self.size);
+        let mut wide = vec![0u8; (stop - start) as usize];
+        self.read_aligned(&mut wide, start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&wide[skip..skip + buf.len()]);
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! `NbdSource` against a real qemu-nbd on a unix socket: reads from many threads are right,
 //! writes are refused, a server restarted under the source is reconnected to, one that went
 //! away fails reads within the deadline, and one that comes back with another size marks the
-//! source changed for good.
+//! source changed for good; against nbdkit, reads not aligned to the server's minimum block
+//! size are widened to it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -76,7 +77,11 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn open(socket: &Path, deadline: Duration) -> NbdSource {
-    let word = format!("nbd+unix:///g?socket={}", socket.display());
+    open_export(socket, "g", deadline)
+}
+
+fn open_export(socket: &Path, export: &str, deadline: Duration) -> NbdSource {
+    let word = format!("nbd+unix:///{export}?socket={}", socket.display());
     let SourceUri::Nbd { addr, export } = SourceUri::parse(&word).unwrap() else {
         panic!("not an NBD URI");
     };
@@ -174,4 +179,69 @@ fn nbd_source_fails_reads_within_the_deadline_and_detects_another_size() {
     assert_eq!(src.stats().state(), SourceState::Changed);
     let e = src.read_at(&mut buf, 0).unwrap_err().to_string();
     assert!(e.contains("no more reads are made from it"), "{e}");
+}
+
+/// nbdkit on `socket` with `words` after its own options; killed on drop.
+struct Nbdkit(Child);
+
+impl Nbdkit {
+    fn start(socket: &Path, words: &[&str]) -> Self {
+        let mut child = Command::new("nbdkit")
+            .args(["-f", "-r", "-U"])
+            .arg(socket)
+            .args(words)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "nbdkit exited");
+            assert!(Instant::now() < deadline, "nbdkit did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn nbd_source_widens_reads_to_the_servers_minimum_block_size() {
+    if !have("nbdkit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("src.img");
+    let socket = dir.path().join("k.sock");
+    let data = bytes(1 << 20, 8);
+    std::fs::write(&image, &data).unwrap();
+    // The filter refuses any request not aligned to 4096 bytes with EINVAL.
+    let file = format!("file={}", image.display());
+    let _k = Nbdkit::start(
+        &socket,
+        &[
+            "--filter=blocksize-policy",
+            "file",
+            &file,
+            "blocksize-minimum=4096",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let src = open_export(&socket, "", Duration::from_secs(10));
+    for (off, len) in [
+        (512u64, 512usize),
+        (1000, 3000),
+        (4096, 8192),
+        ((1 << 20) - 512, 512),
+    ] {
+        let mut buf = vec![0u8; len];
+        src.read_at(&mut buf, off).unwrap();
+        assert!(buf == data[off as usize..off as usize + len], "{off}+{len}");
+    }
 }
