@@ -5,7 +5,8 @@
 //! transmission with `NBD_OPT_GO`, asking for `NBD_INFO_BLOCK_SIZE` and so promising to honour
 //! the sizes the server gives (it falls back to `NBD_OPT_EXPORT_NAME` on an old server). It
 //! encodes requests and option messages with the crate's codec ([`RequestHeader::encode`],
-//! [`ClientOption::encode`]) and decodes non-data reply chunks with [`decode_reply`].
+//! [`ClientOption::encode`]) and decodes non-data reply chunks with
+//! [`decode_reply`](crate::codec::decode_reply).
 //!
 //! Every length the server sends is checked before anything is allocated: option replies are
 //! capped at [`MAX_OPTION_LEN`], reply chunks at the maximum payload, and read data must land
@@ -13,9 +14,11 @@
 //! the NBD error value; a protocol violation or an I/O failure breaks the connection, and
 //! every later call fails with [`ClientError::Broken`].
 //!
-//! Requests go out one at a time and each waits for its reply, but the two halves are
-//! separate steps ([`Client::send`] and [`Client::receive`], keyed by cookie), so that
-//! pipelining can be added by keeping several [`Pending`] requests.
+//! Requests go out one at a time and each waits for its reply ([`Client::send`] and
+//! [`Client::receive`], keyed by cookie). A reply is read in two steps (`reply.rs`): a chunk's
+//! header, which names the cookie, then its body, into the buffer of the request with that
+//! cookie; [`crate::mux::MuxClient`] uses the same two steps to share one negotiated
+//! connection among many threads, replies in any order.
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};

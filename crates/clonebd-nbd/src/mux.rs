@@ -5,7 +5,7 @@
 //! no second implementation of the framing). Each request gets its own cookie and a slot to
 //! wait on; it is registered before it is sent, so a quick reply always finds it. One reader
 //! thread per connection reads reply chunks as they come, in any order and interleaved
-//! between requests, looks each cookie up, and lets that request's [`Assembly`] read the
+//! between requests, looks each cookie up, and lets that request's assembly (`client/reply.rs`) read the
 //! chunk straight into the request's buffer. A request that is complete wakes its caller.
 //!
 //! Failure breaks the whole connection and fails every request on it with

@@ -10,7 +10,7 @@
 //! qemu-nbd without `--shared` takes one client). A read larger than the server's maximum
 //! payload is split, and one not aligned to its minimum block size is widened to it.
 //!
-//! Faults, all under [`crate::retry::request`] (the same rules as HTTP): a connect and every
+//! Faults, all under `retry::request` (the same rules as HTTP): a connect and every
 //! read have a timeout; a connection that breaks (reset, the server gone, a reply that does
 //! not come in time, a protocol violation) is dropped, and the reads that were on it are sent
 //! again on a new one, connected and negotiated afresh; an error the server answers with

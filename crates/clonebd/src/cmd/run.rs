@@ -226,7 +226,8 @@ pub struct RunArgs {
     /// Connections to a remote source: keep-alive connections to an HTTP or S3 source
     /// (default 64); connections to an NBD server, each carrying many reads at once
     /// (default 4; one when the server does not advertise CAN_MULTI_CONN and the export is
-    /// writable).
+    /// writable, and only as many as the server takes: qemu-nbd takes one client unless
+    /// started with --shared).
     #[arg(long, value_name = "N")]
     source_connections: Option<usize>,
     /// Trust the PEM certificates in FILE for an https:// source (or S3 endpoint) instead of
