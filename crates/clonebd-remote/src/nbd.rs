@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use clonebd_core::{BlockDev, Caps};
-use clonebd_nbd::proto::{errno, transmission_flags as tf};
+use clonebd_nbd::proto::{errno, rep, transmission_flags as tf};
 use clonebd_nbd::{ClientError, ClientOptions, MuxClient};
 use thiserror::Error;
 
@@ -328,6 +328,12 @@ fn classify(e: &ClientError, doing: &str) -> Failure {
         ClientError::Broken => Failure::Transient(
             format!("{doing}: the connection broke; the read is sent again"),
             None,
+        ),
+        ClientError::OptionRefused { reply, .. } if *reply == rep::ERR_UNKNOWN => {
+            Failure::Fatal("the server has no export of that name".to_string())
+        }
+        ClientError::OptionRefused { reply, .. } if *reply == rep::ERR_TLS_REQD => Failure::Fatal(
+            "the server requires TLS, which clonebd's NBD client does not do yet".to_string(),
         ),
         ClientError::NotNewstyle { .. } | ClientError::OptionRefused { .. } => {
             Failure::Fatal(format!("{doing}: {e}"))

@@ -112,6 +112,28 @@ fn a_clone_of_a_qemu_nbd_export_on_a_unix_socket_reads_right_and_ends_equal() {
     let at = Listen::Unix(f.path("qemu.sock"));
     let _q = qemu_nbd(&f.source, "golden", &at);
     clone_reads_right_and_ends_equal(&f, &at.uri("golden"));
+    // An export the server does not have is named as such.
+    let g = Files::new(1 << 20, 0);
+    let uri = at.uri("nosuch");
+    let out = clonebd(&[
+        "run",
+        "--source",
+        &uri,
+        "--dest",
+        g.dest.to_str().unwrap(),
+        "--metadata",
+        g.meta.to_str().unwrap(),
+        "--create",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "clonebd: source {uri}: the server has no export of that name"
+        )),
+        "{err}"
+    );
+    assert!(!g.meta.exists(), "a refused start created the metadata");
 }
 
 #[test]
