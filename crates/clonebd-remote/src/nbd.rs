@@ -240,7 +240,6 @@ impl NbdSource {
                     c.transmission_flags()
                 )));
             }
-            tracing::info!(source = self.stats.uri(), "NBD source reconnected");
         }
         Ok(c)
     }
@@ -272,6 +271,11 @@ impl NbdSource {
         *lock(&slot.conn) = None;
         match self.connect(left) {
             Ok(c) => {
+                tracing::info!(
+                    source = self.stats.uri(),
+                    connection = i,
+                    "NBD source reconnected"
+                );
                 let c = Arc::new(c);
                 *lock(&slot.conn) = Some(Arc::clone(&c));
                 *lock(&slot.last) = None;

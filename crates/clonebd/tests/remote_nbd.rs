@@ -269,6 +269,9 @@ fn a_server_killed_mid_hydration_and_started_again_is_reconnected_to() {
     let st = status(&d);
     assert_eq!(st["complete"], true);
     assert_eq!(st["source"]["state"], "connected", "{st}");
+    assert!(st["source"]["retries"].as_u64().unwrap() > 0, "{st}");
+    let log = d.log_text();
+    assert!(log.contains("NBD source reconnected"), "{log}");
     assert!(d.terminate().success());
     let mut expected = f.source_bytes();
     expected[..65536].fill(0x77);
