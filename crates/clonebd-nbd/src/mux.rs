@@ -160,6 +160,7 @@ impl MuxClient {
         }
         let deadline = Instant::now() + timeout;
         let slot = Arc::new(Slot::default());
+        let data = Sink::Owned(vec![0u8; buf.len()]);
         // Registered before it is sent: the reply may come before `send` returns.
         let cookie = {
             let mut t = lock(&self.shared.table);
@@ -174,7 +175,7 @@ impl MuxClient {
                 offset,
                 length: len,
             };
-            let a = Assembly::new(pending, Sink::Owned(vec![0u8; buf.len()]));
+            let a = Assembly::new(pending, data);
             t.waiting.insert(cookie, (a, Arc::clone(&slot)));
             cookie
         };
