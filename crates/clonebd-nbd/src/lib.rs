@@ -56,7 +56,7 @@ pub use admission::MemoryBudget;
 pub use backend::{
     Backend, BackendFlags, BlockSizes, Extent, NbdError, Route, RouteKind, Segment, ZeroFlags,
 };
-pub use client::{Client, ClientError, ClientOptions};
+pub use client::{Client, ClientError, ClientOptions, Socket, StartTls};
 pub use handshake::{ExportInfo, Handshake, MetaContext, Negotiated};
 pub use mux::MuxClient;
 pub use server::{Server, ServerConfig, ServerError, ServerStats, ShutdownHandle};

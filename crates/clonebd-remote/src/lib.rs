@@ -5,7 +5,7 @@
 //!   (`ureq`, rustls; blocking, like the rest of clonebd: no async runtime);
 //! - [`nbd`]: an export on an NBD server, read over multiplexed connections
 //!   ([`clonebd_nbd::MuxClient`]) that are re-established, and checked unchanged, when they
-//!   break;
+//!   break; over TLS ([`tls`]) for `nbds://`;
 //! - [`retry`]: the one policy for timeouts, retries with back-off and jitter, and giving up;
 //! - [`SourceIdentity`]: what a source's content is known by (size, ETag, version), which
 //!   the clone pins before its first copy and every request then carries (`If-Match`,
@@ -24,6 +24,7 @@ pub mod nbd;
 pub mod retry;
 pub mod s3;
 mod stats;
+pub mod tls;
 pub mod uri;
 
 use std::collections::BTreeMap;

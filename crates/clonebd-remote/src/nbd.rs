@@ -18,6 +18,10 @@
 //! `EPERM`). A new connection must find the export as it was: of another size, or with
 //! other transmission flags, the source is marked changed, and this read and every later
 //! one fail.
+//!
+//! With `nbds://`, every connection asks for TLS first (`NBD_OPT_STARTTLS`), verifies the
+//! server's certificate for the URI's host (`localhost` on a unix socket), and runs the
+//! rest through [`crate::tls::relay`].
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,8 +29,9 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use clonebd_core::{BlockDev, Caps};
+use clonebd_nbd::proto::opt;
 use clonebd_nbd::proto::{errno, rep, transmission_flags as tf};
-use clonebd_nbd::{ClientError, ClientOptions, MuxClient};
+use clonebd_nbd::{ClientError, ClientOptions, MuxClient, StartTls};
 use thiserror::Error;
 
 use crate::SourceIdentity;
@@ -45,6 +50,8 @@ pub struct NbdOptions {
     pub attempt_timeout: Duration,
     /// Connections, where the server allows several (`--source-connections`).
     pub connections: usize,
+    /// Over TLS with this configuration (`nbds://`; [`crate::tls::config`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for NbdOptions {
@@ -54,6 +61,7 @@ impl Default for NbdOptions {
             connect_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(30),
             connections: 4,
+            tls: None,
         }
     }
 }
@@ -219,6 +227,17 @@ impl NbdSource {
         let t = self.opts.connect_timeout.min(left);
         o.timeout = Some(t);
         o.connect_timeout = Some(t);
+        if let Some(config) = &self.opts.tls {
+            // The name the certificate must carry: the host, or on a unix socket, localhost.
+            let host = match &self.addr {
+                NbdAddr::Tcp { host, .. } => host.clone(),
+                NbdAddr::Unix(_) => "localhost".to_string(),
+            };
+            let config = Arc::clone(config);
+            o.starttls = Some(StartTls(Arc::new(move |socket| {
+                crate::tls::relay(socket, &config, &host, t)
+            })));
+        }
         let c = match &self.addr {
             NbdAddr::Unix(path) => o.connect_unix(path),
             NbdAddr::Tcp { host, port } => o.connect_tcp((host.as_str(), *port)),
@@ -316,6 +335,20 @@ fn classify(e: &ClientError, doing: &str) -> Failure {
         ClientError::Server { .. } => {
             Failure::Transient(format!("the server answered the read with {e}"), None)
         }
+        // A certificate that does not verify does not heal by trying again.
+        ClientError::Io(io)
+            if io
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .is_some() =>
+        {
+            let why = io.get_ref().map(ToString::to_string).unwrap_or_default();
+            Failure::Fatal(if why.contains("certificate") {
+                format!("TLS: {why} (give the CA that signed it with --source-tls-ca)")
+            } else {
+                format!("TLS: {why}")
+            })
+        }
         // A socket timeout reads as EAGAIN: say what it is.
         ClientError::Io(io)
             if matches!(
@@ -336,9 +369,12 @@ fn classify(e: &ClientError, doing: &str) -> Failure {
         ClientError::OptionRefused { reply, .. } if *reply == rep::ERR_UNKNOWN => {
             Failure::Fatal("the server has no export of that name".to_string())
         }
-        ClientError::OptionRefused { reply, .. } if *reply == rep::ERR_TLS_REQD => Failure::Fatal(
-            "the server requires TLS, which clonebd's NBD client does not do yet".to_string(),
-        ),
+        ClientError::OptionRefused { reply, .. } if *reply == rep::ERR_TLS_REQD => {
+            Failure::Fatal("the server requires TLS: use nbds:// (or nbds+unix://)".to_string())
+        }
+        ClientError::OptionRefused { option, .. } if *option == opt::STARTTLS => {
+            Failure::Fatal("the server does not offer TLS".to_string())
+        }
         ClientError::NotNewstyle { .. } | ClientError::OptionRefused { .. } => {
             Failure::Fatal(format!("{doing}: {e}"))
         }

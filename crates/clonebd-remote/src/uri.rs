@@ -4,7 +4,7 @@
 //! NBD URIs are spelled as qemu and libnbd spell them (the NBD project's URI format):
 //! `nbd://HOST[:PORT][/EXPORT]` (port 10809 by default) and
 //! `nbd+unix:///[EXPORT]?socket=PATH`; the export name is the path without its first `/`,
-//! percent-decoded. The TLS forms (`nbds://`, `nbds+unix://`) are refused for now.
+//! percent-decoded; `nbds://` and `nbds+unix://` are the same over TLS.
 
 use thiserror::Error;
 use url::Url;
@@ -22,6 +22,8 @@ pub enum SourceUri {
         addr: NbdAddr,
         /// The export's name (`""`: the server's default export).
         export: String,
+        /// Over TLS (`nbds://`, `nbds+unix://`).
+        tls: bool,
     },
     /// An object in S3-compatible storage: `s3://BUCKET/KEY[?versionId=V]`.
     S3 {
@@ -109,10 +111,7 @@ impl SourceUri {
                     version_id,
                 })
             }
-            "nbd" | "nbd+unix" => parse_nbd(word).map_err(|why| err(&why)),
-            "nbds" | "nbds+unix" => Err(err(
-                "NBD over TLS (nbds://) is not supported yet; use nbd:// or nbd+unix:// (through a TLS tunnel if the network needs one)",
-            )),
+            "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => parse_nbd(word).map_err(|why| err(&why)),
             other => Err(err(&format!(
                 "unknown scheme {other:?} (expected a path, http://, https://, s3://, nbd:// or nbd+unix://)"
             ))),
@@ -144,28 +143,37 @@ fn parse_nbd(word: &str) -> Result<SourceUri, String> {
             }
         }
     }
-    let unix = url.scheme().eq_ignore_ascii_case("nbd+unix");
-    let addr = if unix {
-        if url.host_str().is_some_and(|h| !h.is_empty()) || url.port().is_some() {
-            return Err("expected nbd+unix:///EXPORT?socket=PATH (no host)".to_string());
-        }
-        NbdAddr::Unix(socket.ok_or("expected nbd+unix:///EXPORT?socket=PATH: socket is missing")?)
-    } else {
-        if socket.is_some() {
-            return Err("socket= is for nbd+unix:// URIs".to_string());
-        }
-        let host = match url.host() {
-            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
-            Some(url::Host::Ipv4(a)) => a.to_string(),
-            Some(url::Host::Ipv6(a)) => a.to_string(),
-            _ => return Err("expected nbd://HOST[:PORT][/EXPORT]: the host is missing".to_string()),
+    let scheme = url.scheme().to_ascii_lowercase();
+    let unix = scheme.ends_with("+unix");
+    let tls = scheme.starts_with("nbds");
+    let addr =
+        if unix {
+            if url.host_str().is_some_and(|h| !h.is_empty()) || url.port().is_some() {
+                return Err(format!("expected {scheme}:///EXPORT?socket=PATH (no host)"));
+            }
+            NbdAddr::Unix(socket.ok_or_else(|| {
+                format!("expected {scheme}:///EXPORT?socket=PATH: socket is missing")
+            })?)
+        } else {
+            if socket.is_some() {
+                return Err(format!("socket= is for {scheme}+unix:// URIs"));
+            }
+            let host = match url.host() {
+                Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+                Some(url::Host::Ipv4(a)) => a.to_string(),
+                Some(url::Host::Ipv6(a)) => a.to_string(),
+                _ => {
+                    return Err(format!(
+                        "expected {scheme}://HOST[:PORT][/EXPORT]: the host is missing"
+                    ));
+                }
+            };
+            NbdAddr::Tcp {
+                host,
+                port: url.port().unwrap_or(NBD_DEFAULT_PORT),
+            }
         };
-        NbdAddr::Tcp {
-            host,
-            port: url.port().unwrap_or(NBD_DEFAULT_PORT),
-        }
-    };
-    Ok(SourceUri::Nbd { addr, export })
+    Ok(SourceUri::Nbd { addr, export, tls })
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -279,35 +287,40 @@ mod tests {
             SourceUri::parse("nbd://127.0.0.1:1234/x"),
             Ok(SourceUri::Nbd {
                 addr: tcp("127.0.0.1", 1234),
-                export: "x".into()
+                export: "x".into(),
+                tls: false
             })
         );
         assert_eq!(
             SourceUri::parse("nbd://example.com"),
             Ok(SourceUri::Nbd {
                 addr: tcp("example.com", 10809),
-                export: String::new()
+                export: String::new(),
+                tls: false
             })
         );
         assert_eq!(
             SourceUri::parse("nbd://[::1]/a%20b"),
             Ok(SourceUri::Nbd {
                 addr: tcp("::1", 10809),
-                export: "a b".into()
+                export: "a b".into(),
+                tls: false
             })
         );
         assert_eq!(
             SourceUri::parse("nbd+unix:///disk?socket=/run/q.sock"),
             Ok(SourceUri::Nbd {
                 addr: NbdAddr::Unix("/run/q.sock".into()),
-                export: "disk".into()
+                export: "disk".into(),
+                tls: false
             })
         );
         assert_eq!(
             SourceUri::parse("nbd+unix://?socket=/run/q.sock"),
             Ok(SourceUri::Nbd {
                 addr: NbdAddr::Unix("/run/q.sock".into()),
-                export: String::new()
+                export: String::new(),
+                tls: false
             })
         );
         let refused = |w: &str| match SourceUri::parse(w) {
@@ -318,7 +331,18 @@ mod tests {
             refused("nbd+unix:///disk"),
             "source nbd+unix:///disk: expected nbd+unix:///EXPORT?socket=PATH: socket is missing"
         );
-        assert!(refused("nbds://h/x").contains("not supported yet"));
+        assert_eq!(
+            SourceUri::parse("nbds+unix:///d?socket=/s"),
+            Ok(SourceUri::Nbd {
+                addr: NbdAddr::Unix("/s".into()),
+                export: "d".into(),
+                tls: true
+            })
+        );
+        assert!(matches!(
+            SourceUri::parse("nbds://h:1/x"),
+            Ok(SourceUri::Nbd { tls: true, .. })
+        ));
         assert!(refused("nbd:///x").contains("the host is missing"));
         assert!(refused("nbd://h/x?tls=on").contains("unknown parameter"));
         assert!(refused("nbd://u:p@h/x").contains("no user name"));

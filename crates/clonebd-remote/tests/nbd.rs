@@ -82,7 +82,7 @@ fn open(socket: &Path, deadline: Duration) -> NbdSource {
 
 fn open_export(socket: &Path, export: &str, deadline: Duration) -> NbdSource {
     let word = format!("nbd+unix:///{export}?socket={}", socket.display());
-    let SourceUri::Nbd { addr, export } = SourceUri::parse(&word).unwrap() else {
+    let SourceUri::Nbd { addr, export, .. } = SourceUri::parse(&word).unwrap() else {
         panic!("not an NBD URI");
     };
     assert_eq!(addr, NbdAddr::Unix(PathBuf::from(socket)));

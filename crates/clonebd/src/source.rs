@@ -178,8 +178,18 @@ pub fn open(word: &str, opts: &SourceOptions) -> Result<Opened, SourceError> {
             })
         }
         SourceUri::Http(url) => http(Target::Url(url)),
-        SourceUri::Nbd { addr, export } => {
+        SourceUri::Nbd { addr, export, tls } => {
+            let tls = match tls {
+                false => None,
+                true => Some(clonebd_remote::tls::config(opts.tls_ca.as_deref()).map_err(
+                    |why| {
+                        let ca = opts.tls_ca.as_deref().unwrap_or(std::path::Path::new(""));
+                        SourceError::Remote(format!("--source-tls-ca {}: {why}", ca.display()))
+                    },
+                )?),
+            };
             let o = NbdOptions {
+                tls,
                 policy: Policy {
                     deadline: opts.timeout,
                     ..Policy::default()

@@ -4,7 +4,8 @@
 //! every byte right through retries; a server killed mid-hydration and started again is
 //! reconnected to (hydrated regions serve meanwhile) and hydration finishes; a server that
 //! comes back with another size is refused: hydration stops and a restart is refused; a
-//! server that takes one client (qemu-nbd's default) gets one connection.
+//! server that takes one client (qemu-nbd's default) gets one connection; over TLS
+//! (`nbds://`, `nbds+unix://`) the server's certificate must verify against the CA given.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, clonebd, first_difference, run, run_status};
-use common::servers::{Listen, nbdkit, need, qemu_nbd, qemu_nbd_shared};
+use common::servers::{Listen, make_certs, nbdkit, need, qemu_nbd, qemu_nbd_shared};
 
 fn have_all() -> bool {
     need("qemu-nbd") && need("nbdkit") && need("qemu-img") && need("qemu-io")
@@ -346,4 +347,107 @@ fn a_server_that_comes_back_with_another_size_is_refused() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn a_clone_over_tls_verifies_the_server_and_ends_equal() {
+    if !have_all() || !need("openssl") {
+        return;
+    }
+    let f = Files::new(8 << 20, 27);
+    let pki = f.path("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let certs = make_certs(&pki);
+    // nbdkit's names for them.
+    std::fs::copy(&certs.ca, pki.join("ca-cert.pem")).unwrap();
+    std::fs::copy(&certs.server_cert, pki.join("server-cert.pem")).unwrap();
+    std::fs::copy(&certs.server_key, pki.join("server-key.pem")).unwrap();
+    let at = Listen::tcp();
+    let file = format!("file={}", f.source.display());
+    let tls_dir = format!("--tls-certificates={}", pki.display());
+    let _k = nbdkit(
+        f.dir.path(),
+        &["--tls=require", &tls_dir, "file", &file],
+        &at,
+    );
+    let Listen::Tcp(port) = at else {
+        unreachable!("a TCP server")
+    };
+    let uri = format!("nbds://127.0.0.1:{port}/");
+    let g = Files::new(f.size, 0);
+    let start = |source: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--source",
+            source,
+            "--dest",
+            g.dest.to_str().unwrap(),
+            "--metadata",
+            g.meta.to_str().unwrap(),
+            "--create",
+        ];
+        args.extend_from_slice(extra);
+        let out = clonebd(&args);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Without the CA, the server's certificate does not verify: refused at once.
+    let err = start(&uri, &[]);
+    assert!(
+        err.contains(&format!(
+            "clonebd: source {uri}: TLS: invalid peer certificate"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("--source-tls-ca"), "{err}");
+    // Without TLS, the server says it needs it.
+    let plain = at.uri("");
+    let err = start(&plain, &[]);
+    assert!(
+        err.contains(&format!(
+            "clonebd: source {plain}: the server requires TLS: use nbds://"
+        )),
+        "{err}"
+    );
+    assert!(!g.meta.exists(), "a refused start created the metadata");
+    // With the CA: cloned, every byte right.
+    let c = remote(&f, &uri);
+    let ca = certs.ca.to_str().unwrap();
+    let d = Daemon::start(&c, &["--source-tls-ca", ca]);
+    assert_eq!(status(&d)["source"]["state"], "connected");
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &d.unix_uri(),
+            f.source.to_str().unwrap(),
+        ],
+    );
+    d.ctl_ok("wait", &["--no-progress"]);
+    assert!(d.terminate().success());
+    if let Some(diff) = first_difference(&c.dest_bytes(), &f.source_bytes()) {
+        panic!("destination differs from the source: {diff}");
+    }
+    // Over a unix socket, the certificate is checked for localhost.
+    let at = Listen::Unix(f.path("tls.sock"));
+    let _u = nbdkit(
+        f.dir.path(),
+        &["--tls=require", &tls_dir, "file", &file],
+        &at,
+    );
+    let Listen::Unix(sock) = &at else {
+        unreachable!("a unix socket")
+    };
+    let uri = format!("nbds+unix:///?socket={}", sock.display());
+    let c = remote(&f, &uri);
+    let d = Daemon::start(&c, &["--source-tls-ca", ca]);
+    d.ctl_ok("wait", &["--no-progress"]);
+    assert!(d.terminate().success());
+    if let Some(diff) = first_difference(&c.dest_bytes(), &f.source_bytes()) {
+        panic!("destination differs from the source over nbds+unix: {diff}");
+    }
 }

@@ -57,7 +57,8 @@ pub struct RunArgs {
     /// AWS_REGION or AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
     /// AWS_SESSION_TOKEN, or AWS_PROFILE in the shared credentials file), or an NBD export
     /// as qemu spells it, nbd://HOST[:PORT][/EXPORT] (port 10809 by default) or
-    /// nbd+unix:///[EXPORT]?socket=PATH (nbds:// with TLS is not supported yet); a
+    /// nbd+unix:///[EXPORT]?socket=PATH, or over TLS nbds:// and nbds+unix:// (the
+    /// server's certificate verified for the host, localhost on a unix socket); a
     /// connection that breaks is made again and its reads resent. A remote source's
     /// identity (size, and ETag, Last-Modified or S3 version, or NBD export name) is pinned
     /// before the first copy (see --source-pin): every read carries it, and a source that
@@ -231,7 +232,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     source_connections: Option<usize>,
     /// Trust the PEM certificates in FILE for an https:// source (or S3 endpoint) instead of
-    /// the system's roots.
+    /// the system's roots, and for an nbds:// source instead of Mozilla's.
     #[arg(long, value_name = "FILE")]
     source_tls_ca: Option<PathBuf>,
     /// Where a remote source's pinned identity is kept. Default: METADATA.source-pin beside
