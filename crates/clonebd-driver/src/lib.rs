@@ -14,4 +14,6 @@ mod meta;
 mod volume;
 
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};
-pub use volume::{MonotonicClock, Routed, Volume, VolumeOptions, VolumeStatus};
+pub use volume::{
+    FinalizeError, Finalized, MonotonicClock, Routed, Volume, VolumeOptions, VolumeStatus,
+};
