@@ -1160,6 +1160,9 @@ impl Daemon {
             } => {
                 let (sb_region, sb_target) = stored_geometry(metadata)?;
                 // Given sizes must match the metadata's; the store's open says so if not.
+                if let Some(s) = opts.size_bytes {
+                    check_size(s, true, NO_SOURCE, None)?;
+                }
                 let target_sectors = opts.size_bytes.map_or(sb_target, |s| s / SECTOR_SIZE);
                 let region_sectors = region_bytes.map_or(sb_region, |r| r / SECTOR_SIZE);
                 let mut w = vec![
@@ -1194,7 +1197,10 @@ impl Daemon {
                 }
                 let target = match (opts.size_bytes, target, words.get(2)) {
                     (None, Some(t), _) => t,
-                    (Some(s), _, Some(src)) if src == NO_SOURCE => s / SECTOR_SIZE,
+                    (Some(s), _, Some(src)) if src == NO_SOURCE => {
+                        check_size(s, true, NO_SOURCE, None)?;
+                        s / SECTOR_SIZE
+                    }
                     (None, None, Some(src)) if src == NO_SOURCE => {
                         stored_geometry(Path::new(&words[0]))?.1
                     }

@@ -154,7 +154,8 @@ pub struct RunArgs {
     /// with the `ublk` feature).
     #[arg(long)]
     ublk: bool,
-    /// Create the control socket here (mode 0600), for status, table, message and wait.
+    /// Create the control socket here (mode 0600), for status, table, message, wait and
+    /// finalize.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Use the page cache instead of O_DIRECT for SOURCE and DEST.
