@@ -47,7 +47,7 @@ pub enum Command {
     Message(client::MessageArgs),
     /// Wait until every region of a running clone is hydrated.
     Wait(client::WaitArgs),
-    /// Finalize a running clone: detach the source, serve from the destination alone.
+    // Its help text (the whole man page) comes from its argument struct.
     Finalize(client::FinalizeArgs),
     // `check` and `dump` take their help texts from their argument structs.
     Check(check::CheckArgs),
