@@ -2,7 +2,8 @@
 //! finalize under fio's verify load over NBD (the I/O goes on without an error, the source's
 //! descriptor is closed and the source can be renamed away); a restart without the source
 //! serves the same data, finalized; an incomplete clone is refused both ways, with the
-//! messages the user sees.
+//! messages the user sees. A finalized clone of an HTTP image serves with the web server
+//! gone, and shows its source detached.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, clonebd, have, run, run_status};
+use common::servers::{need, nginx};
 
 const SIZE: u64 = 32 << 20;
 const REGION: u64 = 64 << 10;
@@ -278,5 +280,45 @@ fn an_incomplete_clone_is_refused_without_its_source_and_by_finalize_no_wait() {
     // Nothing was changed by the refusals: the clone goes on with its source.
     let d = Daemon::start(&files, &["--no-hydration"]);
     assert_eq!(status_json(&d)["nr_hydrated"], 1);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn a_finalized_remote_clone_serves_without_its_server_and_shows_the_source_detached() {
+    if !need("nginx") {
+        return;
+    }
+    let image = Files::new(4 << 20, 14);
+    let web = nginx(image.dir.path(), "");
+    let url = format!("http://127.0.0.1:{}/source.img", web.port);
+    let g = Files::new(image.size, 0);
+    let files = Files {
+        source: PathBuf::from(&url),
+        ..g
+    };
+    let d = Daemon::start(&files, &[]);
+    d.ctl_ok("finalize", &["--no-progress"]);
+    // The web server is no longer needed.
+    drop(web);
+    let s = status_json(&d);
+    assert_eq!(s["finalized"], true, "{s}");
+    assert_eq!(s["source"]["state"], "detached", "{s}");
+    let img = files.path("expected.img");
+    std::fs::write(&img, image.source_bytes()).expect("expected image");
+    if have("qemu-img") {
+        let out = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                path(&img),
+                &d.unix_uri(),
+            ],
+        );
+        assert!(out.contains("Images are identical"), "{out}");
+    }
     assert!(d.terminate().success());
 }
