@@ -718,11 +718,17 @@ impl Daemon {
             ];
             check_present_roles(source.into_iter().chain(rest))?;
         }
-        if no_source && opts.create_metadata {
-            return Err(DaemonError::NoClone {
-                path: PathBuf::from(words.first().map_or("", String::as_str)),
-                why: "--create makes new metadata".to_string(),
-            });
+        if no_source {
+            let meta = PathBuf::from(words.first().map_or("", String::as_str));
+            if opts.create_metadata {
+                return Err(DaemonError::NoClone {
+                    path: meta,
+                    why: "--create makes new metadata".to_string(),
+                });
+            }
+            // Before the store could format a zeroed file (a table line gives the length,
+            // so the superblock may not have been read yet).
+            stored_geometry(&meta)?;
         }
         let create_meta = match words.first() {
             Some(meta) => {

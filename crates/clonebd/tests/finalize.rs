@@ -261,6 +261,22 @@ fn an_incomplete_clone_is_refused_without_its_source_and_by_finalize_no_wait() {
         String::from_utf8_lossy(&table.stderr).lines().last(),
         want.lines().last()
     );
+    // Zeroed metadata is refused as it is, not formatted, whichever form gives the length.
+    let zeroed = files.path("zeroed.meta");
+    std::fs::write(&zeroed, vec![0u8; 1 << 20]).expect("zeroed metadata");
+    let z = path(&zeroed);
+    let out = clonebd(&["run", "--table", &format!("0 8192 clone {z} {dest} - 128")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().last(),
+        Some(format!("clonebd: metadata {z}: it is not formatted (all zeros), so there is no hydrated clone to serve without a source: give --source").as_str())
+    );
+    assert!(
+        std::fs::read(&zeroed)
+            .expect("read")
+            .iter()
+            .all(|&b| b == 0)
+    );
     // A new clone needs its source.
     let create = clonebd(&[
         "run",
