@@ -152,6 +152,13 @@ fn a_hydrated_clone_restarts_without_its_source_and_serves_the_same_data() {
     d.ctl_ok("finalize", &["--no-progress"]);
     let line = d.ctl_ok("status", &[]);
     assert!(d.terminate().success());
+    // The metadata finalize left is consistent: what the kernel or clonebd loads.
+    let check = clonebd(&["check", path(&files.meta)]);
+    assert!(
+        check.status.success(),
+        "clonebd check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     // Without the source nothing can read it: move it away.
     let moved = files.path("gone.img");
     std::fs::rename(&files.source, &moved).expect("rename");
