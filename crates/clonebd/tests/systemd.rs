@@ -1,8 +1,8 @@
 //! Running under systemd:
 //! - `Type=notify`: with NOTIFY_SOCKET on a datagram socket the test owns, clonebd sends
 //!   READY=1 only once its NBD socket accepts, STATUS= lines with the progress (and once
-//!   finalized, that it is), WATCHDOG=1
-//!   when WATCHDOG_USEC asks for it, and STOPPING=1 on SIGTERM (then exits 0);
+//!   finalized, that it is), WATCHDOG=1 when WATCHDOG_USEC asks for it, and STOPPING=1 on
+//!   SIGTERM (then exits 0);
 //! - `--config FILE` gives the same clone as the flags; a bad key or value is refused naming
 //!   it;
 //! - contrib/systemd/clonebd@.service passes `systemd-analyze verify`.
