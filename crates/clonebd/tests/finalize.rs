@@ -54,6 +54,8 @@ fn fio_passes(uri: String, stop: Arc<AtomicBool>) -> Vec<Result<(), String>> {
                 "--verify_fatal=1",
                 "--randrepeat=0",
                 "--output-format=terse",
+                // No verify state file left in the working directory.
+                "--verify_state_save=0",
             ],
         );
         passes.push(if out.status.success() {
