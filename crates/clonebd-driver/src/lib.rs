@@ -3,6 +3,8 @@
 //! - [`Volume`] runs a [`clonebd_core::engine::Engine`] with threads: request threads execute
 //!   their own I/O, a pool runs background copies, a timer thread delivers deadlines. Reads,
 //!   and plain writes to hydrated regions, take a lock-free fast path straight to the device.
+//!   Once finalized ([`Volume::finalize`]) the source is detached and every request goes
+//!   straight to the destination.
 //! - [`exec`] performs one engine action on the devices; the threaded driver and the
 //!   deterministic simulator share it, so what is simulated is what runs.
 //! - [`MetadataBackend`] is the seam to the metadata store.
@@ -16,4 +18,6 @@ pub mod metrics;
 mod volume;
 
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};
-pub use volume::{MonotonicClock, Routed, Volume, VolumeOptions, VolumeStatus};
+pub use volume::{
+    FinalizeError, Finalized, MonotonicClock, Routed, Volume, VolumeOptions, VolumeStatus,
+};

@@ -16,13 +16,22 @@
 //! Commit and abort actions run on whichever thread drained them; the engine never has two
 //! rounds in flight, so they never run concurrently. The engine lock is held only while the
 //! engine decides, never across I/O.
+//!
+//! **Finalized** ([`Volume::finalize`], or [`Volume::start_finalized`] for a clone that was
+//! fully hydrated before it started): once every region is hydrated and committed, the
+//! source is detached (the volume's last reference to it is dropped, so its descriptor or
+//! connections close) and every request goes straight to the destination, as a dm-linear
+//! table over it would: no engine, no hydration map, no foreground accounting. Reads read
+//! the destination, writes write it (FUA adds a flush), a flush is the destination's
+//! flush (`fdatasync`), discards are passed down if the clone passes discards down, and
+//! hydrate requests succeed at once. The metadata stays open, committed and fully hydrated.
 
 use crate::metrics::{IoMetrics, Op};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,12 +39,12 @@ use clonebd_core::engine::{
     Action, Config, Control, Engine, EngineStatus, Event, Input, IoStatus, Mode, ReqId, Request,
     SharedView, Tick,
 };
-use clonebd_core::{AlignedBuf, BlockDev, Clock, Geometry, HydrationMap};
+use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::exec::{
     COPY_CHUNK, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of,
-    read_routed, try_copy_range,
+    read_routed, status_of, try_copy_range,
 };
 use crate::{MetadataBackend, MetadataUsage};
 
@@ -86,6 +95,78 @@ pub struct VolumeStatus {
     pub geometry: Geometry,
     /// Why the last failed copy failed (device, offset and the system's error), if one did.
     pub last_copy_error: Option<String>,
+    /// Finalized: the source is detached and requests go straight to the destination.
+    pub finalized: bool,
+}
+
+/// Why [`Volume::finalize`] (or [`Volume::start_finalized`]) refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FinalizeError {
+    /// Some regions are not hydrated yet: their data is still only on the source.
+    #[error("{remaining} of {total} regions are not hydrated yet")]
+    NotHydrated {
+        /// Regions not hydrated.
+        remaining: u64,
+        /// Regions in all.
+        total: u64,
+    },
+    /// The metadata is read-only or failed, so the final commit cannot be made.
+    #[error("the metadata is {mode}, so the final commit cannot be made")]
+    Mode {
+        /// `read-only` or `fail`.
+        mode: &'static str,
+    },
+    /// The final commit failed, or left regions uncommitted.
+    #[error("the final metadata commit failed ({status:?}, {dirty} regions not committed)")]
+    Commit {
+        /// The commit's outcome.
+        status: IoStatus,
+        /// Regions hydrated but still not committed after it.
+        dirty: u64,
+    },
+    /// The volume is shutting down.
+    #[error("the clone is shutting down")]
+    Stopped,
+}
+
+/// What [`Volume::finalize`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finalized {
+    /// The clone was finalized by this call.
+    Now,
+    /// It already was (an earlier call, or [`Volume::start_finalized`]).
+    Already,
+}
+
+/// Stands in for the source once it is detached: a finalized volume never reads it, and a
+/// read that got here anyway (a bug) fails instead of returning stale bytes.
+struct DetachedSource {
+    size: u64,
+}
+
+impl BlockDev for DetachedSource {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps::default()
+    }
+
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other(
+            "the source is detached: the clone is finalized",
+        ))
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 enum Msg {
@@ -116,8 +197,16 @@ struct Timer {
 struct Shared {
     engine: Mutex<Engine>,
     view: Arc<SharedView>,
-    source: Arc<dyn BlockDev>,
+    /// The source. Readers hold the guard across their I/O, so [`Volume::finalize`], which
+    /// replaces it with a [`DetachedSource`], returns only once no read of it is in flight.
+    source: RwLock<Arc<dyn BlockDev>>,
     dest: Arc<dyn BlockDev>,
+    /// Set once finalized: from then on requests go straight to `dest`.
+    finalized: AtomicBool,
+    /// Serialises [`Volume::finalize`] calls.
+    finalizing: Mutex<()>,
+    /// Whether discards are passed down to the destination (also once finalized).
+    discard_passdown: bool,
     meta: Mutex<Box<dyn MetadataBackend>>,
     clock: Arc<dyn Clock>,
     mailboxes: Mutex<HashMap<ReqId, Sender<Msg>>>,
@@ -149,6 +238,7 @@ pub struct Routed {
     pub offset: u64,
     /// How many bytes.
     pub len: usize,
+    /// Foreground accounting (hydration yields to it); none once finalized.
     _fg: Foreground,
 }
 
@@ -159,23 +249,31 @@ struct Foreground {
     op: Op,
     bytes: u64,
     since: Instant,
+    /// Whether it counts as foreground I/O that hydration yields to (not once finalized:
+    /// there is no hydration left).
+    yields: bool,
 }
 
 impl Foreground {
-    fn start(sh: &Arc<Shared>, op: Op, bytes: u64) -> Self {
-        sh.view.foreground_started(sh.clock.now());
+    fn start(sh: &Arc<Shared>, op: Op, bytes: u64, yields: bool) -> Self {
+        if yields {
+            sh.view.foreground_started(sh.clock.now());
+        }
         Self {
             sh: Arc::clone(sh),
             op,
             bytes,
             since: Instant::now(),
+            yields,
         }
     }
 }
 
 impl Drop for Foreground {
     fn drop(&mut self) {
-        self.sh.view.foreground_finished(self.sh.clock.now());
+        if self.yields {
+            self.sh.view.foreground_finished(self.sh.clock.now());
+        }
         // A routed request's errors are the caller's to report; it is counted as done.
         self.sh
             .metrics
@@ -210,6 +308,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn read_lock<T: ?Sized>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // As `lock`: the slot is only ever replaced whole, so a poisoned one is still valid.
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
 thread_local! {
     static SCRATCH: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(0));
     /// Each request thread's mailbox, reused from request to request: a request is
@@ -236,8 +339,11 @@ impl Volume {
         let sh = Arc::new(Shared {
             engine: Mutex::new(engine),
             view,
-            source,
+            source: RwLock::new(source),
             dest,
+            finalized: AtomicBool::new(false),
+            finalizing: Mutex::new(()),
+            discard_passdown: opts.engine.discard_passdown,
             meta: Mutex::new(meta),
             clock,
             mailboxes: Mutex::new(HashMap::new()),
@@ -274,6 +380,88 @@ impl Volume {
         }
     }
 
+    /// Starts a clone that is already fully hydrated, finalized from the start: no source,
+    /// every request straight to `dest` (see the module's doc). Refused, with nothing
+    /// started, if `map` has a region not hydrated.
+    pub fn start_finalized(
+        opts: VolumeOptions,
+        dest: Arc<dyn BlockDev>,
+        meta: Box<dyn MetadataBackend>,
+        map: HydrationMap,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Volume, FinalizeError> {
+        let total = map.nr_regions();
+        let remaining = total - map.nr_hydrated();
+        if remaining > 0 {
+            return Err(FinalizeError::NotHydrated { remaining, total });
+        }
+        let source = Arc::new(DetachedSource {
+            size: opts.engine.geometry.target_bytes(),
+        });
+        let vol = Volume::start(opts, source, dest, meta, map, clock);
+        vol.sh.finalized.store(true, Ordering::Release);
+        Ok(vol)
+    }
+
+    /// Finalizes the clone, as swapping a dm-clone table for dm-linear over the destination
+    /// does, but live: every region must be hydrated; the metadata is committed (so it is
+    /// left consistent and fully hydrated, and a kernel or clonebd can load it); then every
+    /// request from now on goes straight to the destination, and the source is detached:
+    /// this returns once no read of it is in flight and the volume's reference to it is
+    /// dropped (a local source's descriptor, a remote one's connections, close unless
+    /// someone else holds the device too). Requests in flight meanwhile complete normally.
+    pub fn finalize(&self) -> Result<Finalized, FinalizeError> {
+        let sh = &self.sh;
+        let _one = lock(&sh.finalizing);
+        if sh.finalized.load(Ordering::Acquire) {
+            return Ok(Finalized::Already);
+        }
+        if sh.stopped.load(Ordering::Acquire) {
+            return Err(FinalizeError::Stopped);
+        }
+        let total = sh.view.map().nr_regions();
+        let remaining = total - sh.view.map().nr_hydrated();
+        if remaining > 0 {
+            return Err(FinalizeError::NotHydrated { remaining, total });
+        }
+        // Every region is marked in core, so the commit covers every mark there will ever
+        // be: nothing marks a region again.
+        let status = self.commit();
+        let engine = lock(&sh.engine).status();
+        match engine.mode {
+            Mode::ReadWrite => {}
+            Mode::ReadOnly => return Err(FinalizeError::Mode { mode: "read-only" }),
+            Mode::Fail => return Err(FinalizeError::Mode { mode: "fail" }),
+        }
+        if !status.is_ok() || engine.nr_dirty > 0 {
+            return Err(FinalizeError::Commit {
+                status,
+                dirty: engine.nr_dirty,
+            });
+        }
+        // New requests take the direct path from here on; requests that already chose the
+        // engine's finish there (every region is hydrated, so none of them reads the source).
+        sh.finalized.store(true, Ordering::Release);
+        let detached: Arc<dyn BlockDev> = Arc::new(DetachedSource {
+            size: sh.geometry.target_bytes(),
+        });
+        let source = {
+            // Waits for the reads that hold the source now.
+            let mut slot = sh.source.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *slot, detached)
+        };
+        drop(source);
+        tracing::info!(
+            "finalized: the source is detached; requests go straight to the destination"
+        );
+        Ok(Finalized::Now)
+    }
+
+    /// Whether the clone is finalized (see [`finalize`](Self::finalize)).
+    pub fn is_finalized(&self) -> bool {
+        self.sh.finalized.load(Ordering::Acquire)
+    }
+
     /// The clone's geometry.
     pub fn geometry(&self) -> Geometry {
         self.sh.geometry
@@ -303,38 +491,42 @@ impl Volume {
     /// read from the source.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus> {
         let sh = &self.sh;
-        let t = Instant::now();
         let len = buf.len() as u64;
-        let r = sh.check_range(offset, len).and_then(|()| {
+        self.timed(Op::Read, len, || {
+            sh.check_range(offset, len)?;
+            if sh.finalized.load(Ordering::Acquire) {
+                return sh.dest.read_at(buf, offset).map_err(|e| status_of(&e));
+            }
             sh.view.foreground_started(sh.clock.now());
+            let source = read_lock(&sh.source);
             let devs = Devices {
-                source: &*sh.source,
+                source: &**source,
                 dest: &*sh.dest,
             };
             let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
+            drop(source);
             sh.view.foreground_finished(sh.clock.now());
             if r.is_ok() { Ok(()) } else { Err(r) }
-        });
-        sh.metrics.request(Op::Read, len, t.elapsed(), r.is_ok());
-        r
+        })
     }
 
     /// Routes a plain (not FUA) write of `len` bytes at `offset` from memory aligned to
     /// `mem_align` bytes, if [`write`](Self::write) would take its fast path: not in fail
     /// mode, every region it touches already hydrated (so the destination owns those bytes
-    /// and nothing is to decide or record). The write then goes to the destination alone.
-    /// `None` otherwise: the write must take [`write`](Self::write).
+    /// and nothing is to decide or record), or finalized. The write then goes to the
+    /// destination alone. `None` otherwise: the write must take [`write`](Self::write).
     pub fn route_write(&self, offset: u64, len: u64, mem_align: usize) -> Option<Routed> {
         let sh = &self.sh;
         sh.check_range(offset, len).ok()?;
-        if !fast_write_ok(&sh.view, &sh.geometry, offset, len, false) {
+        let finalized = sh.finalized.load(Ordering::Acquire);
+        if !finalized && !fast_write_ok(&sh.view, &sh.geometry, offset, len, false) {
             return None;
         }
         Some(Routed {
             file: sh.dest.direct_file(offset, len, mem_align, true)?,
             offset,
             len: usize::try_from(len).ok()?,
-            _fg: Foreground::start(sh, Op::Write, len),
+            _fg: Foreground::start(sh, Op::Write, len, !finalized),
         })
     }
 
@@ -342,9 +534,13 @@ impl Volume {
     /// recording its region are durable.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoStatus> {
         let sh = &self.sh;
-        let t = Instant::now();
         let len = data.len() as u64;
-        let r = sh.check_range(offset, len).and_then(|()| {
+        self.timed(Op::Write, len, || {
+            sh.check_range(offset, len)?;
+            if sh.finalized.load(Ordering::Acquire) {
+                sh.dest.write_at(data, offset).map_err(|e| status_of(&e))?;
+                return if fua { sh.flush_dest() } else { Ok(()) };
+            }
             if fast_write_ok(&sh.view, &sh.geometry, offset, len, fua) {
                 // Hot path: a hydrated region is the destination's, nothing to decide.
                 sh.view.foreground_started(sh.clock.now());
@@ -356,40 +552,74 @@ impl Volume {
                 return r;
             }
             sh.submit(Request::Write { offset, len, fua }, ReqBuf::Write(data))
-        });
-        sh.metrics.request(Op::Write, len, t.elapsed(), r.is_ok());
-        r
+        })
     }
 
     /// Flushes: every write completed before this call is durable, and so is the metadata
     /// that routes it.
     pub fn flush(&self) -> Result<(), IoStatus> {
-        self.counted(Op::Flush, 0, Request::Flush)
+        self.timed(Op::Flush, 0, || {
+            if self.sh.finalized.load(Ordering::Acquire) {
+                // Finalized, nothing is ever marked again: the destination's flush is all.
+                return self.sh.flush_dest();
+            }
+            self.sh.submit(Request::Flush, ReqBuf::None)
+        })
     }
 
-    /// Discards `[offset, offset+len)`.
+    /// Discards `[offset, offset+len)`. Once finalized, the whole range is passed down to
+    /// the destination (as dm-linear does) if the clone passes discards down, and otherwise
+    /// it completes at once.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
-        self.counted(Op::Discard, len, Request::Discard { offset, len })
+        let sh = &self.sh;
+        self.timed(Op::Discard, len, || {
+            if sh.finalized.load(Ordering::Acquire) {
+                sh.check_range(offset, len)?;
+                if !sh.discard_passdown {
+                    return Ok(());
+                }
+                return sh.dest.discard(offset, len).map_err(|e| status_of(&e));
+            }
+            sh.submit(Request::Discard { offset, len }, ReqBuf::None)
+        })
     }
 
     /// Makes `[offset, offset+len)` read as zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoStatus> {
-        self.counted(
-            Op::WriteZeroes,
-            len,
-            Request::WriteZeroes { offset, len, fua },
-        )
+        let sh = &self.sh;
+        self.timed(Op::WriteZeroes, len, || {
+            if sh.finalized.load(Ordering::Acquire) {
+                sh.check_range(offset, len)?;
+                sh.dest
+                    .write_zeroes(offset, len)
+                    .map_err(|e| status_of(&e))?;
+                return if fua { sh.flush_dest() } else { Ok(()) };
+            }
+            sh.submit(Request::WriteZeroes { offset, len, fua }, ReqBuf::None)
+        })
     }
 
     /// Hydrates every region `[offset, offset+len)` touches, and returns once they are.
+    /// Once finalized every region is, and this returns at once.
     pub fn hydrate(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
-        self.counted(Op::Cache, len, Request::Hydrate { offset, len })
+        let sh = &self.sh;
+        self.timed(Op::Cache, len, || {
+            if sh.finalized.load(Ordering::Acquire) {
+                return sh.check_range(offset, len);
+            }
+            sh.submit(Request::Hydrate { offset, len }, ReqBuf::None)
+        })
     }
 
-    /// A request without a buffer through the engine, counted.
-    fn counted(&self, op: Op, bytes: u64, req: Request) -> Result<(), IoStatus> {
+    /// Runs one client request, counting it in the metrics.
+    fn timed(
+        &self,
+        op: Op,
+        bytes: u64,
+        f: impl FnOnce() -> Result<(), IoStatus>,
+    ) -> Result<(), IoStatus> {
         let t = Instant::now();
-        let r = self.sh.submit(req, ReqBuf::None);
+        let r = f();
         self.sh.metrics.request(op, bytes, t.elapsed(), r.is_ok());
         r
     }
@@ -423,6 +653,7 @@ impl Volume {
             metadata,
             geometry: self.sh.geometry,
             last_copy_error: lock(&self.sh.last_copy_error).clone(),
+            finalized: self.is_finalized(),
         }
     }
 
@@ -521,6 +752,10 @@ impl Shared {
         if ok { Ok(()) } else { Err(IoStatus::Invalid) }
     }
 
+    fn flush_dest(&self) -> Result<(), IoStatus> {
+        self.dest.flush().map_err(|e| status_of(&e))
+    }
+
     /// Feeds the engine and returns what it wants done; re-arms the timer if needed.
     fn apply(&self, input: Input) -> Vec<Action> {
         let now = self.clock.now();
@@ -610,11 +845,13 @@ impl Shared {
     }
 
     fn run_piece(&self, split: &SplitCopy, offset: u64, len: u64) {
+        let source = read_lock(&self.source);
         let devs = Devices {
-            source: &*self.source,
+            source: &**source,
             dest: &*self.dest,
         };
         let st = self.copy(&devs, offset, len);
+        drop(source);
         if !st.is_ok() {
             let mut f = lock(&split.failed);
             if f.is_ok() {
@@ -686,17 +923,21 @@ impl Shared {
     }
 
     fn execute(&self, a: &Action, buf: &mut ReqBuf<'_>) -> IoStatus {
-        let devs = Devices {
-            source: &*self.source,
-            dest: &*self.dest,
+        let data = {
+            // Held for this action's I/O only: a thread never takes it twice.
+            let source = read_lock(&self.source);
+            let devs = Devices {
+                source: &**source,
+                dest: &*self.dest,
+            };
+            if let Action::Copy { offset, len, .. } = *a {
+                return self.copy(&devs, offset, len);
+            }
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                execute_data(&devs, a, buf, &mut s)
+            })
         };
-        if let Action::Copy { offset, len, .. } = *a {
-            return self.copy(&devs, offset, len);
-        }
-        let data = SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            execute_data(&devs, a, buf, &mut s)
-        });
         if let Some(st) = data {
             return st;
         }

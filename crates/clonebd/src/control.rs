@@ -1,5 +1,5 @@
 //! The control socket: a unix socket (mode 0600) through which `clonebd status`, `table`,
-//! `message` and `wait` talk to a running daemon.
+//! `message`, `wait` and `finalize` talk to a running daemon.
 //!
 //! The protocol is one JSON object per line: the client sends a [`ControlRequest`], the
 //! daemon answers with one [`ControlReply`] and closes the connection. Requests are capped
@@ -46,6 +46,9 @@ pub enum ControlRequest {
         /// The message's words.
         words: Vec<String>,
     },
+    /// Finalize the clone: refused unless every region is hydrated; then commit, detach the
+    /// source and serve every request straight from the destination.
+    Finalize,
 }
 
 /// The daemon's answer.

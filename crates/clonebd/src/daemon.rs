@@ -5,6 +5,12 @@
 //! Both ways of describing a clone go through the kernel's table parser
 //! ([`clonebd_core::dmclone::parse_table`]), so the checks, their order and their messages
 //! are the kernel's whichever form the user chose.
+//!
+//! A fully hydrated clone may start without its source ([`CloneSpec::Hydrated`], or the
+//! source word [`NO_SOURCE`] in a table): the region size and length come from the
+//! metadata's superblock unless given, the start is refused unless the metadata says every
+//! region is hydrated, and the clone is served finalized at once ([`Volume::start_finalized`]).
+//! A running clone is finalized through the control socket ([`ControlRequest::Finalize`]).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -21,7 +27,9 @@ use clonebd_core::dmclone::{
 use clonebd_core::engine::{Config, Control, IoStatus};
 use clonebd_core::errno::describe;
 use clonebd_core::{BlockDev, Geometry, SECTOR_SIZE};
-use clonebd_driver::{MonotonicClock, StoreBackend, Volume, VolumeOptions};
+use clonebd_driver::{
+    FinalizeError, Finalized, MonotonicClock, StoreBackend, Volume, VolumeOptions,
+};
 use clonebd_io::identity::Identity;
 use clonebd_io::socket::{BindError, SocketFile, bind_unix};
 use clonebd_io::{FileDevice, OpenError, OpenOptions};
@@ -63,11 +71,29 @@ pub enum CloneSpec {
         /// `hydration_batch_size`.
         hydration_batch_size: u32,
     },
+    /// A fully hydrated clone without its source (`--dest --metadata` and no `--source`):
+    /// served finalized, straight from the destination. Refused unless the metadata says
+    /// every region is hydrated.
+    Hydrated {
+        /// Destination path.
+        dest: PathBuf,
+        /// Metadata path (it must exist and hold the clone).
+        metadata: PathBuf,
+        /// Region size in bytes (default: the metadata's).
+        region_bytes: Option<u64>,
+        /// `no_discard_passdown`.
+        no_discard_passdown: bool,
+    },
     /// With the kernel's table language:
     /// `META DEST SOURCE REGION_SECTORS [#features FEATURES...] [#core KEY VALUE...]`,
-    /// optionally preceded by `<start> <len> clone`.
+    /// optionally preceded by `<start> <len> clone`. A SOURCE of [`NO_SOURCE`] (`-`) starts a
+    /// fully hydrated clone without its source, as [`CloneSpec::Hydrated`] does.
     Table(String),
 }
+
+/// The source word that means "no source" in a table line: the clone is fully hydrated and
+/// is served finalized from its destination.
+pub const NO_SOURCE: &str = "-";
 
 /// Everything `clonebd run` is told.
 #[derive(Debug, Clone)]
@@ -265,6 +291,27 @@ pub enum DaemonError {
     /// The final commit failed: the metadata may not hold the last hydrations.
     #[error("the final metadata commit failed ({0:?}); the next start re-copies what was lost")]
     FinalCommit(IoStatus),
+    /// No source was given, but the metadata does not say every region is hydrated.
+    #[error(
+        "metadata {}: {remaining} of {total} regions are not hydrated, so the clone still needs its source: give --source (or the table's source device) to go on hydrating it",
+        .path.display()
+    )]
+    SourceNeeded {
+        /// The metadata path.
+        path: PathBuf,
+        /// Regions not hydrated.
+        remaining: u64,
+        /// Regions in all.
+        total: u64,
+    },
+    /// No source was given, and the metadata holds no clone to serve without one.
+    #[error("metadata {}: {why}, so there is no hydrated clone to serve without a source: give --source", .path.display())]
+    NoClone {
+        /// The metadata path.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 impl From<ServerError> for DaemonError {
@@ -342,6 +389,9 @@ pub fn metadata_size_for(g: &Geometry) -> u64 {
 /// Opens devices for the table parser, in the order it asks.
 struct Opener {
     direct: bool,
+    /// No source: the table's source word is [`NO_SOURCE`], and it reports this many bytes
+    /// (the clone's length) to the parser.
+    no_source: Option<u64>,
     create_meta: Option<u64>,
     created_meta: Option<PathBuf>,
     meta: Option<FileDevice>,
@@ -409,6 +459,14 @@ impl TableDevices for Opener {
     }
 
     fn open_source(&mut self, path: &str) -> Result<DeviceInfo, OpenFailure> {
+        if let Some(size_bytes) = self.no_source {
+            // Nothing to open: the parser's checks hold for a source as long as the clone,
+            // and the destination's logical block alone sets the clone's.
+            return Ok(DeviceInfo {
+                size_bytes,
+                logical_block_size: 512,
+            });
+        }
         // Read-only, always: the source is never written (see `source::open`).
         let d = self
             .sources
@@ -435,10 +493,17 @@ const ROLES: [&str; 3] = ["source", "destination", "metadata"];
 /// Paths that do not exist overlap nothing. `paths` are the source, the destination and the
 /// metadata.
 pub fn check_roles(paths: [&Path; 3]) -> Result<(), DaemonError> {
+    check_present_roles(ROLES.iter().copied().zip(paths))
+}
+
+/// As [`check_roles`] over the roles given (a clone without a source has two).
+fn check_present_roles<'a>(
+    roles: impl Iterator<Item = (&'static str, &'a Path)>,
+) -> Result<(), DaemonError> {
     let mut ids = Vec::with_capacity(3);
-    for (role, path) in ROLES.iter().zip(paths) {
+    for (role, path) in roles {
         match Identity::of(path) {
-            Ok(id) => ids.push((*role, id)),
+            Ok(id) => ids.push((role, id)),
             Err(error) => {
                 return Err(DaemonError::Stat {
                     role,
@@ -468,6 +533,31 @@ pub fn check_roles(paths: [&Path; 3]) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+/// The region size and length, in sectors, that the metadata at `path` records: what a
+/// clone started without its source is served with. Refused, naming why, if the path holds
+/// no formatted clone (a zeroed file would otherwise be formatted as a new, empty clone).
+fn stored_geometry(path: &Path) -> Result<(u64, u64), DaemonError> {
+    use clonebd_metadata::format::superblock::{Superblock, is_all_zero};
+    use clonebd_metadata::format::{BLOCK_SIZE, BlockBuf};
+    use std::os::unix::fs::FileExt;
+    let no_clone = |why: String| DaemonError::NoClone {
+        path: path.to_path_buf(),
+        why,
+    };
+    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => no_clone("not found".to_string()),
+        _ => no_clone(format!("cannot open it: {}", describe(&e))),
+    })?;
+    let mut block: Box<BlockBuf> = Box::new([0u8; BLOCK_SIZE]);
+    f.read_exact_at(&mut block[..], 0)
+        .map_err(|e| no_clone(format!("cannot read its superblock: {}", describe(&e))))?;
+    if is_all_zero(&block[..]) {
+        return Err(no_clone("it is not formatted (all zeros)".to_string()));
+    }
+    let sb = Superblock::decode(&block).map_err(|e| no_clone(e.to_string()))?;
+    Ok((sb.region_sectors, sb.target_sectors))
 }
 
 /// Refuses a size that is not a whole number of sectors, naming the nearest sizes that
@@ -549,6 +639,9 @@ impl std::fmt::Debug for Daemon {
 struct Handler {
     volume: Volume,
     table_line: String,
+    /// The source as the table shows it, and the destination's path, for messages.
+    source_word: String,
+    dest_path: String,
     rate: Arc<RateMeter>,
     servers: Arc<Mutex<Vec<Arc<Server>>>>,
     started: Instant,
@@ -605,6 +698,9 @@ impl ControlHandler for Handler {
             ControlRequest::Message { words } => {
                 let w: Vec<&str> = words.iter().map(String::as_str).collect();
                 match parse_message(&w) {
+                    Ok(m) if self.volume.is_finalized() => ControlReply::err(format!(
+                        "message {m}: refused, the clone is finalized: every region is hydrated and the source is detached, so there is no hydration left to control"
+                    )),
                     Ok(m) => {
                         tracing::info!("message: {m}");
                         self.volume.control(control_of(m));
@@ -613,6 +709,33 @@ impl ControlHandler for Handler {
                     Err(e) => ControlReply::err(e.to_string()),
                 }
             }
+            ControlRequest::Finalize => self.finalize(),
+        }
+    }
+}
+
+impl Handler {
+    fn finalize(&self) -> ControlReply {
+        match self.volume.finalize() {
+            Ok(Finalized::Now) => {
+                tracing::info!(
+                    "finalized: source {} detached; requests go straight to {}",
+                    self.source_word,
+                    self.dest_path
+                );
+                ControlReply::ok(format!(
+                    "finalized: every region is hydrated and committed, the source {} is detached, and requests go straight to {}",
+                    self.source_word, self.dest_path
+                ))
+            }
+            Ok(Finalized::Already) => ControlReply::ok(format!(
+                "already finalized: requests go straight to {}",
+                self.dest_path
+            )),
+            Err(FinalizeError::NotHydrated { remaining, total }) => ControlReply::err(format!(
+                "cannot finalize: {remaining} of {total} regions are not hydrated yet (without --no-wait, finalize waits for them)"
+            )),
+            Err(e) => ControlReply::err(format!("cannot finalize: {e}")),
         }
     }
 }
@@ -636,8 +759,26 @@ impl Daemon {
         let mut sources = Sources::default();
         let (words, target_sectors, create_size) =
             Self::table_words(opts, &mut sources, &source_opts)?;
+        let no_source = words.get(2).is_some_and(|w| w == NO_SOURCE);
         if let [meta, dest, source, ..] = &words[..] {
-            check_roles([Path::new(source), Path::new(dest), Path::new(meta)])?;
+            let source = (!no_source).then_some(("source", Path::new(source)));
+            let rest = [
+                ("destination", Path::new(dest)),
+                ("metadata", Path::new(meta)),
+            ];
+            check_present_roles(source.into_iter().chain(rest))?;
+        }
+        if no_source {
+            let meta = PathBuf::from(words.first().map_or("", String::as_str));
+            if opts.create_metadata {
+                return Err(DaemonError::NoClone {
+                    path: meta,
+                    why: "--create makes new metadata".to_string(),
+                });
+            }
+            // Before the store could format a zeroed file (a table line gives the length,
+            // so the superblock may not have been read yet).
+            stored_geometry(&meta)?;
         }
         let create_meta = match words.first() {
             Some(meta) => {
@@ -664,6 +805,7 @@ impl Daemon {
         let refs: Vec<&str> = words.iter().map(String::as_str).collect();
         let mut opener = Opener {
             direct: opts.direct_io,
+            no_source: no_source.then(|| target_sectors * SECTOR_SIZE),
             create_meta,
             created_meta: None,
             meta: None,
@@ -684,15 +826,23 @@ impl Daemon {
         for w in &table.warnings {
             tracing::warn!("{w}");
         }
-        let (Some(meta_dev), Some(dest), Some(source)) =
+        let (Some(meta_dev), Some(dest), source) =
             (opener.meta.take(), opener.dest.take(), opener.source.take())
         else {
             return Err(DaemonError::Table {
                 error: TableError::ArgumentCount { argc: words.len() },
             });
         };
+        if source.is_none() != no_source {
+            return Err(DaemonError::Table {
+                error: TableError::ArgumentCount { argc: words.len() },
+            });
+        }
         let meta_path = PathBuf::from(&table.metadata_path);
-        let devs = [dev_word(&meta_dev), dev_word(&dest), source.shown.clone()];
+        let shown = source
+            .as_ref()
+            .map_or_else(|| NO_SOURCE.to_string(), |s| s.shown.clone());
+        let devs = [dev_word(&meta_dev), dev_word(&dest), shown];
         let table_line = format_table_line(
             table.geometry.target_sectors(),
             [&devs[0], &devs[1], &devs[2]],
@@ -701,7 +851,8 @@ impl Daemon {
         let geometry = table.geometry;
         // Where a remote source's pin goes is known before the metadata is opened: a start
         // that cannot keep the pin must not format a zeroed metadata device first.
-        let pin_file = match &source.remote {
+        let remote = source.as_ref().and_then(|s| s.remote.clone());
+        let pin_file = match &remote {
             Some(_) => match PinFile::for_metadata(&meta_path, opts.source_pin.as_deref()) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -725,7 +876,18 @@ impl Daemon {
                 });
             }
         };
-        if let (Some(remote), Some(pin)) = (&source.remote, pin_file) {
+        if no_source {
+            let total = map.nr_regions();
+            let remaining = total - map.nr_hydrated();
+            if remaining > 0 {
+                return Err(DaemonError::SourceNeeded {
+                    path: meta_path,
+                    remaining,
+                    total,
+                });
+            }
+        }
+        if let (Some(remote), Some(pin)) = (&remote, pin_file) {
             // Before the first copy: a fresh clone pins the source as it is now; one with
             // hydrated regions goes on only with the source it began with.
             let pinned = pin
@@ -783,28 +945,56 @@ impl Daemon {
         cfg.hydration_threshold = table.hydration_threshold;
         cfg.hydration_batch_size = table.hydration_batch_size;
         cfg.hydration_rate_limit = opts.hydration_rate_limit;
-        tracing::info!(
-            "clone of {} onto {}: {} regions of {} KiB, {} hydrated; {} (direct I/O: source {}, destination {})",
-            table.source_path,
-            table.destination_path,
-            geometry.nr_regions(),
-            geometry.region_bytes() / 1024,
-            map.nr_hydrated(),
-            table_line,
-            source.direct,
-            dest.is_direct(),
-        );
-        let volume = Volume::start(
-            VolumeOptions {
-                engine: cfg,
-                copy_threads: opts.copy_threads.max(1),
-            },
-            Arc::clone(&source.dev),
-            Arc::new(dest),
-            Box::new(StoreBackend::new(store)),
-            map,
-            Arc::new(MonotonicClock::new()),
-        );
+        let vopts = VolumeOptions {
+            engine: cfg,
+            copy_threads: opts.copy_threads.max(1),
+        };
+        let clock = Arc::new(MonotonicClock::new());
+        let volume = match &source {
+            Some(source) => {
+                tracing::info!(
+                    "clone of {} onto {}: {} regions of {} KiB, {} hydrated; {} (direct I/O: source {}, destination {})",
+                    table.source_path,
+                    table.destination_path,
+                    geometry.nr_regions(),
+                    geometry.region_bytes() / 1024,
+                    map.nr_hydrated(),
+                    table_line,
+                    source.direct,
+                    dest.is_direct(),
+                );
+                Volume::start(
+                    vopts,
+                    Arc::clone(&source.dev),
+                    Arc::new(dest),
+                    Box::new(StoreBackend::new(store)),
+                    map,
+                    clock,
+                )
+            }
+            None => {
+                tracing::info!(
+                    "finalized clone on {}, without a source: {} regions of {} KiB, all hydrated; {} (direct I/O: destination {})",
+                    table.destination_path,
+                    geometry.nr_regions(),
+                    geometry.region_bytes() / 1024,
+                    table_line,
+                    dest.is_direct(),
+                );
+                let total = map.nr_regions();
+                let backend = Box::new(StoreBackend::new(store));
+                Volume::start_finalized(vopts, Arc::new(dest), backend, map, clock).map_err(
+                    |_| DaemonError::SourceNeeded {
+                        path: meta_path.clone(),
+                        remaining: total,
+                        total,
+                    },
+                )?
+            }
+        };
+        // The volume holds the only reference to the source from here on, so finalizing
+        // closes it.
+        drop(source);
         let mut daemon = Daemon {
             volume: volume.clone(),
             table,
@@ -817,7 +1007,7 @@ impl Daemon {
             sampler: None,
             fuse: None,
             ublk: None,
-            source_stats: source.remote.as_ref().map(source::Remote::stats),
+            source_stats: remote.as_ref().map(source::Remote::stats),
             metrics: None,
         };
         // From here on, a failure must still shut the volume down cleanly.
@@ -833,7 +1023,14 @@ impl Daemon {
     fn start_services(&mut self, opts: &RunOptions) -> Result<(), DaemonError> {
         let mut cfg = ServerConfig {
             export_name: "clonebd".to_string(),
-            description: format!("clonebd clone of {}", self.table.source_path),
+            description: if self.table.source_path == NO_SOURCE {
+                format!(
+                    "clonebd clone on {} (finalized)",
+                    self.table.destination_path
+                )
+            } else {
+                format!("clonebd clone of {}", self.table.source_path)
+            },
             ..ServerConfig::default()
         };
         if let Some(w) = opts.nbd_workers {
@@ -951,6 +1148,8 @@ impl Daemon {
             let handler = Handler {
                 volume: self.volume.clone(),
                 table_line: self.table_line.clone(),
+                source_word: self.table.source_path.clone(),
+                dest_path: self.table.destination_path.clone(),
                 rate,
                 servers: Arc::new(Mutex::new(self.nbd_servers.clone())),
                 started: Instant::now(),
@@ -1037,6 +1236,41 @@ impl Daemon {
                 let create = create_size(target_sectors, region_sectors);
                 Ok((w, target_sectors, create))
             }
+            CloneSpec::Hydrated {
+                dest,
+                metadata,
+                region_bytes,
+                no_discard_passdown,
+            } => {
+                let (sb_region, sb_target) = stored_geometry(metadata)?;
+                // Given sizes must match the metadata's; the store's open says so if not.
+                if let Some(s) = opts.size_bytes {
+                    check_size(s, true, NO_SOURCE, None)?;
+                }
+                let target_sectors = opts.size_bytes.map_or(sb_target, |s| s / SECTOR_SIZE);
+                let region_sectors = region_bytes.map_or(sb_region, |r| r / SECTOR_SIZE);
+                let mut w = vec![
+                    metadata.display().to_string(),
+                    dest.display().to_string(),
+                    NO_SOURCE.to_string(),
+                    region_sectors.to_string(),
+                ];
+                if *no_discard_passdown {
+                    w.extend(["1".to_string(), "no_discard_passdown".to_string()]);
+                } else {
+                    w.push("0".to_string());
+                }
+                // Our defaults, as a start with a source has them: the status line shows them.
+                let region = region_sectors * SECTOR_SIZE;
+                w.extend([
+                    "4".to_string(),
+                    "hydration_threshold".to_string(),
+                    default_threshold(region).to_string(),
+                    "hydration_batch_size".to_string(),
+                    default_batch(region).to_string(),
+                ]);
+                Ok((w, target_sectors, None))
+            }
             CloneSpec::Table(line) => {
                 let mut words = split_table_words(line);
                 let mut target = None;
@@ -1047,6 +1281,13 @@ impl Daemon {
                 }
                 let target = match (opts.size_bytes, target, words.get(2)) {
                     (None, Some(t), _) => t,
+                    (Some(s), _, Some(src)) if src == NO_SOURCE => {
+                        check_size(s, true, NO_SOURCE, None)?;
+                        s / SECTOR_SIZE
+                    }
+                    (None, None, Some(src)) if src == NO_SOURCE => {
+                        stored_geometry(Path::new(&words[0]))?.1
+                    }
                     (_, _, Some(src)) => target_bytes(Path::new(src))? / SECTOR_SIZE,
                     (Some(s), _, None) => s / SECTOR_SIZE,
                     (None, None, None) => 0,

@@ -301,7 +301,7 @@ impl prometheus_client::collector::Collector for MetricsSources {
             "clonebd_finalized",
             "1 once the clone is finalized (the source detached), else 0.",
             None,
-            0,
+            u64::from(self.volume.is_finalized()),
         )?;
         gauge(
             &mut e,

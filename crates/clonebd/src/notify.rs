@@ -131,12 +131,14 @@ impl Drop for Reporter {
     }
 }
 
-/// One line of progress: "hydrated 1021 of 32768 regions (3.1%)", or "hydrated: all N
-/// regions" once complete.
+/// One line of progress: "hydrated 1021 of 32768 regions (3.1%)", "hydrated: all N
+/// regions" once complete, or "finalized: ..." once the source is detached.
 pub fn progress(volume: &Volume) -> String {
     let s = volume.status();
     let (n, total) = (s.engine.nr_hydrated, s.engine.nr_regions);
-    if n >= total {
+    if s.finalized {
+        format!("finalized: all {total} regions hydrated, the source detached")
+    } else if n >= total {
         format!("hydrated: all {total} regions")
     } else {
         let pct = if total == 0 {

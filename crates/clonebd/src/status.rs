@@ -1,4 +1,5 @@
-//! Status reports: the dm-clone status line (byte-exact) and the JSON form with rates.
+//! Status reports: the dm-clone status line (byte-exact, the same once finalized) and the
+//! JSON form with rates, which also says whether the clone is finalized.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -53,6 +54,13 @@ pub struct StatusJson {
     pub hydrating: u64,
     /// Whether every region is hydrated.
     pub complete: bool,
+    /// Finalized (`clonebd finalize`, or a start without a source): requests go straight to
+    /// the destination.
+    #[serde(default)]
+    pub finalized: bool,
+    /// Whether the source is detached (closed): true exactly when finalized.
+    #[serde(default)]
+    pub source_detached: bool,
     /// Metadata blocks in use.
     pub metadata_blocks_used: u64,
     /// Metadata blocks in all.
@@ -89,7 +97,8 @@ pub struct StatusJson {
     pub total_connections: u64,
     /// Seconds since the daemon started.
     pub uptime_seconds: f64,
-    /// A remote source: its state and counters (absent for a local source).
+    /// A remote source: its state (`detached` once finalized) and counters (absent for a
+    /// local source).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceJson>,
 }
@@ -99,7 +108,7 @@ pub struct StatusJson {
 pub struct SourceJson {
     /// Its URI, without credentials.
     pub uri: String,
-    /// `connected`, `retrying`, `failed` or `changed`.
+    /// `connected`, `retrying`, `failed` or `changed`; `detached` once finalized.
     pub state: String,
     /// Requests made (each retry counts).
     pub requests: u64,
@@ -184,6 +193,8 @@ pub fn status_json(
         nr_hydrated: s.engine.nr_hydrated,
         hydrating: s.engine.hydrating,
         complete: remaining == 0,
+        finalized: s.finalized,
+        source_detached: s.finalized,
         metadata_blocks_used: s.metadata.used,
         metadata_blocks_total: s.metadata.total,
         mode: info.mode.as_str().to_string(),
@@ -204,7 +215,11 @@ pub fn status_json(
         uptime_seconds: uptime.as_secs_f64(),
         source: source.map(|r| SourceJson {
             uri: r.uri,
-            state: r.state.as_str().to_string(),
+            state: if s.finalized {
+                "detached".to_string()
+            } else {
+                r.state.as_str().to_string()
+            },
             requests: r.requests,
             retries: r.retries,
             errors: r.errors,

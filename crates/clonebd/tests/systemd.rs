@@ -1,7 +1,8 @@
 //! Running under systemd:
 //! - `Type=notify`: with NOTIFY_SOCKET on a datagram socket the test owns, clonebd sends
-//!   READY=1 only once its NBD socket accepts, STATUS= lines with the progress, WATCHDOG=1
-//!   when WATCHDOG_USEC asks for it, and STOPPING=1 on SIGTERM (then exits 0);
+//!   READY=1 only once its NBD socket accepts, STATUS= lines with the progress (and once
+//!   finalized, that it is), WATCHDOG=1 when WATCHDOG_USEC asks for it, and STOPPING=1 on
+//!   SIGTERM (then exits 0);
 //! - `--config FILE` gives the same clone as the flags; a bad key or value is refused naming
 //!   it;
 //! - contrib/systemd/clonebd@.service passes `systemd-analyze verify`.
@@ -78,6 +79,14 @@ fn notify_says_ready_once_the_export_serves_then_status_watchdog_and_stopping() 
         "STATUS=hydrated: all 128 regions",
     );
     assert!(!done.is_empty());
+    // Once finalized, the status says so.
+    d.ctl_ok("finalize", &["--no-wait"]);
+    let finalized = receive_until(
+        &sock,
+        Duration::from_secs(30),
+        "STATUS=finalized: all 128 regions hydrated, the source detached",
+    );
+    assert!(!finalized.is_empty());
     // SIGTERM: STOPPING=1, then a clean exit.
     let stopper = std::thread::spawn(move || d.terminate());
     let stop = receive_until(&sock, Duration::from_secs(30), "STOPPING=1");

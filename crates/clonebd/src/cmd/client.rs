@@ -1,5 +1,6 @@
 //! The commands that talk to a running daemon through its control socket: `status`,
-//! `table`, `message` and `wait`.
+//! `table`, `message`, `wait` and `finalize` (which waits as `wait` does, through the same
+//! loop, then asks the daemon to finalize).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,9 @@ use clonebd::units::human_bytes;
 ///
 /// or `0 <len> clone Fail`. Like the kernel, it commits the metadata first unless
 /// --noflush is given. With --json it prints a JSON document with the same fields plus the
-/// hydration rate, ETA, copy errors, NBD connections and uptime.
+/// hydration rate, ETA, copy errors, NBD connections and uptime, and whether the clone is
+/// finalized ("finalized": true, "source_detached": true). A finalized clone's status
+/// line is the same as a fully hydrated one's.
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct StatusArgs {
@@ -59,7 +62,9 @@ pub struct TableArgs {
 ///
 /// Anything else fails with the kernel's error text and exit status 1. Unlike the kernel,
 /// extra words after enable_hydration or disable_hydration are refused, not ignored.
-/// Messages are not persisted: a restart goes back to the command line's values.
+/// Messages are not persisted: a restart goes back to the command line's values. Once the
+/// clone is finalized, every message is refused (exit status 1): there is no hydration
+/// left to control.
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct MessageArgs {
@@ -86,6 +91,46 @@ pub struct WaitArgs {
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
     /// Milliseconds between polls.
+    #[arg(long, value_name = "MS", default_value_t = 250)]
+    interval: u64,
+    /// Never show the progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Finalize a running clone: detach the source, serve from the destination alone.
+///
+/// Waits until every region is hydrated (showing the same progress bar as `clonebd wait`
+/// on a terminal), commits the metadata, then detaches the source while the exports go on
+/// serving without interruption: this is what dm-clone users do by swapping the table for
+/// dm-linear over the destination, done live. From then on every request goes straight to
+/// the destination, without looking at the hydration bitmap; the source (a local file or
+/// device, or a remote source) is closed, and may be removed or reused. Writes, flushes and
+/// FUA keep their durability (a flush still flushes the destination); discards are passed
+/// down to the destination unless the clone was started with no_discard_passdown (or the
+/// destination cannot discard); hydration messages are refused.
+///
+/// The metadata is left committed, consistent and fully hydrated, so the kernel's dm-clone
+/// or clonebd can load it again; `clonebd run` without --source starts such a clone
+/// finalized at once. The alternative stays open: stop the daemon after `clonebd wait` and
+/// use the destination directly.
+///
+/// With --no-wait, a clone that is not fully hydrated is refused at once (exit status 1,
+/// saying how many regions remain). Exits 1 as well if the clone fails, the metadata is
+/// read-only (the final commit cannot be made), the daemon goes away, or --timeout passes.
+/// Finalizing a finalized clone succeeds and says so.
+#[derive(Debug, Args)]
+pub struct FinalizeArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH")]
+    control: PathBuf,
+    /// Do not wait for hydration: refuse unless every region is hydrated now.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, value_name = "SECONDS", conflicts_with = "no_wait")]
+    timeout: Option<f64>,
+    /// Milliseconds between polls while waiting.
     #[arg(long, value_name = "MS", default_value_t = 250)]
     interval: u64,
     /// Never show the progress bar.
@@ -142,16 +187,49 @@ fn poll(path: &Path, noflush: bool) -> anyhow::Result<StatusJson> {
 
 /// `clonebd wait`.
 pub fn wait(a: WaitArgs) -> anyhow::Result<ExitCode> {
+    wait_hydrated(&a.control, a.timeout, a.interval, a.no_progress)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `clonebd finalize`.
+pub fn finalize(a: FinalizeArgs) -> anyhow::Result<ExitCode> {
+    if !a.no_wait {
+        wait_hydrated(&a.control, a.timeout, a.interval, a.no_progress)?;
+    }
+    Ok(print_reply(ask(&a.control, &ControlRequest::Finalize)?))
+}
+
+/// Polls the daemon until every region is hydrated and that is committed (a progress bar
+/// on a terminal unless `no_progress`); fails if the clone fails, the metadata is not
+/// read-write at the end, or `timeout` seconds pass.
+fn wait_hydrated(
+    control: &Path,
+    timeout: Option<f64>,
+    interval: u64,
+    no_progress: bool,
+) -> anyhow::Result<()> {
     let start = Instant::now();
-    let show = !a.no_progress && std::io::stderr().is_terminal();
+    let show = !no_progress && std::io::stderr().is_terminal();
     let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut warned = false;
     loop {
-        let s = poll(&a.control, true)?;
+        let s = poll(control, true)?;
         if s.mode == "Fail" {
             if let Some(b) = &bar {
                 b.abandon();
             }
             bail!("the clone failed (metadata mode Fail): {}", s.status_line);
+        }
+        if !s.complete && !s.hydration_enabled && !warned {
+            warned = true;
+            let note = format!(
+                "background hydration is off: only writes hydrate now (clonebd message --control {} enable_hydration)",
+                control.display()
+            );
+            match &bar {
+                Some(b) => b.println(note),
+                None => eprintln!("{note}"),
+            }
         }
         if show {
             let b = bar.get_or_insert_with(|| {
@@ -172,7 +250,7 @@ pub fn wait(a: WaitArgs) -> anyhow::Result<ExitCode> {
         }
         if s.complete {
             // Make the completion durable before saying so.
-            let c = poll(&a.control, false)?;
+            let c = poll(control, false)?;
             if let Some(b) = &bar {
                 b.finish_with_message("hydrated");
             }
@@ -182,9 +260,9 @@ pub fn wait(a: WaitArgs) -> anyhow::Result<ExitCode> {
                     c.mode
                 );
             }
-            return Ok(ExitCode::SUCCESS);
+            return Ok(());
         }
-        if let Some(t) = a.timeout
+        if let Some(t) = timeout
             && start.elapsed().as_secs_f64() >= t
         {
             if let Some(b) = &bar {
@@ -196,7 +274,7 @@ pub fn wait(a: WaitArgs) -> anyhow::Result<ExitCode> {
                 s.nr_regions
             );
         }
-        std::thread::sleep(Duration::from_millis(a.interval.max(10)));
+        std::thread::sleep(Duration::from_millis(interval.max(10)));
     }
 }
 

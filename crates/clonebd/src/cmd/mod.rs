@@ -23,7 +23,9 @@ mod run;
 /// The clone is served over NBD (unix socket or TCP). A running daemon is driven through its
 /// control socket: `status` and `table` print what `dmsetup status` and `dmsetup table` print
 /// for a kernel dm-clone device, `message` takes dm-clone's messages, `wait` waits for
-/// hydration to finish. `check` and `dump` read metadata, the kernel's or ours.
+/// hydration to finish, `finalize` waits for it and then detaches the source while the
+/// clone goes on serving from the destination alone. `check` and `dump` read metadata, the
+/// kernel's or ours.
 #[derive(Debug, Parser)]
 #[command(name = "clonebd", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -45,6 +47,8 @@ pub enum Command {
     Message(client::MessageArgs),
     /// Wait until every region of a running clone is hydrated.
     Wait(client::WaitArgs),
+    // Its help text (the whole man page) comes from its argument struct.
+    Finalize(client::FinalizeArgs),
     // `check` and `dump` take their help texts from their argument structs.
     Check(check::CheckArgs),
     Dump(dump::DumpArgs),
@@ -60,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Table(a) => client::table(a),
         Command::Message(a) => client::message(a),
         Command::Wait(a) => client::wait(a),
+        Command::Finalize(a) => client::finalize(a),
         Command::Check(a) => check::run(a),
         Command::Dump(a) => dump::run(a),
         Command::Demo(a) => demo::run(a),

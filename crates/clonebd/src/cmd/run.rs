@@ -40,6 +40,13 @@ use clonebd::units::parse_size;
 /// flight, stops hydration, waits for copies in flight, commits the metadata and exits 0.
 /// Writes acknowledged before a flush (or with FUA) survive a crash at any moment.
 ///
+/// Once every region is hydrated, `clonebd finalize` detaches the source while the exports
+/// go on serving, as swapping the table for dm-linear does. A fully hydrated clone also
+/// starts without its source: leave out --source (with --table, give `-` as the source
+/// device). The region size and the clone's size then come from METADATA, the start is
+/// refused unless METADATA says every region is hydrated (naming how many are not), and
+/// the clone is served finalized: every request goes straight to DEST.
+///
 /// Examples:
 ///
 ///   clonebd run --source /dev/vg/snap --dest /dev/nvme0n1p3 --metadata /var/lib/clone.meta \
@@ -47,6 +54,9 @@ use clonebd::units::parse_size;
 ///
 ///   clonebd run --table "/var/lib/clone.meta /dev/nvme0n1p3 /dev/vg/snap 8 1 no_hydration" \
 ///       --nbd-tcp 10809 --control /run/clone.ctl
+///
+///   clonebd run --dest /dev/nvme0n1p3 --metadata /var/lib/clone.meta \
+///       --nbd-unix /run/clone.sock --control /run/clone.ctl     # hydrated, no source
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
@@ -63,12 +73,10 @@ pub struct RunArgs {
     /// identity (size, and ETag, Last-Modified or S3 version, or NBD export name) is pinned
     /// before the first copy (see --source-pin): every read carries it, and a source that
     /// changed stops hydration with an error instead of being mixed in.
-    #[arg(
-        long,
-        value_name = "SRC",
-        required_unless_present = "table",
-        conflicts_with = "table"
-    )]
+    ///
+    /// Without --source, the clone must be fully hydrated (see above): it is served
+    /// finalized, from DEST alone.
+    #[arg(long, value_name = "SRC", conflicts_with = "table")]
     source: Option<PathBuf>,
     /// Where the copy is made: at least the clone's size.
     #[arg(
@@ -89,16 +97,12 @@ pub struct RunArgs {
         conflicts_with = "table"
     )]
     metadata: Option<PathBuf>,
-    /// Region size: the unit of copying and tracking, 4k to 1g, a power of 2. The kernel
-    /// recommends the filesystem's block size; larger regions copy faster and need less
-    /// metadata, smaller ones copy less on scattered writes.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        default_value = "4k",
-        conflicts_with = "table"
-    )]
-    region_size: String,
+    /// Region size: the unit of copying and tracking, 4k to 1g, a power of 2 (default 4k;
+    /// without --source, the metadata's). The kernel recommends the filesystem's block
+    /// size; larger regions copy faster and need less metadata, smaller ones copy less on
+    /// scattered writes.
+    #[arg(long, value_name = "SIZE", conflicts_with = "table")]
+    region_size: Option<String>,
     /// Create the metadata file and format it for a new clone (sized for it: twice the
     /// bitmap plus 1 MiB). Refused if the path exists, so an existing clone's metadata is
     /// never replaced; without it, a metadata path that does not exist is an error, so a
@@ -154,7 +158,8 @@ pub struct RunArgs {
     /// with the `ublk` feature).
     #[arg(long)]
     ublk: bool,
-    /// Create the control socket here (mode 0600), for status, table, message and wait.
+    /// Create the control socket here (mode 0600), for status, table, message, wait and
+    /// finalize.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Serve Prometheus metrics at http://[ADDR:]PORT/metrics (127.0.0.1 unless ADDR is
@@ -283,30 +288,49 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
     let spec = match &a.table {
         Some(t) => CloneSpec::Table(t.clone()),
         None => {
-            let (Some(source), Some(dest), Some(metadata)) = (&a.source, &a.dest, &a.metadata)
-            else {
-                bail!("--source, --dest and --metadata are required (or --table)");
-            };
-            let region_bytes = parse_size(&a.region_size).context("--region-size")?;
-            if !(4096..=1 << 30).contains(&region_bytes) || !region_bytes.is_power_of_two() {
+            let (Some(dest), Some(metadata)) = (&a.dest, &a.metadata) else {
                 bail!(
-                    "--region-size {}: must be a power of 2 from 4k to 1g",
-                    a.region_size
+                    "--dest and --metadata are required, and --source for a new clone (or --table)"
                 );
-            }
-            CloneSpec::Flags {
-                source: source.clone(),
-                dest: dest.clone(),
-                metadata: metadata.clone(),
-                region_bytes,
-                no_hydration: a.no_hydration,
-                no_discard_passdown: a.no_discard_passdown,
-                hydration_threshold: a
-                    .hydration_threshold
-                    .unwrap_or(default_threshold(region_bytes)),
-                hydration_batch_size: a
-                    .hydration_batch_size
-                    .unwrap_or(default_batch(region_bytes)),
+            };
+            let region_bytes = a
+                .region_size
+                .as_deref()
+                .map(|r| {
+                    let bytes = parse_size(r).context("--region-size")?;
+                    if !(4096..=1 << 30).contains(&bytes) || !bytes.is_power_of_two() {
+                        bail!("--region-size {r}: must be a power of 2 from 4k to 1g");
+                    }
+                    Ok(bytes)
+                })
+                .transpose()?;
+            match &a.source {
+                None if a.create => bail!(
+                    "--create starts a new clone, which needs --source (without it, only a fully hydrated clone starts)"
+                ),
+                None => CloneSpec::Hydrated {
+                    dest: dest.clone(),
+                    metadata: metadata.clone(),
+                    region_bytes,
+                    no_discard_passdown: a.no_discard_passdown,
+                },
+                Some(source) => {
+                    let region_bytes = region_bytes.unwrap_or(4096);
+                    CloneSpec::Flags {
+                        source: source.clone(),
+                        dest: dest.clone(),
+                        metadata: metadata.clone(),
+                        region_bytes,
+                        no_hydration: a.no_hydration,
+                        no_discard_passdown: a.no_discard_passdown,
+                        hydration_threshold: a
+                            .hydration_threshold
+                            .unwrap_or(default_threshold(region_bytes)),
+                        hydration_batch_size: a
+                            .hydration_batch_size
+                            .unwrap_or(default_batch(region_bytes)),
+                    }
+                }
             }
         }
     };

@@ -156,6 +156,19 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let mut args = vec!["--source", files.source.to_str().expect("utf-8 path")];
+        args.extend(["--region-size", region]);
+        args.extend_from_slice(extra);
+        Self::spawn(files, &args, env)
+    }
+
+    /// Start `clonebd run` on the destination and metadata of `files` without `--source`
+    /// (a fully hydrated clone, served finalized), with the extra arguments `extra`.
+    pub fn start_without_source(files: &Files, extra: &[&str]) -> Self {
+        Self::spawn(files, extra, &[])
+    }
+
+    fn spawn(files: &Files, args: &[&str], env: &[(&str, &str)]) -> Self {
         for attempt in 0.. {
             let port = free_port();
             let socket = files.path("nbd.sock");
@@ -171,19 +184,16 @@ impl Daemon {
             let child = Command::new(CLONEBD)
                 .arg("run")
                 .args(create)
-                .arg("--source")
-                .arg(&files.source)
                 .arg("--dest")
                 .arg(&files.dest)
                 .arg("--metadata")
                 .arg(&files.meta)
-                .args(["--region-size", region])
                 .arg("--nbd-unix")
                 .arg(&socket)
                 .args(["--nbd-tcp", &tcp.to_string()])
                 .arg("--control")
                 .arg(&control)
-                .args(extra)
+                .args(args)
                 .envs(env.iter().copied())
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
