@@ -9,6 +9,7 @@ mod check;
 mod client;
 mod demo;
 mod dump;
+mod repair;
 mod run;
 
 /// clonebd: dm-clone in userspace.
@@ -22,7 +23,8 @@ mod run;
 /// The clone is served over NBD (unix socket or TCP). A running daemon is driven through its
 /// control socket: `status` and `table` print what `dmsetup status` and `dmsetup table` print
 /// for a kernel dm-clone device, `message` takes dm-clone's messages, `wait` waits for
-/// hydration to finish. `check` and `dump` read metadata, the kernel's or ours.
+/// hydration to finish. `check` and `dump` read metadata, the kernel's or ours; `repair`
+/// writes consistent metadata from damaged metadata.
 #[derive(Debug, Parser)]
 #[command(name = "clonebd", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -44,9 +46,10 @@ pub enum Command {
     Message(client::MessageArgs),
     /// Wait until every region of a running clone is hydrated.
     Wait(client::WaitArgs),
-    // `check` and `dump` take their help texts from their argument structs.
+    // `check`, `dump` and `repair` take their help texts from their argument structs.
     Check(check::CheckArgs),
     Dump(dump::DumpArgs),
+    Repair(repair::RepairArgs),
     /// Show a clone's whole life with real I/O, verified (start here).
     Demo(demo::DemoArgs),
 }
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Wait(a) => client::wait(a),
         Command::Check(a) => check::run(a),
         Command::Dump(a) => dump::run(a),
+        Command::Repair(a) => repair::run(a),
         Command::Demo(a) => demo::run(a),
     }
 }
