@@ -475,6 +475,32 @@ fn add_entry(entries: &mut BTreeMap<u64, u64>, conflicting: &mut BTreeSet<u64>, 
     }
 }
 
+/// The array blocks read so far and the hydrated regions they hold.
+struct Known {
+    indices: BTreeSet<u64>,
+    hydrated: DirtySet,
+    nr_regions: u64,
+}
+
+impl Known {
+    /// Takes array block `index`'s words (bits past the last region dropped).
+    fn add(&mut self, index: u64, words: &[u64]) {
+        let base = index * u64::from(ARRAY_BLOCK_ENTRIES);
+        for (e, &v) in words.iter().enumerate() {
+            let w = base + e as u64;
+            self.hydrated
+                .insert_word_bits(w, v & valid_mask(self.nr_regions, w));
+        }
+        self.indices.insert(index);
+    }
+}
+
+/// The bits of word `w` that are regions (all but in the last word).
+fn valid_mask(nr_regions: u64, w: u64) -> u64 {
+    let n = nr_regions.saturating_sub(w.saturating_mul(64)).min(64);
+    if n == 64 { u64::MAX } else { (1u64 << n) - 1 }
+}
+
 /// Words array block `index` holds when the bitset has `nr_words` words.
 fn expected_entries(nr_words: u64, index: u64) -> u32 {
     let entries = u64::from(ARRAY_BLOCK_ENTRIES);
@@ -722,7 +748,13 @@ pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered,
     let nr_regions = geometry.nr_regions();
     let nr_words = nr_regions.div_ceil(64);
     let nr_ablocks = nr_array_blocks(nr_words);
-    let mut known: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    // Indices read, and their hydrated bits (added as each block is read, so that no
+    // second copy of the bitset is held).
+    let mut known = Known {
+        indices: BTreeSet::new(),
+        hydrated: DirtySet::new(),
+        nr_regions,
+    };
     let mut from_tree = 0u64;
     let mut from_scan = 0u64;
     let mut blocks_scanned = 0u64;
@@ -746,13 +778,15 @@ pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered,
             reached.insert(loc);
             match read_array_block(&dev, loc, index, nr_words, limit, nr_blocks) {
                 Ok(words) => {
-                    known.insert(index, words);
+                    known.add(index, &words);
                     from_tree += 1;
                 }
                 Err(e) => errors.push(e),
             }
         }
-        let lost: BTreeSet<u64> = (0..nr_ablocks).filter(|i| !known.contains_key(i)).collect();
+        let lost: BTreeSet<u64> = (0..nr_ablocks)
+            .filter(|i| !known.indices.contains(i))
+            .collect();
         if !lost.is_empty() {
             match open_space_map(&dev, dev_blocks, &sm_root, &mut errors) {
                 Ok(mut tm) => {
@@ -768,20 +802,20 @@ pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered,
                                 if let Ok(words) =
                                     read_array_block(&dev, loc, index, nr_words, limit, nr_blocks)
                                 {
-                                    known.insert(index, words);
+                                    known.add(index, &words);
                                     from_scan += 1;
                                 }
                             }
                             let still: BTreeSet<u64> = lost
                                 .iter()
                                 .copied()
-                                .filter(|i| !known.contains_key(i))
+                                .filter(|i| !known.indices.contains(i))
                                 .collect();
                             let placed =
                                 place_orphans(&still, &s.orphans, nr_words, nr_ablocks - 1);
                             for (index, loc) in placed {
                                 if let Some(words) = s.orphans.remove(&loc) {
-                                    known.insert(index, words);
+                                    known.add(index, &words);
                                     from_scan += 1;
                                 }
                             }
@@ -799,23 +833,17 @@ pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered,
         }
         damaged_blocks.extend(errors.iter().map(damaged));
     }
-    // The hydrated set: recovered words, then the unknown regions as chosen.
-    let valid = |w: u64| {
-        let n = nr_regions.saturating_sub(w * 64).min(64);
-        if n == 64 { u64::MAX } else { (1u64 << n) - 1 }
-    };
-    let mut hydrated = DirtySet::new();
+    // The hydrated set: the recovered words, then the unknown regions as chosen.
+    let Known {
+        indices: known,
+        mut hydrated,
+        ..
+    } = known;
     let entries = u64::from(ARRAY_BLOCK_ENTRIES);
-    for (&index, words) in &known {
-        for (e, &v) in words.iter().enumerate() {
-            let w = index * entries + e as u64;
-            hydrated.insert_word_bits(w, v & valid(w));
-        }
-    }
     let nr_hydrated_recovered = hydrated.len();
     let mut unknown_ranges: Vec<UnknownRange> = Vec::new();
     let mut nr_unknown = 0u64;
-    for index in (0..nr_ablocks).filter(|i| !known.contains_key(i)) {
+    for index in (0..nr_ablocks).filter(|i| !known.contains(i)) {
         let first = index * REGIONS_PER_ARRAY_BLOCK;
         let n = (nr_regions - first).min(REGIONS_PER_ARRAY_BLOCK);
         nr_unknown += n;
@@ -831,7 +859,7 @@ pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered,
         if opts.unknown_as == UnknownAs::Hydrated {
             let words = u64::from(expected_entries(nr_words, index));
             for w in index * entries..index * entries + words {
-                hydrated.insert_word_bits(w, valid(w));
+                hydrated.insert_word_bits(w, valid_mask(nr_regions, w));
             }
         }
     }
