@@ -22,7 +22,7 @@
 //!
 //!    Every region whose array block could not be placed is *unknown*, reported as a
 //!    range, and becomes what the operator chose ([`UnknownAs`]).
-//! 2. [`write`] formats a blank device with the same formatter `MetadataStore::open` uses
+//! 2. [`write()`] formats a blank device with the same formatter `MetadataStore::open` uses
 //!    for fresh metadata, commits the recovered hydrated set as one transaction, and runs
 //!    `check` on the result: a repair is reported as done only for output that passes.
 //!
@@ -135,7 +135,7 @@ pub struct UnknownRange {
     pub len_bytes: u64,
 }
 
-/// What [`recover`] found and [`write`] did.
+/// What [`recover`] found and [`write()`] did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RepairReport {
     /// Length of the clone in sectors.
@@ -172,11 +172,11 @@ pub struct RepairReport {
     /// Hydrated regions read from the damaged metadata.
     pub nr_hydrated_recovered: u64,
     /// Hydrated regions in the output (recovered, plus the unknown ones if they became
-    /// hydrated); 0 until [`write`] ran.
+    /// hydrated); 0 until [`write()`] ran.
     pub nr_hydrated: u64,
-    /// Metadata blocks used by the output; 0 until [`write`] ran.
+    /// Metadata blocks used by the output; 0 until [`write()`] ran.
     pub metadata_blocks_used: u64,
-    /// Metadata blocks of the output's space map; 0 until [`write`] ran.
+    /// Metadata blocks of the output's space map; 0 until [`write()`] ran.
     pub metadata_blocks_total: u64,
 }
 
@@ -346,7 +346,7 @@ impl Recovered {
         self.geometry
     }
 
-    /// What was found so far (the output's counts are filled in by [`write`]).
+    /// What was found so far (the output's counts are filled in by [`write()`]).
     pub fn report(&self) -> &RepairReport {
         &self.report
     }
