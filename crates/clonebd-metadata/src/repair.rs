@@ -294,6 +294,9 @@ pub enum RepairError {
         /// Length in the superblock.
         sb_target_sectors: u64,
     },
+    /// The superblock is sound but of a metadata version repair does not know.
+    #[error("{0}; repair rebuilds only version 1 metadata")]
+    UnsupportedVersion(MetadataError),
     /// The given geometry is impossible.
     #[error("invalid geometry: {0}")]
     InvalidGeometry(GeometryError),
@@ -679,6 +682,11 @@ pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered,
             }),
         }
     };
+    if let Err(e @ MetadataError::UnsupportedVersion { .. }) = decoded {
+        // A sound superblock (its checksum is checked first) of another format version:
+        // rebuilding it as version 1 could misread every other block.
+        return Err(RepairError::UnsupportedVersion(e));
+    }
     let mut damaged_blocks = Vec::new();
     let (geometry, geometry_from, state, roots, overlay) = match decoded {
         Ok((sb, g)) => {
@@ -1232,6 +1240,18 @@ mod tests {
         assert_eq!(report.nr_unknown, NR_REGIONS);
         assert_eq!(report.nr_hydrated, NR_REGIONS);
         assert_contract(&report, &out, &expected);
+    }
+
+    #[test]
+    fn sound_superblock_of_another_version_is_refused() {
+        let (img, _) = build(&RANGES);
+        let mut s = sb(&img);
+        s.version = 2;
+        let mut img = img;
+        img[..BLOCK_SIZE].copy_from_slice(&s.encode()[..]);
+        let err = repair(&img, &with_geometry(UnknownAs::Hydrated)).expect_err("refused");
+        assert!(matches!(err, RepairError::UnsupportedVersion(_)), "{err:?}");
+        assert!(err.to_string().contains("version 2"), "{err}");
     }
 
     #[test]
