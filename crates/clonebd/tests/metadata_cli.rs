@@ -515,3 +515,52 @@ fn repaired_metadata_is_served_by_clonebd_run() {
     }
     assert!(d.terminate().success());
 }
+
+#[test]
+fn metadata_written_by_clonebd_run_is_repaired_and_served_again() {
+    use common::daemon::{Daemon, Files};
+    // 8 MiB in 64 KiB regions: 128 regions, one array block; hydrated in full, then that
+    // block is damaged, so all 128 regions are unknown, and the operator (who saw the
+    // clone complete) declares them hydrated.
+    let files = Files::new(8 << 20, 11);
+    let d = Daemon::start(&files, &[]);
+    d.ctl_ok("wait", &[]);
+    assert!(d.terminate().success());
+    let mut img = std::fs::read(&files.meta).expect("read metadata");
+    let (ablock0, _) = locations(&img);
+    img[ablock0 as usize * 4096 + 2000] ^= 1;
+    let damaged = write_image(files.dir.path(), "damaged", &img);
+    std::fs::remove_file(&files.meta).expect("remove metadata");
+    let out = clonebd(&[
+        "repair",
+        p(&damaged),
+        "-o",
+        p(&files.meta),
+        "--unknown",
+        "hydrated",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = json(&out);
+    assert_eq!(r["nr_unknown"], 128, "{r:#}");
+    assert_eq!(r["nr_hydrated"], 128, "{r:#}");
+    assert_eq!(
+        std::fs::read(&damaged).expect("read"),
+        img,
+        "repair changed META"
+    );
+    let d = Daemon::start(&files, &["--no-hydration"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&d.ctl_ok("status", &["--json"])).expect("status json");
+    assert_eq!(status["nr_hydrated"], 128, "{status}");
+    if common::daemon::have("nbdcopy") {
+        let copy = files.path("read.img");
+        common::daemon::run("nbdcopy", &[&d.unix_uri(), p(&copy)]);
+        let got = std::fs::read(&copy).expect("read copy");
+        assert!(
+            got == files.source_bytes(),
+            "the clone does not read as its source"
+        );
+    }
+    assert!(d.terminate().success());
+}
