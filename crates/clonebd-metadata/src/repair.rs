@@ -236,9 +236,14 @@ impl fmt::Display for RepairReport {
         } else {
             writeln!(
                 f,
-                "unknown:         {} regions in {} ranges, written as {}",
+                "unknown:         {} regions in {} range{}, written as {}",
                 self.nr_unknown,
                 self.unknown_ranges.len(),
+                if self.unknown_ranges.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                },
                 self.unknown_as
             )?;
             for r in &self.unknown_ranges {

@@ -375,7 +375,7 @@ fn repair_prints_a_human_report_listing_unknown_ranges() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let s = text(&out.stdout);
     for line in [
-        "unknown:         32576 regions in 1 ranges, written as unhydrated",
+        "unknown:         32576 regions in 1 range, written as unhydrated",
         "  regions 0..=32575 (32576), bytes 0..133431296 (133431296 bytes)",
         &format!("array block checksum mismatch at block {ablock0}"),
         "written:         1/32768 regions hydrated",
