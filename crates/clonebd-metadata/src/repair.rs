@@ -659,6 +659,68 @@ fn place_orphans(
     placed
 }
 
+/// What finding lost array blocks by scanning needs to know about the device.
+struct Placing<'a, D> {
+    dev: &'a D,
+    limit: u64,
+    nr_blocks: u64,
+    nr_words: u64,
+    nr_ablocks: u64,
+}
+
+impl<D: BlockDev> Placing<'_, D> {
+    /// Looks for the array blocks `known` lacks among the blocks the committed space map
+    /// (`tm`) counts and the walk did not reach: first through counted bitset leaves, then
+    /// by elimination. Returns the blocks scanned and the array blocks placed.
+    fn by_scan(
+        &self,
+        tm: &mut Tm<ByRef<'_, D>>,
+        reached: &HashSet<u64>,
+        known: &mut Known,
+        errors: &mut Vec<MetadataError>,
+    ) -> Result<(u64, u64), MetadataError> {
+        let lost: BTreeSet<u64> = (0..self.nr_ablocks)
+            .filter(|i| !known.indices.contains(i))
+            .collect();
+        let mut s = scan(self.dev, tm, self.limit, reached)?;
+        let mut placed = 0u64;
+        for (&index, &loc) in &s.leaf_entries {
+            if !lost.contains(&index) || s.conflicting.contains(&index) {
+                continue;
+            }
+            s.orphans.remove(&loc);
+            let read = read_array_block(
+                self.dev,
+                loc,
+                index,
+                self.nr_words,
+                self.limit,
+                self.nr_blocks,
+            );
+            match read {
+                Ok(words) => {
+                    known.add(index, &words);
+                    placed += 1;
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let still: BTreeSet<u64> = lost
+            .iter()
+            .copied()
+            .filter(|i| !known.indices.contains(i))
+            .collect();
+        let by_elimination = place_orphans(&still, &s.orphans, self.nr_words, self.nr_ablocks - 1);
+        for (index, loc) in by_elimination {
+            if let Some(words) = s.orphans.remove(&loc) {
+                known.add(index, &words);
+                placed += 1;
+            }
+        }
+        Ok((s.blocks_read, placed))
+    }
+}
+
 /// Reads what the damaged metadata on `meta` still holds (never writing to it) and decides
 /// every region's state: read, or unknown (then as `opts.unknown_as` says).
 pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered, RepairError> {
@@ -797,52 +859,27 @@ pub fn recover<D: BlockDev>(meta: &D, opts: &RepairOptions) -> Result<Recovered,
                 Err(e) => errors.push(e),
             }
         }
-        let lost: BTreeSet<u64> = (0..nr_ablocks)
-            .filter(|i| !known.indices.contains(i))
-            .collect();
-        if !lost.is_empty() {
-            match open_space_map(&dev, dev_blocks, &sm_root, &mut errors) {
-                Ok(mut tm) => {
-                    space_map_usable = true;
-                    match scan(&dev, &mut tm, limit, &reached) {
-                        Ok(mut s) => {
-                            blocks_scanned = s.blocks_read;
-                            for (&index, &loc) in &s.leaf_entries {
-                                if !lost.contains(&index) || s.conflicting.contains(&index) {
-                                    continue;
-                                }
-                                s.orphans.remove(&loc);
-                                if let Ok(words) =
-                                    read_array_block(&dev, loc, index, nr_words, limit, nr_blocks)
-                                {
-                                    known.add(index, &words);
-                                    from_scan += 1;
-                                }
-                            }
-                            let still: BTreeSet<u64> = lost
-                                .iter()
-                                .copied()
-                                .filter(|i| !known.indices.contains(i))
-                                .collect();
-                            let placed =
-                                place_orphans(&still, &s.orphans, nr_words, nr_ablocks - 1);
-                            for (index, loc) in placed {
-                                if let Some(words) = s.orphans.remove(&loc) {
-                                    known.add(index, &words);
-                                    from_scan += 1;
-                                }
-                            }
+        match open_space_map(&dev, dev_blocks, &sm_root, &mut errors) {
+            Ok(mut tm) => {
+                space_map_usable = true;
+                if known.indices.len() as u64 != nr_ablocks {
+                    let place = Placing {
+                        dev: &dev,
+                        limit,
+                        nr_blocks,
+                        nr_words,
+                        nr_ablocks,
+                    };
+                    match place.by_scan(&mut tm, &reached, &mut known, &mut errors) {
+                        Ok((scanned, placed)) => {
+                            blocks_scanned = scanned;
+                            from_scan = placed;
                         }
                         Err(e) => errors.push(e),
                     }
                 }
-                Err(e) => errors.push(e),
             }
-        } else {
-            match open_space_map(&dev, dev_blocks, &sm_root, &mut errors) {
-                Ok(_) => space_map_usable = true,
-                Err(e) => errors.push(e),
-            }
+            Err(e) => errors.push(e),
         }
         damaged_blocks.extend(errors.iter().map(damaged));
     }
