@@ -564,3 +564,21 @@ fn metadata_written_by_clonebd_run_is_repaired_and_served_again() {
     }
     assert!(d.terminate().success());
 }
+
+#[test]
+fn repair_refuses_the_metadata_of_a_running_clone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meta = write_image(dir.path(), "held", &image("partial-4k"));
+    let _held =
+        clonebd_io::FileDevice::open(&meta, clonebd_io::OpenOptions::read_write().exclusive(true))
+            .expect("exclusive open");
+    let new = dir.path().join("new.img");
+    let out = clonebd(&["repair", p(&meta), "-o", p(&new), "--unknown", "hydrated"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("metadata {}: in use", p(&meta))),
+        "{err}"
+    );
+    assert!(!new.exists());
+}
