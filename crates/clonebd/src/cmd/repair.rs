@@ -44,7 +44,9 @@ const EXIT_REFUSED: u8 = 2;
 /// without them and names what is missing. With a valid superblock, any geometry given
 /// must agree with it.
 #[derive(Debug, Args)]
-#[command(after_long_help = "\
+#[command(
+    override_usage = "clonebd repair META --output NEW --unknown <hydrated|unhydrated> [OPTIONS]",
+    after_long_help = "\
 Exit status:
   0  NEW was written and passes `clonebd check` (unknown regions, if any, are listed)
   1  NEW could not be written; nothing is left at NEW
@@ -55,7 +57,8 @@ Exit status:
 Examples:
   clonebd repair meta.img --output meta-repaired.img --unknown unhydrated
   clonebd repair /dev/vg/clone-meta -o new-meta.img --unknown hydrated --json
-  clonebd repair meta.img -o new.img --unknown unhydrated --region-size 4k --size 128m")]
+  clonebd repair meta.img -o new.img --unknown unhydrated --region-size 4k --size 128m"
+)]
 pub struct RepairArgs {
     /// The damaged metadata device or image file (opened read-only; never changed).
     #[arg(value_name = "META")]
@@ -66,8 +69,9 @@ pub struct RepairArgs {
     #[arg(short, long, value_name = "NEW")]
     pub output: PathBuf,
 
-    /// What regions whose state could not be read become (required, no default: see
-    /// above).
+    /// What regions whose state could not be read become. Required, with no default:
+    /// `hydrated` serves destination garbage where nothing was copied, `unhydrated`
+    /// discards what clients wrote there.
     #[arg(long, value_enum, value_name = "STATE")]
     pub unknown: Option<Unknown>,
 
