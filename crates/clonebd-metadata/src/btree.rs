@@ -750,6 +750,107 @@ pub(crate) fn check_keys(
     Ok(())
 }
 
+/// The caller's side of [`walk_tolerant`]: how nodes are read, and what is done with what
+/// the walk finds. `check` counts references and reports every problem; `repair` collects
+/// the leaves it can still read.
+pub(crate) trait TolerantWalk {
+    /// Called for every reference to a node (`from`: the referring block; the root is
+    /// referred to by the superblock, 0). False skips the node without reading it.
+    fn enter(&mut self, b: u64, from: u64) -> bool;
+    /// Reads node `b`, validating its envelope (location, checksum).
+    fn read_node(&mut self, b: u64) -> Result<Box<BlockBuf>, MetadataError>;
+    /// Node `b` is unusable (unreadable, invalid, empty, too deep): its subtree is skipped.
+    fn damaged(&mut self, e: MetadataError);
+    /// A readable node is malformed (keys out of order or out of the parent's range,
+    /// leaves at different depths). True walks it anyway; false skips it as damaged.
+    fn malformed(&mut self, e: MetadataError) -> bool;
+    /// One entry of a leaf, in key order within the leaf.
+    fn leaf(&mut self, key: u64, value: u64);
+}
+
+/// Walks the btree at `root` depth first, in key order, without stopping at the first
+/// damaged node: a node that cannot be used loses only its own subtree. This is the one
+/// tolerant reader of btrees; the strict readers (`lookup`, `array::for_each_word`) fail
+/// on the first bad block instead.
+pub(crate) fn walk_tolerant(w: &mut dyn TolerantWalk, root: u64, leaf_value_size: u32) {
+    let mut leaf_depth: Option<usize> = None;
+    // (block, depth, low, high, referencing block)
+    let mut stack: Vec<(u64, usize, u64, Option<u64>, u64)> = vec![(root, 0, 0, None, 0)];
+    while let Some((b, depth, low, high, from)) = stack.pop() {
+        if !w.enter(b, from) {
+            continue;
+        }
+        if depth >= MAX_DEPTH {
+            w.damaged(MetadataError::corrupt(
+                BlockKind::BtreeNode,
+                b,
+                Corruption::TooDeep,
+            ));
+            continue;
+        }
+        let node = match w.read_node(b) {
+            Ok(n) => n,
+            Err(e) => {
+                w.damaged(e);
+                continue;
+            }
+        };
+        let h = match check_node(&node, b, leaf_value_size) {
+            Ok(h) => h,
+            Err(e) => {
+                w.damaged(e);
+                continue;
+            }
+        };
+        let entries: Vec<(u64, u64)> = (0..h.nr_entries)
+            .map(|i| {
+                let v = if h.is_internal() || leaf_value_size == 8 {
+                    value64(&node, i)
+                } else {
+                    u64::from(crate::format::btree_node::value32(&node, i))
+                };
+                (key(&node, i), v)
+            })
+            .collect();
+        if entries.is_empty() && depth > 0 {
+            w.damaged(MetadataError::corrupt(
+                BlockKind::BtreeNode,
+                b,
+                Corruption::EmptyNode,
+            ));
+            continue;
+        }
+        if let Err(e) = check_keys(b, &entries, low, high)
+            && !w.malformed(e)
+        {
+            continue;
+        }
+        if h.is_internal() {
+            for (i, &(k, child)) in entries.iter().enumerate().rev() {
+                let next = entries.get(i + 1).map(|e| e.0).or(high);
+                stack.push((child, depth + 1, k, next, b));
+            }
+            continue;
+        }
+        match leaf_depth {
+            None => leaf_depth = Some(depth),
+            Some(d) if d != depth => {
+                if !w.malformed(MetadataError::corrupt(
+                    BlockKind::BtreeNode,
+                    b,
+                    Corruption::UnevenDepth,
+                )) {
+                    continue;
+                }
+            }
+            Some(_) => {}
+        }
+        for &(k, v) in &entries {
+            w.leaf(k, v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,10 +23,8 @@ use std::fmt;
 
 use clonebd_core::{BlockDev, Geometry, GeometryError};
 
-use crate::btree::MAX_DEPTH;
 use crate::error::{BlockKind, Corruption, IoOp, MetadataError};
 use crate::format::array_block::{ARRAY_BLOCK_ENTRIES, check_array_block, nr_array_blocks, word};
-use crate::format::btree_node::{check_node, key, value32, value64};
 use crate::format::space_map::{
     ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, MAX_METADATA_BLOCKS, MetadataIndex, bitmap_get,
     nr_bitmaps,
@@ -259,26 +257,13 @@ impl<D: BlockDev> Checker<'_, D> {
     }
 
     fn read(&self, b: u64, kind: BlockKind) -> Result<Box<BlockBuf>, MetadataError> {
-        if b >= self.nr_blocks || b >= self.dev_blocks {
-            return Err(MetadataError::corrupt(
-                kind,
-                b,
-                Corruption::BlockOutOfBounds {
-                    target: b,
-                    nr_blocks: self.nr_blocks,
-                },
-            ));
-        }
-        let mut buf = zeroed_block();
-        self.dev
-            .read_at(&mut buf[..], b * BLOCK_SIZE as u64)
-            .map_err(|source| MetadataError::Io {
-                op: IoOp::Read,
-                block: b,
-                source,
-            })?;
-        validate_envelope(&buf, kind, b)?;
-        Ok(buf)
+        read_block(
+            self.dev,
+            b,
+            kind,
+            self.nr_blocks.min(self.dev_blocks),
+            self.nr_blocks,
+        )
     }
 
     /// Counts a reference to `b`; false (and a problem) if `b` is past the end.
@@ -310,79 +295,69 @@ impl<D: BlockDev> Checker<'_, D> {
         leaf_value_size: u32,
         leaf: &mut dyn FnMut(&mut Self, u64, u64),
     ) {
-        let mut leaf_depth: Option<usize> = None;
-        // (block, depth, low, high, referencing block)
-        let mut stack: Vec<(u64, usize, u64, Option<u64>, u64)> = vec![(root, 0, 0, None, 0)];
-        while let Some((b, depth, low, high, from)) = stack.pop() {
-            if !self.reference(b, BlockKind::BtreeNode, from) {
-                continue;
-            }
-            if self.refs.get(b as usize).copied().unwrap_or(0) > 1 {
-                // Already walked (shared, or a cycle): reported by the count comparison.
-                continue;
-            }
-            if depth >= MAX_DEPTH {
-                self.problem(Problem::BadBlock(MetadataError::corrupt(
-                    BlockKind::BtreeNode,
-                    b,
-                    Corruption::TooDeep,
-                )));
-                continue;
-            }
-            let node = match self.read(b, BlockKind::BtreeNode) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.problem(Problem::BadBlock(e));
-                    continue;
-                }
-            };
-            let h = match check_node(&node, b, leaf_value_size) {
-                Ok(h) => h,
-                Err(e) => {
-                    self.problem(Problem::BadBlock(e));
-                    continue;
-                }
-            };
-            let entries: Vec<(u64, u64)> = (0..h.nr_entries)
-                .map(|i| {
-                    let v = if h.is_internal() || leaf_value_size == 8 {
-                        value64(&node, i)
-                    } else {
-                        u64::from(value32(&node, i))
-                    };
-                    (key(&node, i), v)
-                })
-                .collect();
-            if entries.is_empty() && depth > 0 {
-                self.problem(Problem::BadBlock(MetadataError::corrupt(
-                    BlockKind::BtreeNode,
-                    b,
-                    Corruption::EmptyNode,
-                )));
-                continue;
-            }
-            if let Err(e) = crate::btree::check_keys(b, &entries, low, high) {
-                self.problem(Problem::BadBlock(e));
-            }
-            if h.is_internal() {
-                for (i, &(k, child)) in entries.iter().enumerate().rev() {
-                    let next = entries.get(i + 1).map(|e| e.0).or(high);
-                    stack.push((child, depth + 1, k, next, b));
-                }
-            } else {
-                match leaf_depth {
-                    None => leaf_depth = Some(depth),
-                    Some(d) if d != depth => self.problem(Problem::BadBlock(
-                        MetadataError::corrupt(BlockKind::BtreeNode, b, Corruption::UnevenDepth),
-                    )),
-                    Some(_) => {}
-                }
-                for &(k, v) in &entries {
-                    leaf(self, k, v);
-                }
-            }
-        }
+        crate::btree::walk_tolerant(&mut CheckWalk { c: self, leaf }, root, leaf_value_size);
     }
+}
+
+/// `check`'s side of the tolerant btree walk: every node is a counted reference, every
+/// problem is reported, and malformed nodes are walked anyway.
+struct CheckWalk<'c, 'a, D> {
+    c: &'c mut Checker<'a, D>,
+    leaf: &'c mut dyn FnMut(&mut Checker<'a, D>, u64, u64),
+}
+
+impl<D: BlockDev> crate::btree::TolerantWalk for CheckWalk<'_, '_, D> {
+    fn enter(&mut self, b: u64, from: u64) -> bool {
+        if !self.c.reference(b, BlockKind::BtreeNode, from) {
+            return false;
+        }
+        // Already walked (shared, or a cycle): reported by the count comparison.
+        self.c.refs.get(b as usize).copied().unwrap_or(0) <= 1
+    }
+    fn read_node(&mut self, b: u64) -> Result<Box<BlockBuf>, MetadataError> {
+        self.c.read(b, BlockKind::BtreeNode)
+    }
+    fn damaged(&mut self, e: MetadataError) {
+        self.c.problem(Problem::BadBlock(e));
+    }
+    fn malformed(&mut self, e: MetadataError) -> bool {
+        self.c.problem(Problem::BadBlock(e));
+        true
+    }
+    fn leaf(&mut self, key: u64, value: u64) {
+        (self.leaf)(self.c, key, value);
+    }
+}
+
+/// Reads block `b` of `dev` and validates its envelope as `kind` (location, then checksum).
+/// Blocks at or past `limit` are refused without reading (`BlockOutOfBounds`, naming
+/// `nr_blocks`, the space map's size).
+pub(crate) fn read_block<D: BlockDev>(
+    dev: &D,
+    b: u64,
+    kind: BlockKind,
+    limit: u64,
+    nr_blocks: u64,
+) -> Result<Box<BlockBuf>, MetadataError> {
+    if b >= limit {
+        return Err(MetadataError::corrupt(
+            kind,
+            b,
+            Corruption::BlockOutOfBounds {
+                target: b,
+                nr_blocks,
+            },
+        ));
+    }
+    let mut buf = zeroed_block();
+    dev.read_at(&mut buf[..], b * BLOCK_SIZE as u64)
+        .map_err(|source| MetadataError::Io {
+            op: IoOp::Read,
+            block: b,
+            source,
+        })?;
+    validate_envelope(&buf, kind, b)?;
+    Ok(buf)
 }
 
 /// Bitmap state of one space map bitmap block, if it could be read.

@@ -18,7 +18,9 @@
 //! - [`MetadataStore`]: open (or format), commit, abort, reload: what the engine's driver
 //!   calls;
 //! - [`check()`] and [`dump()`]: read-only whole-device verification and summaries, for the
-//!   `clonebd check` and `clonebd dump` commands.
+//!   `clonebd check` and `clonebd dump` commands;
+//! - [`repair`](mod@repair): consistent metadata rebuilt from a damaged device (read-only),
+//!   reporting the regions whose state was lost, for `clonebd repair`.
 //!
 //! Nothing here panics on bad input: every malformed block is a [`MetadataError`], and
 //! metadata that fails validation is never written to.
@@ -32,10 +34,12 @@ pub mod check;
 pub mod dump;
 mod error;
 pub mod format;
+pub mod repair;
 mod store;
 mod tm;
 
 pub use check::{CheckReport, Problem, check};
 pub use dump::{DumpReport, dump};
 pub use error::{BlockKind, Corruption, IoOp, MetadataError, Unsupported};
+pub use repair::{RepairError, RepairOptions, RepairReport, UnknownAs};
 pub use store::{MetadataStore, StoreOptions, metadata_size_warning, required_metadata_bytes};

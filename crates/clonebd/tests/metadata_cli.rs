@@ -1,4 +1,7 @@
-//! `clonebd check` and `clonebd dump` as a user runs them, on the kernel-written fixtures.
+//! `clonebd check`, `clonebd dump` and `clonebd repair` as a user runs them, on the
+//! kernel-written fixtures.
+
+mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -236,7 +239,7 @@ fn dump_refuses_invalid_metadata_with_exit_1() {
 
 #[test]
 fn help_texts_document_exit_status_and_examples() {
-    for cmd in ["check", "dump"] {
+    for cmd in ["check", "dump", "repair"] {
         let out = clonebd(&[cmd, "--help"]);
         assert_eq!(out.status.code(), Some(0));
         let s = text(&out.stdout);
@@ -244,4 +247,338 @@ fn help_texts_document_exit_status_and_examples() {
         assert!(s.contains("Examples:"), "{cmd}: {s}");
         assert!(s.contains("read-only"), "{cmd}: {s}");
     }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    })
+}
+
+/// partial-4k's hydrated ranges (fixture.json).
+const PARTIAL_4K: &str = "[[0,1],[5,16],[100,1],[1000,1000],[2001,2],[32767,1]]";
+
+/// Damages `img` at `offset`, repairs it with `extra` options, and checks that META is
+/// unchanged, NEW passes `clonebd check`, and `clonebd dump` of NEW shows `want`.
+fn repair_damaged(img: &[u8], offset: usize, extra: &[&str], want: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut img = img.to_vec();
+    img[offset] ^= 0x20;
+    let meta = write_image(dir.path(), "damaged", &img);
+    let new = dir.path().join("new.img");
+    let mut args = vec!["repair", p(&meta), "--output", p(&new), "--json"];
+    args.extend_from_slice(extra);
+    let out = clonebd(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(&meta).expect("read META"),
+        img,
+        "repair changed META"
+    );
+    let report = json(&out);
+    let check = clonebd(&["check", p(&new)]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stdout));
+    let dumped = json(&clonebd(&["dump", "--json", p(&new)]));
+    let want: serde_json::Value = serde_json::from_str(want).expect("want");
+    assert_eq!(dumped["hydrated_ranges"], want, "{report:#}");
+    assert_eq!(dumped["nr_hydrated"], report["nr_hydrated"]);
+    report
+}
+
+#[test]
+fn repair_of_a_damaged_superblock_with_the_geometry_given_loses_nothing() {
+    let img = image("partial-4k");
+    let r = repair_damaged(
+        &img,
+        300,
+        &[
+            "--unknown",
+            "hydrated",
+            "--region-size",
+            "4k",
+            "--size",
+            "128m",
+        ],
+        PARTIAL_4K,
+    );
+    assert_eq!(r["superblock"], "damaged-roots-verified");
+    assert_eq!(r["unknown_ranges"], serde_json::json!([]));
+    assert_eq!(r["nr_hydrated_recovered"], 1021);
+}
+
+#[test]
+fn repair_of_a_damaged_array_block_reports_its_regions_and_applies_the_choice() {
+    let img = image("partial-4k");
+    let (ablock0, _) = locations(&img);
+    let at = ablock0 as usize * 4096 + 2000;
+    let range = serde_json::json!([{
+        "first_region": 0, "nr_regions": 32576, "offset_bytes": 0, "len_bytes": 133_431_296u64
+    }]);
+    let r = repair_damaged(&img, at, &["--unknown", "unhydrated"], "[[32767,1]]");
+    assert_eq!(r["unknown_ranges"], range);
+    assert_eq!(r["unknown_as"], "unhydrated");
+    assert_eq!(r["damaged_blocks"][0]["block"], ablock0);
+    let r = repair_damaged(
+        &img,
+        at,
+        &["--unknown", "hydrated"],
+        "[[0,32576],[32767,1]]",
+    );
+    assert_eq!(r["unknown_ranges"], range);
+    assert_eq!(r["nr_hydrated"], 32577);
+}
+
+#[test]
+fn repair_of_a_damaged_btree_node_finds_its_array_blocks_by_scanning() {
+    let img = image("partial-4k");
+    let root = u64::from_le_bytes(img[188..196].try_into().expect("8 bytes")) as usize;
+    let r = repair_damaged(
+        &img,
+        root * 4096 + 100,
+        &["--unknown", "hydrated"],
+        PARTIAL_4K,
+    );
+    assert_eq!(r["array_blocks_from_scan"], 2);
+    assert_eq!(r["damaged_blocks"][0]["kind"], "btree-node");
+}
+
+#[test]
+fn repair_of_a_damaged_space_map_loses_nothing() {
+    let img = image("partial-4k");
+    let (_, bitmap0) = locations(&img);
+    let r = repair_damaged(
+        &img,
+        bitmap0 as usize * 4096 + 3000,
+        &["--unknown", "unhydrated"],
+        PARTIAL_4K,
+    );
+    assert_eq!(r["damaged_blocks"][0]["kind"], "space-map-bitmap");
+}
+
+#[test]
+fn repair_prints_a_human_report_listing_unknown_ranges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut img = image("partial-4k");
+    let (ablock0, _) = locations(&img);
+    img[ablock0 as usize * 4096 + 2000] ^= 1;
+    let meta = write_image(dir.path(), "m", &img);
+    let new = dir.path().join("new.img");
+    let out = clonebd(&["repair", p(&meta), "-o", p(&new), "--unknown", "unhydrated"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for line in [
+        "unknown:         32576 regions in 1 range, written as unhydrated",
+        "  regions 0..=32575 (32576), bytes 0..133431296 (133431296 bytes)",
+        &format!("array block checksum mismatch at block {ablock0}"),
+        "written:         1/32768 regions hydrated",
+    ] {
+        assert!(s.contains(line), "missing {line:?} in:\n{s}");
+    }
+}
+
+#[test]
+fn repair_without_unknown_is_refused_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meta = write_image(dir.path(), "m", &image("partial-4k"));
+    let new = dir.path().join("new.img");
+    let out = clonebd(&["repair", p(&meta), "--output", p(&new)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--unknown hydrated|unhydrated is required")
+            && err.contains("no safe default"),
+        "{err}"
+    );
+    assert!(!new.exists());
+    let out = clonebd(&[
+        "repair",
+        p(&meta),
+        "--output",
+        p(&new),
+        "--unknown",
+        "maybe",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!new.exists());
+}
+
+#[test]
+fn repair_refuses_an_existing_output_or_meta_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image("partial-4k");
+    let meta = write_image(dir.path(), "m", &img);
+    let new = dir.path().join("new.img");
+    std::fs::write(&new, b"keep me").expect("write");
+    let out = clonebd(&["repair", p(&meta), "-o", p(&new), "--unknown", "hydrated"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&new).expect("read"), b"keep me");
+    let link = dir.path().join("link.img");
+    std::fs::hard_link(&meta, &link).expect("link");
+    for same in [&meta, &link] {
+        let out = clonebd(&["repair", p(&meta), "-o", p(same), "--unknown", "hydrated"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            text(&out.stderr).contains("is META itself"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(std::fs::read(&meta).expect("read"), img);
+}
+
+#[test]
+fn repair_of_a_damaged_superblock_names_the_missing_geometry_options() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut img = image("partial-4k");
+    img[300] ^= 1;
+    let meta = write_image(dir.path(), "m", &img);
+    let new = dir.path().join("new.img");
+    let base = ["repair", p(&meta), "-o", p(&new), "--unknown", "hydrated"];
+    for (extra, missing) in [
+        (&[][..], "give --region-size and --size (or --nr-regions)"),
+        (
+            &["--region-size", "4k"][..],
+            "give --size (or --nr-regions)",
+        ),
+        (&["--size", "128m"][..], "give --region-size"),
+    ] {
+        let out = clonebd(&[&base[..], extra].concat());
+        assert_eq!(out.status.code(), Some(2));
+        let err = text(&out.stderr);
+        assert!(err.contains(missing), "{err}");
+        assert!(err.contains(&format!("metadata {}: ", p(&meta))), "{err}");
+        assert!(!new.exists());
+    }
+    let out = clonebd(
+        &[
+            &base[..],
+            &["--region-size", "4k", "--nr-regions", "32768"][..],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(clonebd(&["check", p(&new)]).status.code(), Some(0));
+}
+
+#[test]
+fn repaired_metadata_is_served_by_clonebd_run() {
+    use common::daemon::{Daemon, Files};
+    // partial-64k-tail: 204824 sectors in 64 KiB regions, 12 hydrated.
+    let files = Files::new(204_824 * 512, 7);
+    let mut img = image("partial-64k-tail");
+    img[300] ^= 1;
+    let damaged = write_image(files.dir.path(), "damaged", &img);
+    let out = clonebd(&[
+        "repair",
+        p(&damaged),
+        "-o",
+        p(&files.meta),
+        "--unknown",
+        "unhydrated",
+        "--region-size",
+        "64k",
+        "--size",
+        &(204_824u64 * 512).to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let d = Daemon::start(&files, &["--no-hydration"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&d.ctl_ok("status", &["--json"])).expect("status json");
+    assert_eq!(status["nr_hydrated"], 12, "{status}");
+    assert_eq!(status["nr_regions"], 1601, "{status}");
+    // Reads follow the repaired map: hydrated regions from the (zeroed) destination, the
+    // rest from the (random) source.
+    if common::daemon::have("nbdcopy") {
+        let copy = files.path("read.img");
+        common::daemon::run("nbdcopy", &[&d.unix_uri(), p(&copy)]);
+        let mut want = files.source_bytes();
+        for r in [7u64, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 1600] {
+            let start = (r * 65_536) as usize;
+            let end = (start + 65_536).min(want.len());
+            want[start..end].fill(0);
+        }
+        let got = std::fs::read(&copy).expect("read copy");
+        assert!(got == want, "the export does not follow the repaired map");
+    }
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn metadata_written_by_clonebd_run_is_repaired_and_served_again() {
+    use common::daemon::{Daemon, Files};
+    // 8 MiB in 64 KiB regions: 128 regions, one array block; hydrated in full, then that
+    // block is damaged, so all 128 regions are unknown, and the operator (who saw the
+    // clone complete) declares them hydrated.
+    let files = Files::new(8 << 20, 11);
+    let d = Daemon::start(&files, &[]);
+    d.ctl_ok("wait", &[]);
+    assert!(d.terminate().success());
+    let mut img = std::fs::read(&files.meta).expect("read metadata");
+    let (ablock0, _) = locations(&img);
+    img[ablock0 as usize * 4096 + 2000] ^= 1;
+    let damaged = write_image(files.dir.path(), "damaged", &img);
+    std::fs::remove_file(&files.meta).expect("remove metadata");
+    let out = clonebd(&[
+        "repair",
+        p(&damaged),
+        "-o",
+        p(&files.meta),
+        "--unknown",
+        "hydrated",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = json(&out);
+    assert_eq!(r["nr_unknown"], 128, "{r:#}");
+    assert_eq!(r["nr_hydrated"], 128, "{r:#}");
+    assert_eq!(
+        std::fs::read(&damaged).expect("read"),
+        img,
+        "repair changed META"
+    );
+    let d = Daemon::start(&files, &["--no-hydration"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&d.ctl_ok("status", &["--json"])).expect("status json");
+    assert_eq!(status["nr_hydrated"], 128, "{status}");
+    if common::daemon::have("nbdcopy") {
+        let copy = files.path("read.img");
+        common::daemon::run("nbdcopy", &[&d.unix_uri(), p(&copy)]);
+        let got = std::fs::read(&copy).expect("read copy");
+        assert!(
+            got == files.source_bytes(),
+            "the clone does not read as its source"
+        );
+    }
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn repair_refuses_the_metadata_of_a_running_clone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meta = write_image(dir.path(), "held", &image("partial-4k"));
+    let _held =
+        clonebd_io::FileDevice::open(&meta, clonebd_io::OpenOptions::read_write().exclusive(true))
+            .expect("exclusive open");
+    let new = dir.path().join("new.img");
+    let out = clonebd(&["repair", p(&meta), "-o", p(&new), "--unknown", "hydrated"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("metadata {}: in use", p(&meta))),
+        "{err}"
+    );
+    assert!(!new.exists());
 }

@@ -10,6 +10,7 @@ mod client;
 pub mod config;
 mod demo;
 mod dump;
+mod repair;
 mod run;
 
 /// clonebd: dm-clone in userspace.
@@ -25,7 +26,7 @@ mod run;
 /// for a kernel dm-clone device, `message` takes dm-clone's messages, `wait` waits for
 /// hydration to finish, `finalize` waits for it and then detaches the source while the
 /// clone goes on serving from the destination alone. `check` and `dump` read metadata, the
-/// kernel's or ours.
+/// kernel's or ours; `repair` writes consistent metadata from damaged metadata.
 #[derive(Debug, Parser)]
 #[command(name = "clonebd", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -49,9 +50,10 @@ pub enum Command {
     Wait(client::WaitArgs),
     // Its help text (the whole man page) comes from its argument struct.
     Finalize(client::FinalizeArgs),
-    // `check` and `dump` take their help texts from their argument structs.
+    // `check`, `dump` and `repair` take their help texts from their argument structs.
     Check(check::CheckArgs),
     Dump(dump::DumpArgs),
+    Repair(repair::RepairArgs),
     /// Show a clone's whole life with real I/O, verified (start here).
     Demo(demo::DemoArgs),
 }
@@ -67,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Finalize(a) => client::finalize(a),
         Command::Check(a) => check::run(a),
         Command::Dump(a) => dump::run(a),
+        Command::Repair(a) => repair::run(a),
         Command::Demo(a) => demo::run(a),
     }
 }
