@@ -124,7 +124,7 @@ pub const COPY_CHUNK: u64 = 1 << 20;
 /// Copies `[offset, offset+len)` from the source to the destination, in pieces of at most
 /// [`COPY_CHUNK`]; stops at the first error.
 pub fn copy_range(devs: &Devices<'_>, offset: u64, len: u64, scratch: &mut AlignedBuf) -> IoStatus {
-    match try_copy_range(devs, offset, len, scratch) {
+    match try_copy_range(devs, offset, len, COPY_CHUNK, scratch) {
         Ok(()) => IoStatus::Ok,
         Err(f) => f.status(),
     }
@@ -175,16 +175,18 @@ impl std::fmt::Display for CopyFailure {
     }
 }
 
-/// As [`copy_range`], saying why a copy failed.
+/// As [`copy_range`], in pieces of at most `chunk` bytes, saying why a copy failed.
 pub fn try_copy_range(
     devs: &Devices<'_>,
     offset: u64,
     len: u64,
+    chunk: u64,
     scratch: &mut AlignedBuf,
 ) -> Result<(), CopyFailure> {
+    let chunk = chunk.max(1);
     let mut done = 0;
     while done < len {
-        let n = COPY_CHUNK.min(len - done);
+        let n = chunk.min(len - done);
         scratch.resize(n as usize);
         let at = offset + done;
         let fail = |side, error| CopyFailure {

@@ -43,8 +43,8 @@ use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::exec::{
-    COPY_CHUNK, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of,
-    read_routed, status_of, try_copy_range,
+    Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of, read_routed,
+    status_of, try_copy_range,
 };
 use crate::{MetadataBackend, MetadataUsage};
 
@@ -82,6 +82,10 @@ pub struct VolumeOptions {
     pub engine: Config,
     /// Threads running background copies.
     pub copy_threads: usize,
+    /// Largest piece a background copy reads and writes at once, and the unit in which a
+    /// large copy is spread over the copy threads ([`COPY_CHUNK`](crate::exec::COPY_CHUNK) for local sources; larger
+    /// for remote ones, where each read is a request with its own round trip and cost).
+    pub copy_chunk: u64,
 }
 
 /// Everything a status report shows.
@@ -223,6 +227,8 @@ struct Shared {
     last_copy_error: Mutex<Option<String>>,
     /// Request and commit counters.
     metrics: IoMetrics,
+    /// [`VolumeOptions::copy_chunk`].
+    copy_chunk: u64,
 }
 
 /// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
@@ -361,6 +367,9 @@ impl Volume {
             lbs: u64::from(opts.engine.logical_block_size.max(512)),
             last_copy_error: Mutex::new(None),
             metrics: IoMetrics::default(),
+            copy_chunk: opts
+                .copy_chunk
+                .max(u64::from(opts.engine.logical_block_size.max(512))),
         });
         let mut threads = Vec::new();
         for i in 0..opts.copy_threads.max(1) {
@@ -817,24 +826,25 @@ impl Shared {
         if let Action::Copy {
             op, offset, len, ..
         } = *a
-            && len > COPY_CHUNK
+            && len > self.copy_chunk
         {
             // Spread the pieces over the copy threads (this one takes the first).
-            let pieces = len.div_ceil(COPY_CHUNK);
+            let chunk = self.copy_chunk;
+            let pieces = len.div_ceil(chunk);
             let split = Arc::new(SplitCopy {
                 op,
                 remaining: AtomicU64::new(pieces),
                 failed: Mutex::new(IoStatus::Ok),
             });
             for i in 1..pieces {
-                let o = i * COPY_CHUNK;
+                let o = i * chunk;
                 let _ = self.jobs.send(Job::Piece(
                     Arc::clone(&split),
                     offset + o,
-                    COPY_CHUNK.min(len - o),
+                    chunk.min(len - o),
                 ));
             }
-            self.run_piece(&split, offset, COPY_CHUNK);
+            self.run_piece(&split, offset, chunk);
             return;
         }
         if let Some(op) = op_of(a) {
@@ -912,7 +922,9 @@ impl Shared {
 
     /// Copies a range, recording why it failed.
     fn copy(&self, devs: &Devices<'_>, offset: u64, len: u64) -> IoStatus {
-        match SCRATCH.with(|s| try_copy_range(devs, offset, len, &mut s.borrow_mut())) {
+        match SCRATCH
+            .with(|s| try_copy_range(devs, offset, len, self.copy_chunk, &mut s.borrow_mut()))
+        {
             Ok(()) => IoStatus::Ok,
             Err(f) => {
                 let status = f.status();

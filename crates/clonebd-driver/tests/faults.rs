@@ -38,6 +38,7 @@ fn clone(regions: u64, tune: impl FnOnce(&mut Config)) -> Clone {
         VolumeOptions {
             engine: cfg,
             copy_threads: 2,
+            copy_chunk: clonebd_driver::exec::COPY_CHUNK,
         },
         Arc::new(src.clone()),
         Arc::new(dst.clone()),

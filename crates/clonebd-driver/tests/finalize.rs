@@ -51,6 +51,7 @@ fn clone(passdown: bool) -> Clone {
         VolumeOptions {
             engine: cfg,
             copy_threads: 2,
+            copy_chunk: clonebd_driver::exec::COPY_CHUNK,
         },
         src,
         Arc::new(dst.clone()),
@@ -213,6 +214,7 @@ fn start_finalized_needs_full_metadata_and_serves_the_destination() {
     let opts = VolumeOptions {
         engine: cfg,
         copy_threads: 1,
+        copy_chunk: clonebd_driver::exec::COPY_CHUNK,
     };
     let vol = Volume::start_finalized(
         opts,

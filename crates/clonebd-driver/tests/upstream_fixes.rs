@@ -45,6 +45,7 @@ fn sim_volume(
         VolumeOptions {
             engine: cfg,
             copy_threads: 2,
+            copy_chunk: clonebd_driver::exec::COPY_CHUNK,
         },
         Arc::new(src.clone()),
         Arc::new(dst.clone()),
@@ -313,6 +314,7 @@ fn f6_io_above_two_to_the_32_sectors_hits_exactly_its_sectors() {
         VolumeOptions {
             engine: cfg,
             copy_threads: 2,
+            copy_chunk: clonebd_driver::exec::COPY_CHUNK,
         },
         Arc::new(src),
         Arc::new(dst),
@@ -439,6 +441,7 @@ fn f8_no_periodic_work_runs_after_shutdown_even_with_concurrent_resume() {
             VolumeOptions {
                 engine: cfg,
                 copy_threads: 2,
+                copy_chunk: clonebd_driver::exec::COPY_CHUNK,
             },
             Arc::new(src),
             Arc::new(dst),
@@ -515,6 +518,7 @@ fn h1_discard_during_copy_never_loses_a_later_write() {
         VolumeOptions {
             engine: cfg,
             copy_threads: 2,
+            copy_chunk: clonebd_driver::exec::COPY_CHUNK,
         },
         Arc::new(slow),
         Arc::new(dst.clone()),

@@ -358,7 +358,16 @@ impl HttpSource {
                 None,
             )
         })?;
-        Ok(())
+        // Read on to the end of the body (nothing is left): only a body read to its end
+        // gives the connection back to the pool for the next request to reuse.
+        let mut rest = [0u8; 1];
+        match reader.read(&mut rest) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(Failure::Fatal(
+                "the server sent more bytes than the range asked for".to_string(),
+            )),
+            Err(_) => Ok(()),
+        }
     }
 
     fn read_range(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

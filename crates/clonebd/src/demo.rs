@@ -181,8 +181,8 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
             region_bytes: region,
             no_hydration: true,
             no_discard_passdown: false,
-            hydration_threshold: default_threshold(region),
-            hydration_batch_size: default_batch(region),
+            hydration_threshold: default_threshold(region, 1 << 20),
+            hydration_batch_size: default_batch(region, 1 << 20),
         },
         size_bytes: None,
         // A new clone: the metadata file was removed above, and --create makes it.

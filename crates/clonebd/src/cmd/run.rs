@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use clonebd::daemon::{CloneSpec, Daemon, NbdLimits, RunOptions, default_batch, default_threshold};
+use clonebd::daemon::{
+    CloneSpec, Daemon, NbdLimits, RunOptions, default_batch, default_copy_bytes, default_threshold,
+};
 use clonebd::notify::Notifier;
 use clonebd::source::SourceOptions;
 use clonebd::units::parse_size;
@@ -316,6 +318,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
                 },
                 Some(source) => {
                     let region_bytes = region_bytes.unwrap_or(4096);
+                    let copy_bytes = default_copy_bytes(&source.to_string_lossy());
                     CloneSpec::Flags {
                         source: source.clone(),
                         dest: dest.clone(),
@@ -325,10 +328,10 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
                         no_discard_passdown: a.no_discard_passdown,
                         hydration_threshold: a
                             .hydration_threshold
-                            .unwrap_or(default_threshold(region_bytes)),
+                            .unwrap_or(default_threshold(region_bytes, copy_bytes)),
                         hydration_batch_size: a
                             .hydration_batch_size
-                            .unwrap_or(default_batch(region_bytes)),
+                            .unwrap_or(default_batch(region_bytes, copy_bytes)),
                     }
                 }
             }
