@@ -124,6 +124,9 @@ pub struct NbdLimits {
     pub max_handshakes_per_peer: usize,
     /// The deadline of the whole handshake.
     pub handshake_timeout: Duration,
+    /// The payload deadline: a write's payload, and each send of replies, must be over
+    /// within this of its start.
+    pub payload_timeout: Duration,
     /// Payload bytes all connections may hold in flight.
     pub memory_budget: usize,
     /// Of the budget, what the connections of one IP address may hold.
@@ -138,6 +141,7 @@ impl Default for NbdLimits {
             max_handshakes: c.max_handshakes,
             max_handshakes_per_peer: c.max_handshakes_per_peer,
             handshake_timeout: c.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+            payload_timeout: c.payload_timeout.unwrap_or(Duration::from_secs(30)),
             memory_budget: c.memory_budget,
             memory_budget_per_peer: c.memory_budget_per_peer,
         }
@@ -845,6 +849,7 @@ impl Daemon {
         cfg.max_handshakes = l.max_handshakes;
         cfg.max_handshakes_per_peer = l.max_handshakes_per_peer;
         cfg.handshake_timeout = Some(l.handshake_timeout);
+        cfg.payload_timeout = Some(l.payload_timeout);
         cfg.memory_budget = l.memory_budget;
         cfg.memory_budget_per_peer = l.memory_budget_per_peer;
         // One budget for both servers: the bound is on the daemon's memory.
