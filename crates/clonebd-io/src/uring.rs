@@ -303,6 +303,8 @@ struct WakeRead {
 
 const WAKE_UD: u64 = u64::MAX;
 const CANCEL_UD: u64 = u64::MAX - 1;
+/// The timeout operation that bounds a wait on kernels without timed waits.
+const TIMER_UD: u64 = u64::MAX - 2;
 /// Resubmissions of an interrupted piece before its error is reported.
 const MAX_RETRIES: u8 = 16;
 
@@ -319,6 +321,9 @@ pub struct Ring<T> {
     closing: bool,
     /// Entries handed to the kernel whose completion has not been reaped yet.
     outstanding: usize,
+    /// The time of a timeout operation in flight (kernels without timed waits), held until
+    /// its completion is reaped.
+    timer: Option<Box<types::Timespec>>,
 }
 
 impl<T> std::fmt::Debug for Ring<T> {
@@ -355,6 +360,7 @@ impl<T> Ring<T> {
             wake: None,
             closing: false,
             outstanding: 0,
+            timer: None,
         })
     }
 
@@ -718,6 +724,60 @@ impl<T> Ring<T> {
         Ok(())
     }
 
+    /// As [`wait`](Self::wait), but return after `timeout` at the latest even if nothing
+    /// finished (`None`: as `wait`). Kernels before 5.11, which cannot bound a wait, get a
+    /// timeout operation instead, one at a time: there a wait may end up to one earlier,
+    /// longer `timeout` late.
+    pub fn wait_timeout(
+        &mut self,
+        out: &mut Vec<Done<T>>,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        let Some(timeout) = timeout else {
+            return self.wait(out);
+        };
+        let waiting = self.live > 0 || self.wake.as_ref().is_some_and(|w| w.armed);
+        let want = usize::from(self.ready.is_empty() && waiting);
+        let waited = if want == 0 {
+            self.uring.submitter().submit()
+        } else if self.uring.params().is_feature_ext_arg() {
+            let ts = types::Timespec::from(timeout);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            self.uring.submitter().submit_with_args(want, &args)
+        } else {
+            self.arm_timer(timeout)?;
+            self.uring.submitter().submit_and_wait(want)
+        };
+        match waited {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap(out);
+        Ok(())
+    }
+
+    /// Queue a timeout operation of `timeout`, unless one is in flight.
+    fn arm_timer(&mut self, timeout: Duration) -> io::Result<()> {
+        if self.timer.is_some() || self.closing {
+            return Ok(());
+        }
+        let ts = Box::new(types::Timespec::from(timeout));
+        let entry = opcode::Timeout::new(&raw const *ts)
+            .build()
+            .user_data(TIMER_UD);
+        // SAFETY: the timespec is a heap block owned by `self.timer` from here until the
+        // timeout's completion is reaped (`complete`), or, if the ring is dropped first, until
+        // `Drop` cancelled it and reaped its completion (or leaked it).
+        unsafe { self.push(&entry)? };
+        self.timer = Some(ts);
+        Ok(())
+    }
+
     /// Submit what is queued and collect finished operations without waiting.
     pub fn poll(&mut self, out: &mut Vec<Done<T>>) -> io::Result<()> {
         match self.uring.submitter().submit() {
@@ -752,6 +812,10 @@ impl<T> Ring<T> {
     fn complete(&mut self, ud: u64, res: i32) {
         self.outstanding = self.outstanding.saturating_sub(1);
         if ud == CANCEL_UD {
+            return;
+        }
+        if ud == TIMER_UD {
+            self.timer = None;
             return;
         }
         if ud == WAKE_UD {
@@ -888,13 +952,14 @@ impl<T> Drop for Ring<T> {
             let _ = (&*w.fd).write(&1u64.to_ne_bytes());
         }
         let mut scratch = Vec::new();
-        let busy = |r: &Self| r.live > 0 || r.wake.as_ref().is_some_and(|w| w.armed);
+        let busy =
+            |r: &Self| r.live > 0 || r.timer.is_some() || r.wake.as_ref().is_some_and(|w| w.armed);
         let timed = self.uring.params().is_feature_ext_arg();
         let mut rounds = 0u32;
         while busy(self) {
-            // Cancel the socket operations (by their user data, which every kernel with
-            // io_uring networking understands); disk I/O cannot be cancelled and completes on
-            // its own. Again every round, for anything resubmitted while a cancellation ran.
+            // Cancel the socket operations and a wait's timeout (by their user data, which
+            // every kernel with io_uring networking understands); disk I/O cannot be
+            // cancelled and completes on its own. Again every round, for anything resubmitted while a cancellation ran.
             let socket_ops: Vec<u64> = self
                 .slots
                 .iter()
@@ -909,6 +974,7 @@ impl<T> Drop for Ring<T> {
                     )
                 })
                 .map(|(i, _)| (i as u64) << 32)
+                .chain(self.timer.is_some().then_some(TIMER_UD))
                 .collect();
             let mut pushed = Ok(());
             for ud in socket_ops {
@@ -934,6 +1000,9 @@ impl<T> Drop for Ring<T> {
                 std::mem::forget(std::mem::take(&mut self.slots));
                 if let Some(w) = self.wake.take() {
                     std::mem::forget(w);
+                }
+                if let Some(t) = self.timer.take() {
+                    std::mem::forget(t);
                 }
                 return;
             }
@@ -1132,6 +1201,29 @@ mod tests {
         });
         assert!(matches!(wait_one(&mut ring), Done::Woken));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_timed_wait_returns_with_nothing_done_and_the_receive_still_in_flight() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut ring = Ring::new(4).unwrap();
+        let _w = ring.waker().unwrap();
+        ring.recv(Arc::new(a), IoBuf::new(64), 0, ())
+            .map_err(|r| r.error)
+            .unwrap();
+        let mut out = Vec::new();
+        // Nothing will arrive: without the timeout this would wait for ever.
+        ring.wait_timeout(&mut out, Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(ring.in_flight(), 1);
+        // The receive is still there and completes when data comes.
+        (&b).write_all(b"x").unwrap();
+        while out.is_empty() {
+            ring.wait_timeout(&mut out, Some(Duration::from_secs(60)))
+                .unwrap();
+        }
+        assert!(matches!(out.pop(), Some(Done::Recv { result: Ok(1), .. })));
     }
 
     #[test]

@@ -34,8 +34,21 @@
 //! single request up to the largest payload is always admissible when nothing else is held
 //! (by its connection, and by the others)**, and no set of connections can wait on each
 //! other. What the rule does not promise is that a client which never sends a write's
-//! payload, or never reads its replies, gives its charge back; the per-peer share is what
-//! keeps one such host from holding the whole budget.
+//! payload, or never reads its replies, gives its charge back; the per-peer share keeps one
+//! such host from holding the whole budget, but several hosts together could, and every
+//! other client would then wait for ever.
+//!
+//! **Payload deadline** ([`PayloadDeadline`]). That is what the payload deadline
+//! ([`ServerConfig::payload_timeout`]) is for, in both directions and in both transmission
+//! loops: a *transfer* is a write's payload still to be received once its charge is taken
+//! (its header read), or one send of replies (a gathered batch) once it has started, and it
+//! must be over within the deadline of its start, however its bytes trickle in or out (a
+//! whole-transfer deadline, not "no progress for so long", so that a client moving a byte
+//! now and then cannot stretch it). A transfer past its deadline closes its connection,
+//! which gives back everything the connection held: a charge is held by a client that does
+//! not send or does not read for at most the deadline, and then the clients waiting for
+//! budget go on. The time a request spends waiting for budget, or in the backend, counts in
+//! no transfer: it is not the client's doing.
 //!
 //! A *peer* is an IPv4 address, or an IPv6 /64 network (one host is usually given a whole
 //! /64, so counting single IPv6 addresses would limit nothing).
@@ -99,6 +112,7 @@ pub(crate) struct Throttles {
     pub(crate) refused: Throttle,
     pub(crate) deadline: Throttle,
     pub(crate) budget: Throttle,
+    pub(crate) payload: Throttle,
 }
 
 /// Why a connection was not given a slot.
@@ -391,6 +405,93 @@ impl MemoryBudget {
     }
 }
 
+/// The rule of the payload deadline (see the module documentation), which both
+/// transmission loops consult: when a transfer starting now must be over, and how long the
+/// next socket operation of a transfer may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PayloadDeadline {
+    timeout: Option<Duration>,
+}
+
+/// A transfer's deadline has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Expired;
+
+/// Which way a transfer that missed its deadline was going, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// A write's payload, from the client.
+    Payload,
+    /// Replies, to the client.
+    Replies,
+}
+
+impl Direction {
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Self::Payload => "write payload not received within the payload deadline",
+            Self::Replies => "replies not taken by the client within the payload deadline",
+        }
+    }
+}
+
+impl PayloadDeadline {
+    /// Transfers must be over within `timeout` of their start (`None`: no deadline).
+    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+        Self {
+            timeout: timeout.filter(|t| !t.is_zero()),
+        }
+    }
+
+    /// The deadline of a transfer that starts at `now` (`None`: none).
+    pub(crate) fn start(self, now: Instant) -> Transfer {
+        Transfer {
+            until: self.timeout.map(|t| now + t),
+        }
+    }
+
+    /// The longest one socket operation may wait: the whole deadline (for the first
+    /// operation of a transfer, which starts it).
+    pub(crate) fn timeout(self) -> Option<Duration> {
+        self.timeout
+    }
+}
+
+/// One transfer in progress and when it must be over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Transfer {
+    until: Option<Instant>,
+}
+
+impl Transfer {
+    /// The time left at `now`, as a socket timeout (`Ok(None)`: no deadline).
+    pub(crate) fn left(self, now: Instant) -> Result<Option<Duration>, Expired> {
+        let Some(until) = self.until else {
+            return Ok(None);
+        };
+        let left = until.saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(Expired);
+        }
+        Ok(Some(left))
+    }
+
+    /// Whether the deadline has passed at `now`.
+    pub(crate) fn expired(self, now: Instant) -> bool {
+        self.left(now).is_err()
+    }
+
+    /// The earliest deadline of the transfers in progress, for a wait that must wake to
+    /// look at them (`None`: nothing to wake for).
+    pub(crate) fn earliest(transfers: impl IntoIterator<Item = Option<Self>>) -> Option<Instant> {
+        transfers
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.until)
+            .min()
+    }
+}
+
 /// Why a request was not admitted yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wait {
@@ -657,6 +758,57 @@ mod tests {
             Refusal::PeerHandshakes
         );
         assert!(slots.begin(ip("2001:db8:1:3::1")).is_ok());
+    }
+
+    #[test]
+    fn a_transfer_must_be_over_within_the_deadline_of_its_start() {
+        let t0 = Instant::now();
+        let d = PayloadDeadline::new(Some(Duration::from_secs(3)));
+        assert_eq!(d.timeout(), Some(Duration::from_secs(3)));
+        let t = d.start(t0);
+        assert_eq!(t.left(t0), Ok(Some(Duration::from_secs(3))));
+        // Progress does not move it: the time left only shrinks.
+        assert_eq!(
+            t.left(t0 + Duration::from_secs(2)),
+            Ok(Some(Duration::from_secs(1)))
+        );
+        assert!(!t.expired(t0 + Duration::from_millis(2999)));
+        assert_eq!(t.left(t0 + Duration::from_secs(3)), Err(Expired));
+        assert!(t.expired(t0 + Duration::from_secs(60)));
+        // A transfer started later has its own deadline.
+        let later = d.start(t0 + Duration::from_secs(10));
+        assert!(!later.expired(t0 + Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn no_payload_deadline_never_expires() {
+        let t0 = Instant::now();
+        for d in [
+            PayloadDeadline::new(None),
+            PayloadDeadline::new(Some(Duration::ZERO)),
+        ] {
+            assert_eq!(d.timeout(), None);
+            let t = d.start(t0);
+            assert_eq!(t.left(t0 + Duration::from_secs(1 << 20)), Ok(None));
+            assert_eq!(Transfer::earliest([Some(t), None]), None);
+        }
+    }
+
+    #[test]
+    fn the_earliest_deadline_is_the_one_to_wake_for() {
+        let t0 = Instant::now();
+        let d = PayloadDeadline::new(Some(Duration::from_secs(5)));
+        let a = d.start(t0 + Duration::from_secs(2));
+        let b = d.start(t0);
+        assert_eq!(Transfer::earliest([None, None]), None);
+        assert_eq!(
+            Transfer::earliest([Some(a), None]),
+            Some(t0 + Duration::from_secs(7))
+        );
+        assert_eq!(
+            Transfer::earliest([Some(a), Some(b)]),
+            Some(t0 + Duration::from_secs(5))
+        );
     }
 
     #[test]

@@ -6,15 +6,18 @@
 //! (see [`crate::admission`]) and decodes requests with the codec. A request to execute is
 //! admitted by the connection's [`ConnAdmission`] (its own in-flight bound, then the memory
 //! budget shared by all connections; the reader waits for either before reading any
-//! payload), its write payload is read into a pooled buffer, and it is queued for the
+//! payload), its write payload is read into a pooled buffer within the payload deadline
+//! (each read that waits on the socket given only the time left), and it is queued for the
 //! worker pool. A rejected
 //! request has its payload skipped and its error reply queued directly. A read or write that
 //! arrives alone (nothing else in flight, nothing more buffered) runs on the reader thread
 //! itself. Workers call the [`Backend`](crate::Backend) and write the reply frame themselves
 //! when the socket's write half is free, else hand it to the connection's writer thread, which
 //! gathers what queues up into one vectored write. Every frame (header and data) goes out in
-//! one locked write, so frames never interleave. The reader holds no lock while reading the
-//! socket; the budget lock is taken only to count.
+//! one locked write, so frames never interleave, and must be taken by the client within the
+//! payload deadline (the socket's send timeout; see `write_frames`); a write or a payload
+//! past it closes the connection. The reader holds no lock while reading the socket; the
+//! budget lock is taken only to count.
 //!
 //! With [`ServerConfig::io_uring`](crate::ServerConfig::io_uring) the transmission phase runs
 //! in [`ring`] instead, on the same thread, and shares the request execution here.
@@ -30,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::admission::{ConnAdmission, HandshakeSlot, Wait};
+use crate::admission::{ConnAdmission, Direction, Expired, HandshakeSlot, Transfer, Wait};
 use crate::backend::{Extent, NbdError, ZeroFlags};
 use crate::codec::{
     DecodeError, Disposition, ReplyHeader, ReplyTo, RequestHeader, TransmissionParams,
@@ -314,20 +317,32 @@ impl Conn {
     fn write_with(&self, mut out: MutexGuard<'_, Stream>, frame: ReplyFrame) {
         let counters = &self.inner.counters;
         if !self.broken.load(Ordering::Acquire) {
-            match write_frames(&mut out, std::slice::from_ref(&frame)) {
-                Ok(n) => Counters::add(&counters.bytes_sent, n as u64),
-                Err(err) => {
-                    tracing::debug!(%err, "reply write failed; closing connection");
-                    self.broken.store(true, Ordering::Release);
-                    let _ = out.shutdown(Shutdown::Both);
-                }
-            }
+            let written = write_frames(&self.inner, &mut out, std::slice::from_ref(&frame));
+            self.written(&mut out, written);
         }
         drop(out);
         if frame.error {
             Counters::add(&counters.request_errors, 1);
         }
         self.release(frame.cost);
+    }
+
+    /// Count what a reply write sent, or break the connection if it failed (a write past
+    /// the payload deadline counted as such).
+    fn written(&self, out: &mut Stream, written: io::Result<usize>) {
+        match written {
+            Ok(n) => Counters::add(&self.inner.counters.bytes_sent, n as u64),
+            Err(err) => {
+                if timed_out(&err) {
+                    self.inner.payload_expired(self.peer, Direction::Replies);
+                } else {
+                    tracing::debug!(%err, "reply write failed; closing connection");
+                }
+                self.broken.store(true, Ordering::Release);
+                // Wake the reader; replies still in flight are dropped.
+                let _ = out.shutdown(Shutdown::Both);
+            }
+        }
     }
 
     fn send(&self, frame: ReplyFrame) {
@@ -684,6 +699,16 @@ fn transmission(
         tracing::debug!(id, "connection closed");
         return;
     }
+    // Every reply write is bounded by the payload deadline (see `write_frames`).
+    let send_timeout = conn
+        .out
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .set_write_timeout(inner.payload_deadline().timeout());
+    if let Err(err) = send_timeout {
+        tracing::warn!(id, %err, "cannot set the socket's send timeout; closing connection");
+        return;
+    }
     let writer = thread::Builder::new()
         .name(format!("nbd-write-{id}"))
         .spawn({
@@ -718,8 +743,20 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
     let style = conn.params.style;
     let mut header_buf = [0u8; 32];
     let header = &mut header_buf[..style.request_len()];
+    // The socket has a receive timeout, left by the last payload read.
+    let mut timed = false;
     loop {
-        if conn.broken.load(Ordering::Acquire) || reader.read_exact(header).is_err() {
+        if conn.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Between requests a client may be idle as long as it likes.
+        if timed && reader.buffer().len() < header.len() {
+            if reader.get_ref().set_read_timeout(None).is_err() {
+                return Ok(());
+            }
+            timed = false;
+        }
+        if reader.read_exact(header).is_err() {
             return Ok(());
         }
         let h = RequestHeader::parse(style, header)?;
@@ -737,6 +774,13 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
             Disposition::Disconnect => return Ok(()),
             Disposition::Reject { error, skip } => {
                 Counters::add(&inner.counters.requests, 1);
+                // Nothing is charged for it: no deadline.
+                if timed {
+                    if reader.get_ref().set_read_timeout(None).is_err() {
+                        return Ok(());
+                    }
+                    timed = false;
+                }
                 // Keep the stream in step: drop exactly the declared payload.
                 let skipped = io::copy(&mut reader.by_ref().take(u64::from(skip)), &mut io::sink());
                 if !matches!(skipped, Ok(n) if n == u64::from(skip)) {
@@ -760,9 +804,16 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
                 Counters::add(&inner.counters.requests, 1);
                 let mut payload = None;
                 if h.command == Command::Write {
+                    // The payload deadline runs from here, the charge taken.
+                    let transfer = inner.payload_deadline().start(Instant::now());
                     let mut buf = inner.buffers.get(cost);
-                    if reader.read_exact(buf.as_mut_slice()).is_err() {
+                    let read = read_payload(reader, buf.as_mut_slice(), transfer, &mut timed);
+                    if let Err(end) = read {
+                        // Given back at once, so that connections waiting for it go on.
                         conn.release(cost);
+                        if matches!(end, PayloadEnd::Expired) {
+                            inner.payload_expired(conn.peer, Direction::Payload);
+                        }
                         return Ok(());
                     }
                     Counters::add(&inner.counters.bytes_received, cost as u64);
@@ -797,6 +848,49 @@ fn read_loop(conn: &Arc<Conn>, reader: &mut BufReader<Stream>) -> Result<(), Dec
     }
 }
 
+/// Why a write's payload was not received whole.
+enum PayloadEnd {
+    /// The stream ended or failed.
+    Lost,
+    /// The payload deadline passed.
+    Expired,
+}
+
+/// Fill `buf` with a write's payload within `transfer`'s deadline: each read that has to
+/// wait for the socket may wait only for the time left (the receive timeout is set then,
+/// and `timed` records it), so a client that sends a byte now and then cannot stretch it.
+fn read_payload(
+    reader: &mut BufReader<Stream>,
+    buf: &mut [u8],
+    transfer: Transfer,
+    timed: &mut bool,
+) -> Result<(), PayloadEnd> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        if reader.buffer().is_empty() {
+            match transfer.left(Instant::now()) {
+                Ok(None) => {}
+                Ok(left) => {
+                    reader
+                        .get_ref()
+                        .set_read_timeout(left)
+                        .map_err(|_| PayloadEnd::Lost)?;
+                    *timed = true;
+                }
+                Err(Expired) => return Err(PayloadEnd::Expired),
+            }
+        }
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => return Err(PayloadEnd::Lost),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => return Err(PayloadEnd::Expired),
+            Err(_) => return Err(PayloadEnd::Lost),
+        }
+    }
+    Ok(())
+}
+
 /// Frames gathered into one vectored write.
 const BATCH: usize = 16;
 
@@ -822,15 +916,8 @@ fn write_loop(conn: &Conn, rx: &Receiver<Outgoing>) {
         }
         if !conn.broken.load(Ordering::Acquire) {
             let mut stream = conn.out.lock().unwrap_or_else(PoisonError::into_inner);
-            match write_frames(&mut stream, &batch) {
-                Ok(n) => Counters::add(&counters.bytes_sent, n as u64),
-                Err(err) => {
-                    tracing::debug!(%err, "reply write failed; closing connection");
-                    conn.broken.store(true, Ordering::Release);
-                    // Wake the reader; replies still in flight are dropped below.
-                    let _ = stream.shutdown(Shutdown::Both);
-                }
-            }
+            let written = write_frames(&conn.inner, &mut stream, &batch);
+            conn.written(&mut stream, written);
         }
         for frame in batch.drain(..) {
             if frame.error {
@@ -841,8 +928,12 @@ fn write_loop(conn: &Conn, rx: &Receiver<Outgoing>) {
     }
 }
 
-/// Write the frames with as few `writev` calls as the socket allows.
-fn write_frames(stream: &mut Stream, frames: &[ReplyFrame]) -> io::Result<usize> {
+/// Write the frames with as few `writev` calls as the socket allows, within the payload
+/// deadline (one transfer): the socket's send timeout is the whole deadline (set once for
+/// the connection), which bounds the first call; only when the socket takes part of the
+/// frames is it cut to the time left, and set back after. A write past the deadline fails
+/// as timed out.
+fn write_frames(inner: &Inner, stream: &mut Stream, frames: &[ReplyFrame]) -> io::Result<usize> {
     let mut slices: [IoSlice<'_>; 2 * BATCH] = std::array::from_fn(|_| IoSlice::new(&[]));
     let mut n = 0;
     for frame in frames {
@@ -862,16 +953,41 @@ fn write_frames(stream: &mut Stream, frames: &[ReplyFrame]) -> io::Result<usize>
         }
     }
     let total: usize = slices[..n].iter().map(|s| s.len()).sum();
+    let deadline = inner.payload_deadline();
+    let transfer = deadline.start(Instant::now());
+    let mut cut = false;
     let mut remaining = &mut slices[..n];
-    while !remaining.is_empty() {
-        match stream.write_vectored(remaining) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => IoSlice::advance_slices(&mut remaining, written),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
+    let result = loop {
+        if remaining.is_empty() {
+            break Ok(total);
         }
+        match stream.write_vectored(remaining) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                IoSlice::advance_slices(&mut remaining, written);
+                if remaining.is_empty() {
+                    continue;
+                }
+                // The socket is full: the rest gets only the time left.
+                match transfer.left(Instant::now()) {
+                    Ok(None) => {}
+                    Ok(left) => {
+                        if let Err(err) = stream.set_write_timeout(left) {
+                            break Err(err);
+                        }
+                        cut = true;
+                    }
+                    Err(Expired) => break Err(io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => break Err(err),
+        }
+    };
+    if cut && result.is_ok() {
+        stream.set_write_timeout(deadline.timeout())?;
     }
-    Ok(total)
+    result
 }
 
 #[cfg(test)]

@@ -13,7 +13,10 @@
 //! connection's [`ConnAdmission`], the same check as the threaded mode's (its own in-flight
 //! bound, then the memory budget shared by all connections): past either, decoding stops
 //! (and with it reading the socket) until replies have gone out, or, for the shared budget,
-//! until a release on any connection wakes the ring.
+//! until a release on any connection wakes the ring. The payload being received and the send
+//! in flight each have a [`Transfer`] deadline (the rule is [`PayloadDeadline`]'s); the
+//! thread's wait ends at the earlier one, and one that has passed closes the connection
+//! (shutting the socket down ends the operation; its completion gives back its charge).
 //!
 //! **Flush ordering.** "`NBD_CMD_FLUSH` ... MUST NOT send a reply until all write requests
 //! which the server has completed (that is, replied to) before receiving the flush are
@@ -35,10 +38,11 @@ use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use clonebd_io::uring::{Dir, Done, Inline, IoBuf, Ring, SendPart, SharedFd, Waker};
 
-use crate::admission::{ConnAdmission, Wait};
+use crate::admission::{ConnAdmission, Direction, PayloadDeadline, Transfer, Wait};
 use crate::backend::{NbdError, RouteKind};
 use crate::codec::{DecodeError, Disposition, ReplyHeader, RequestHeader};
 use crate::conn::{Body, Conn, Job, ReplyFrame, Stream, run_job};
@@ -159,6 +163,9 @@ pub(crate) fn serve(
         reading: true,
         broken: false,
         admission,
+        deadline: conn.inner.payload_deadline(),
+        receiving: None,
+        replying: None,
         budget_wait: false,
         jobs: 0,
         outq: VecDeque::new(),
@@ -195,6 +202,12 @@ struct Session<'a> {
     broken: bool,
     /// Requests taken and not yet answered, and their payload bytes.
     admission: ConnAdmission,
+    /// The payload deadline's rule.
+    deadline: PayloadDeadline,
+    /// The write payload being received (`payload_busy`) and its deadline.
+    receiving: Option<Transfer>,
+    /// The send in flight (`sending`) and its deadline.
+    replying: Option<Transfer>,
     /// The request at the head of the input waits for the shared budget (counted once).
     budget_wait: bool,
     /// Requests on the worker pool whose reply has not come back through the link.
@@ -210,6 +223,7 @@ impl Session<'_> {
     fn run(&mut self) {
         let mut dones = Vec::new();
         loop {
+            self.check_deadlines();
             self.pump();
             self.take_replies();
             self.flush_replies();
@@ -247,12 +261,37 @@ impl Session<'_> {
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty();
         let r = if idle {
-            self.ring.wait(dones)
+            // Wake at the next deadline to look at it, whatever else happens.
+            let now = Instant::now();
+            let timeout = Transfer::earliest([self.receiving, self.replying])
+                .map(|t| t.saturating_duration_since(now));
+            self.ring.wait_timeout(dones, timeout)
         } else {
             self.ring.poll(dones)
         };
         self.link.sleeping.store(false, Ordering::SeqCst);
         r
+    }
+
+    /// Close the connection if the payload being received, or the send in flight, missed
+    /// its deadline: shutting the socket down ends that operation, and its completion gives
+    /// back what it held.
+    fn check_deadlines(&mut self) {
+        if self.receiving.is_none() && self.replying.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let expired = if self.receiving.is_some_and(|t| t.expired(now)) {
+            Direction::Payload
+        } else if self.replying.is_some_and(|t| t.expired(now)) {
+            Direction::Replies
+        } else {
+            return;
+        };
+        self.receiving = None;
+        self.replying = None;
+        self.conn.inner.payload_expired(self.conn.peer, expired);
+        self.break_socket();
     }
 
     fn counters(&self) -> &Counters {
@@ -340,6 +379,8 @@ impl Session<'_> {
                     }
                     self.head += have;
                     if have < cost {
+                        // The payload deadline runs from here, the charge taken.
+                        self.receiving = Some(self.deadline.start(Instant::now()));
                         self.receive_payload(h, buf.into_io(), have, cost);
                         return;
                     }
@@ -377,6 +418,7 @@ impl Session<'_> {
             Ok(()) => self.payload_busy = true,
             Err(r) => {
                 tracing::warn!(error = %r.error, "cannot receive; closing connection");
+                self.receiving = None;
                 self.conn.inner.buffers.put(r.buf);
                 self.release(1, cost);
                 self.stop(None);
@@ -481,18 +523,27 @@ impl Session<'_> {
                 result,
             } => {
                 self.payload_busy = false;
+                if self.broken {
+                    // Closed (at the deadline, say): what the payload held goes back now.
+                    self.receiving = None;
+                    buffers.put(buf);
+                    self.release(1, p.cost);
+                    return;
+                }
                 match result {
                     Ok(n) if n > 0 => {
                         let filled = at + n;
                         if filled < p.cost {
                             self.receive_payload(p.header, buf, filled, p.cost);
                         } else {
+                            self.receiving = None;
                             Counters::add(&self.counters().bytes_received, p.cost as u64);
                             self.dispatch(p.header, Some(buffers.wrap(buf)), p.cost);
                         }
                     }
                     Err(e) if retryable(&e) => self.receive_payload(p.header, buf, at, p.cost),
                     _ => {
+                        self.receiving = None;
                         buffers.put(buf);
                         self.release(1, p.cost);
                         self.stop(None);
@@ -537,6 +588,7 @@ impl Session<'_> {
                 result,
             } => {
                 self.sending = false;
+                self.replying = None;
                 for p in parts.drain(..) {
                     if let SendPart::Buf(b) = p {
                         buffers.put(b);
@@ -615,7 +667,10 @@ impl Session<'_> {
             .ring
             .send(Arc::clone(&self.sock), parts, Token::Send(meta))
         {
-            Ok(()) => self.sending = true,
+            Ok(()) => {
+                self.sending = true;
+                self.replying = Some(self.deadline.start(Instant::now()));
+            }
             Err((parts, user, err)) => {
                 tracing::warn!(%err, "cannot send replies; closing connection");
                 for p in parts {

@@ -15,7 +15,9 @@
 //! [`ServerConfig::max_inflight_bytes`] of payload and [`ServerConfig::max_inflight_requests`]
 //! requests, and all connections together at most [`ServerConfig::memory_budget`] (one peer
 //! address [`ServerConfig::memory_budget_per_peer`]); past any of these, a reader stops
-//! reading until replies have gone out.
+//! reading until replies have gone out. A write's payload, and each send of replies, must be
+//! over within [`ServerConfig::payload_timeout`] of its start, or the connection is closed
+//! and gives back what it held.
 //!
 //! [`ShutdownHandle::shutdown`] stops the accept loops, stops every reader (requests already
 //! read still run and their replies are sent), then closes the connections; the `serve_*`
@@ -34,7 +36,10 @@ use std::time::Duration;
 
 use clonebd_io::socket::{Acceptor, StopSignal};
 
-use crate::admission::{ConnAdmission, HandshakeSlot, MemoryBudget, Refusal, Slots, Throttles};
+use crate::admission::{
+    ConnAdmission, Direction, HandshakeSlot, MemoryBudget, PayloadDeadline, Refusal, Slots,
+    Throttles,
+};
 use crate::backend::Backend;
 use crate::conn::{self, Job, Stream};
 use crate::handshake::{ExportError, ExportInfo};
@@ -78,6 +83,12 @@ pub struct ServerConfig {
     /// connection that has not finished its handshake by then is closed. `None`: no
     /// deadline.
     pub handshake_timeout: Option<Duration>,
+    /// The payload deadline (see [`crate::admission`]): a write's payload must be received
+    /// within this of its header (once admitted), and each send of replies must be taken by
+    /// the client within this of its start; past it, the connection is closed and what it
+    /// held is given back. `None`: no deadline (a client that stops mid-payload, or stops
+    /// reading, then holds its share of the memory budget for as long as it stays connected).
+    pub payload_timeout: Option<Duration>,
     /// Serve each connection through io_uring: its thread receives requests, submits the
     /// reads and writes the backend [routes](crate::Backend::route) many at a time, and sends
     /// the replies, with no reader, writer or worker thread in the way; other requests still
@@ -101,6 +112,7 @@ impl Default for ServerConfig {
             memory_budget: 256 << 20,
             memory_budget_per_peer: 128 << 20,
             handshake_timeout: Some(Duration::from_secs(10)),
+            payload_timeout: Some(Duration::from_secs(30)),
             io_uring: true,
         }
     }
@@ -133,6 +145,9 @@ pub struct ServerStats {
     pub rejected_connections: u64,
     /// Connections closed because their handshake missed its deadline.
     pub handshake_timeouts: u64,
+    /// Connections closed because a write's payload, or a send of replies, missed the
+    /// payload deadline.
+    pub payload_timeouts: u64,
     /// Times a connection stopped reading because the shared memory budget was spent.
     pub budget_waits: u64,
     /// Handshakes that reached the transmission phase.
@@ -158,6 +173,7 @@ pub(crate) struct Counters {
     pub(crate) total_connections: AtomicU64,
     pub(crate) rejected_connections: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) payload_timeouts: AtomicU64,
     pub(crate) budget_waits: AtomicU64,
     pub(crate) handshakes: AtomicU64,
     pub(crate) requests: AtomicU64,
@@ -238,6 +254,28 @@ impl Inner {
                 deadline = ?self.config.handshake_timeout,
                 expired_since_last_report = held_back,
                 "handshake deadline passed; closing connection"
+            );
+        }
+    }
+
+    /// The payload deadline's rule, for a connection's transmission loop.
+    pub(crate) fn payload_deadline(&self) -> PayloadDeadline {
+        PayloadDeadline::new(self.config.payload_timeout)
+    }
+
+    /// Count and log (rate-limited) a connection closed because a transfer missed the
+    /// payload deadline.
+    pub(crate) fn payload_expired(&self, peer: Option<IpAddr>, dir: Direction) {
+        Counters::add(&self.counters.payload_timeouts, 1);
+        if let Some(held_back) = self.throttles.payload.allow() {
+            tracing::warn!(
+                peer = %PeerName(peer),
+                deadline = ?self.config.payload_timeout,
+                used = self.budget.used(),
+                budget = self.budget.limit(),
+                expired_since_last_report = held_back,
+                "{}; closing connection",
+                dir.describe()
             );
         }
     }
@@ -417,6 +455,7 @@ impl Server {
             total_connections: get(&c.total_connections),
             rejected_connections: get(&c.rejected_connections),
             handshake_timeouts: get(&c.handshake_timeouts),
+            payload_timeouts: get(&c.payload_timeouts),
             budget_waits: get(&c.budget_waits),
             handshakes: get(&c.handshakes),
             requests: get(&c.requests),

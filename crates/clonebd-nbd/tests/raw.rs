@@ -478,3 +478,48 @@ fn shutdown_stops_both_accept_loops_when_the_unix_path_is_gone_or_taken() {
         "TCP listener still open"
     );
 }
+
+/// A 32 MiB write whose payload stops after 1 MiB holds the whole 32 MiB budget; another
+/// connection's write waits for it. At the payload deadline the stalled connection is
+/// closed and counted, its charge goes back, and the waiting write is answered.
+fn stalled_payload_is_closed_at_its_deadline(io_uring: bool) {
+    let config = ServerConfig {
+        memory_budget: 32 << 20,
+        memory_budget_per_peer: 32 << 20,
+        payload_timeout: Some(Duration::from_millis(500)),
+        io_uring,
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(64 << 20, |b| b, config);
+    let mut stalled = RawClient::connect(&srv.socket);
+    stalled.negotiate(false, false, &[]);
+    let mut header = Vec::new();
+    header.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    header.extend_from_slice(&0u16.to_be_bytes());
+    header.extend_from_slice(&CMD_WRITE.to_be_bytes());
+    header.extend_from_slice(&1u64.to_be_bytes());
+    header.extend_from_slice(&0u64.to_be_bytes());
+    header.extend_from_slice(&(32u32 << 20).to_be_bytes());
+    header.extend_from_slice(&vec![0x5a; 1 << 20]);
+    stalled.stream.write_all(&header).unwrap();
+
+    let mut waiting = RawClient::connect(&srv.socket);
+    waiting.negotiate(false, false, &[]);
+    let data = pattern(4096, 7);
+    // Without the deadline this waits for ever (and the read timeout fails the test).
+    waiting.request(0, CMD_WRITE, 2, 40 << 20, 4096, &data);
+    assert_eq!(waiting.reply(no_data).error, 0);
+    assert!(stalled.closed(), "the stalled connection is still open");
+    assert_eq!(srv.server.stats().payload_timeouts, 1);
+    assert!(srv.read_file(40 << 20, 4096) == data);
+}
+
+#[test]
+fn stalled_payload_is_closed_at_its_deadline_on_io_uring() {
+    stalled_payload_is_closed_at_its_deadline(true);
+}
+
+#[test]
+fn stalled_payload_is_closed_at_its_deadline_with_threads() {
+    stalled_payload_is_closed_at_its_deadline(false);
+}

@@ -150,6 +150,9 @@ pub struct NbdLimits {
     pub max_handshakes_per_peer: usize,
     /// The deadline of the whole handshake.
     pub handshake_timeout: Duration,
+    /// The payload deadline: a write's payload, and each send of replies, must be over
+    /// within this of its start.
+    pub payload_timeout: Duration,
     /// Payload bytes all connections may hold in flight.
     pub memory_budget: usize,
     /// Of the budget, what the connections of one IP address may hold.
@@ -164,6 +167,7 @@ impl Default for NbdLimits {
             max_handshakes: c.max_handshakes,
             max_handshakes_per_peer: c.max_handshakes_per_peer,
             handshake_timeout: c.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+            payload_timeout: c.payload_timeout.unwrap_or(Duration::from_secs(30)),
             memory_budget: c.memory_budget,
             memory_budget_per_peer: c.memory_budget_per_peer,
         }
@@ -1057,6 +1061,7 @@ impl Daemon {
         cfg.max_handshakes = l.max_handshakes;
         cfg.max_handshakes_per_peer = l.max_handshakes_per_peer;
         cfg.handshake_timeout = Some(l.handshake_timeout);
+        cfg.payload_timeout = Some(l.payload_timeout);
         cfg.memory_budget = l.memory_budget;
         cfg.memory_budget_per_peer = l.memory_budget_per_peer;
         // One budget for both servers: the bound is on the daemon's memory.
@@ -1409,9 +1414,9 @@ mod tests {
         assert_eq!(default_copy_bytes("https://host/disk.raw"), 8 << 20);
         assert_eq!(default_copy_bytes("s3://b/k"), 8 << 20);
         assert_eq!(default_batch(65536, 8 << 20), 128);
-        assert_eq!(default_batch(64 << 10), 16);
-        assert_eq!(default_batch(1 << 30), 1);
-        assert_eq!(default_threshold(1 << 30), 8);
+        assert_eq!(default_batch(64 << 10, 1 << 20), 16);
+        assert_eq!(default_batch(1 << 30, 1 << 20), 1);
+        assert_eq!(default_threshold(1 << 30, 1 << 20), 8);
     }
 
     #[test]

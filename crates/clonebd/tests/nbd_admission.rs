@@ -285,3 +285,194 @@ fn stalled_writes(extra: &[&str]) {
     assert!(d.terminate().success());
     drop(attackers);
 }
+
+/// The payload deadline of the lockout tests, in seconds.
+const PAYLOAD_TIMEOUT: u64 = 3;
+
+/// A daemon whose 64 MiB budget two stalled 32 MiB writes (one peer at most one) fill, with
+/// a payload deadline of [`PAYLOAD_TIMEOUT`].
+fn small_budget_daemon(files: &Files, extra: &[&str]) -> Daemon {
+    let timeout = PAYLOAD_TIMEOUT.to_string();
+    let mut args = vec![
+        "--no-hydration",
+        "--nbd-memory-budget",
+        "64m",
+        "--nbd-memory-budget-per-peer",
+        "32m",
+        "--nbd-payload-timeout",
+        &timeout,
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(files, &args)
+}
+
+/// A client from `peer` past its handshake, and a second handle on its socket to watch for
+/// the server closing it.
+fn client_from(d: &Daemon, peer: u8) -> (Client, std::net::TcpStream) {
+    let s = connect_from(loopback(peer), d.tcp).expect("connect");
+    let probe = s.try_clone().expect("clone socket");
+    let opts = ClientOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..ClientOptions::new("clonebd")
+    };
+    (opts.handshake_tcp(s).expect("handshake"), probe)
+}
+
+/// Normal clients from 127.0.0.1: ours (a write, a flush and a read back), then qemu-io's
+/// write and read where it is installed.
+fn normal_clients(d: &Daemon) {
+    let opts = ClientOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..ClientOptions::new("clonebd")
+    };
+    let mut c = opts.connect_tcp(d.tcp).expect("TCP client");
+    normal_client_round_trip(&mut c, 8 * MIB, MIB as usize, 0x44);
+    if have("qemu-io") {
+        let out = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 1M 64k",
+                "-c",
+                "read -P 0x5a 1M 64k",
+                &d.tcp_uri(),
+            ],
+        );
+        assert!(!out.contains("failed"), "{out}");
+    }
+}
+
+/// Poll the daemon's log until it contains `what`, at most until `by`.
+fn logged_by(d: &Daemon, what: &str, by: Instant) -> bool {
+    loop {
+        if d.log_text().contains(what) {
+            return true;
+        }
+        if Instant::now() > by {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Four clients from four peers each send the header of a 32 MiB write and 1 MiB of its
+/// payload, and stall. Together they want twice the 64 MiB budget: two are charged, two
+/// wait for budget, and without a deadline every other client would wait behind them for
+/// ever. With a 3 s payload deadline the two charged are closed at it, the two that then
+/// get the budget 3 s later, and the normal clients, which waited, are served by then
+/// (two rounds of the deadline, plus a margin); every stalled connection sees the end of
+/// its stream, and the daemon logs the expiry with the peer.
+#[test]
+fn stalled_write_payloads_are_closed_at_the_payload_deadline() {
+    stalled_payloads_expire(&[]);
+}
+
+/// As above with a reader and a writer thread per connection.
+#[test]
+fn stalled_write_payloads_are_closed_at_the_payload_deadline_with_threads() {
+    stalled_payloads_expire(&["--no-nbd-io-uring"]);
+}
+
+fn stalled_payloads_expire(extra: &[&str]) {
+    let files = Files::new(64 * MIB, 9);
+    let d = small_budget_daemon(&files, extra);
+    let deadline = Duration::from_secs(PAYLOAD_TIMEOUT);
+    let margin = Duration::from_secs(8);
+    // Two rounds of stalled writers fit the budget in turn.
+    let by = Instant::now() + 2 * deadline + margin;
+
+    let part = vec![0xa5u8; MIB as usize];
+    let mut stalled = Vec::new();
+    for (i, peer) in (2..=5u8).enumerate() {
+        let (mut c, probe) = client_from(&d, peer);
+        let offset = (i as u64 % 2) * (32 * MIB);
+        c.send(Command::Write, 0, offset, 32 * MIB, &part)
+            .expect("send a write's header and part of its payload");
+        stalled.push((c, probe, peer));
+    }
+
+    normal_clients(&d);
+    assert!(
+        Instant::now() < by,
+        "the normal clients were served only {:?} after the writes stalled (deadline \
+         {deadline:?}, two rounds)",
+        by.elapsed() + 2 * deadline + margin
+    );
+    for (_, probe, peer) in &mut stalled {
+        assert!(
+            closed_by(probe, by),
+            "the stalled write from 127.0.0.{peer} was not closed"
+        );
+    }
+    let log = d.log_text();
+    assert!(
+        log.contains("write payload not received within the payload deadline")
+            && log.contains("peer=127.0.0."),
+        "the payload deadline was not logged with the peer:\n{log}"
+    );
+    assert!(d.terminate().success());
+}
+
+/// Two clients from two peers each send 48 reads of 1 MiB and never read a reply: the
+/// replies fill their sockets, and what is not sent stays charged, 32 MiB per peer, the
+/// whole 64 MiB budget. The daemon's send that makes no headway is cut at the 3 s payload
+/// deadline, the connections are closed (the expiry logged with the peer), their charges
+/// go back, and normal clients that waited for the budget are served.
+#[test]
+fn clients_that_do_not_read_their_replies_are_closed_at_the_payload_deadline() {
+    unread_replies_expire(&[]);
+}
+
+/// As above with a reader and a writer thread per connection.
+#[test]
+fn clients_that_do_not_read_their_replies_are_closed_at_the_payload_deadline_with_threads() {
+    unread_replies_expire(&["--no-nbd-io-uring"]);
+}
+
+fn unread_replies_expire(extra: &[&str]) {
+    let files = Files::new(64 * MIB, 10);
+    let d = small_budget_daemon(&files, extra);
+    let deadline = Duration::from_secs(PAYLOAD_TIMEOUT);
+    let margin = Duration::from_secs(8);
+    let by = Instant::now() + deadline + margin;
+
+    let mut readers = Vec::new();
+    for peer in [2u8, 3] {
+        let (mut c, probe) = client_from(&d, peer);
+        for i in 0..48 {
+            c.send(Command::Read, 0, i * MIB, MIB, &[])
+                .expect("send a read request");
+        }
+        readers.push((c, probe, peer));
+    }
+
+    normal_clients(&d);
+    assert!(
+        Instant::now() < by,
+        "the normal clients were served only {:?} after the reads were sent (deadline \
+         {deadline:?})",
+        by.elapsed() + deadline + margin
+    );
+    // Reading the replies now would let the sends go on: first wait for the expiry.
+    assert!(
+        logged_by(
+            &d,
+            "replies not taken by the client within the payload deadline",
+            by
+        ),
+        "no reply send was cut at the payload deadline:\n{}",
+        d.log_text()
+    );
+    for (_, probe, peer) in &mut readers {
+        // What the sockets held is read first, then the end of the stream (or a reset).
+        assert!(
+            closed_by(probe, by + margin),
+            "the connection from 127.0.0.{peer} that did not read was not closed"
+        );
+    }
+    let log = d.log_text();
+    assert!(log.contains("peer=127.0.0."), "peer not logged:\n{log}");
+    assert!(d.terminate().success());
+}

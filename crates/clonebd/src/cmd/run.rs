@@ -197,6 +197,18 @@ pub struct RunArgs {
     /// closed, however often it sends a byte; real clients take milliseconds.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     nbd_handshake_timeout: u64,
+    /// The time an NBD client has to send the whole data of a write once its request header
+    /// has arrived and its memory is reserved, and to take each batch of replies (read data)
+    /// once the daemon has started sending it (seconds, at least 1). A deadline for the
+    /// whole transfer, not for a pause: a client that sends or reads a byte now and then
+    /// does not stretch it. Past it the connection is closed and the memory it held goes
+    /// back to the budget (--nbd-memory-budget), so clients that stall mid-request, or stop
+    /// reading, hold it for this long at most and cannot lock others out. Time a request
+    /// waits for memory or spends in the clone does not count. Set it so that the largest
+    /// transfer (a connection's 64 MiB in flight) goes through the slowest link to be served
+    /// in this time.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    nbd_payload_timeout: u64,
     /// NBD connections in their handshake at once, per socket (unix or TCP). Past it, new
     /// connections are closed as soon as they are accepted. Connections in their handshake
     /// never take the places of established ones (--nbd-max-connections).
@@ -401,6 +413,9 @@ fn nbd_limits(a: &RunArgs) -> anyhow::Result<NbdLimits> {
     if a.nbd_handshake_timeout == 0 {
         bail!("--nbd-handshake-timeout: must be at least 1 second");
     }
+    if a.nbd_payload_timeout == 0 {
+        bail!("--nbd-payload-timeout: must be at least 1 second");
+    }
     Ok(NbdLimits {
         max_connections: count("nbd-max-connections", a.nbd_max_connections)?,
         max_handshakes: count("nbd-max-handshakes", a.nbd_max_handshakes)?,
@@ -409,6 +424,7 @@ fn nbd_limits(a: &RunArgs) -> anyhow::Result<NbdLimits> {
             a.nbd_max_handshakes_per_peer,
         )?,
         handshake_timeout: Duration::from_secs(a.nbd_handshake_timeout),
+        payload_timeout: Duration::from_secs(a.nbd_payload_timeout),
         memory_budget: size("nbd-memory-budget", &a.nbd_memory_budget)?,
         memory_budget_per_peer: size("nbd-memory-budget-per-peer", &a.nbd_memory_budget_per_peer)?,
     })
@@ -459,15 +475,19 @@ mod tests {
         assert!(nbd_limits(&parse(&["--nbd-memory-budget", "16m"])).is_err());
         assert!(nbd_limits(&parse(&["--nbd-memory-budget-per-peer", "1m"])).is_err());
         assert!(nbd_limits(&parse(&["--nbd-handshake-timeout", "0"])).is_err());
+        assert!(nbd_limits(&parse(&["--nbd-payload-timeout", "0"])).is_err());
         assert!(nbd_limits(&parse(&["--nbd-max-handshakes", "0"])).is_err());
         let l = nbd_limits(&parse(&[
             "--nbd-memory-budget",
             "1g",
             "--nbd-handshake-timeout",
             "3",
+            "--nbd-payload-timeout",
+            "7",
         ]))
         .unwrap();
         assert_eq!(l.memory_budget, 1 << 30);
         assert_eq!(l.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(l.payload_timeout, Duration::from_secs(7));
     }
 }
