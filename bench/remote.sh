@@ -154,13 +154,13 @@ boto3.client('s3').download_file('bench', 'disk.raw', '$dir/b.img', Config=Trans
     report "s3: moto (boto3 download_file, 16 threads)" "$s3_size_mib" "$b" "$c"
 }
 
-nbd_export() { # FILE: serves it read-only by nbdkit with delay-read on TCP; prints the port
-    local port
-    port=$(free_port)
-    nbdkit -f -r -p "$port" -i 127.0.0.1 --filter=delay file "$1" "delay-read=$delay" &
+nbd_port=""
+nbd_export() { # FILE: serves it read-only by nbdkit with delay-read on TCP, at $nbd_port
+    nbd_port=$(free_port)
+    nbdkit -f -r -p "$nbd_port" -i 127.0.0.1 --filter=delay file "$1" "delay-read=$delay" \
+        >"$dir/nbdkit.log" 2>&1 &
     pids+=($!)
-    wait_port "$port"
-    echo "$port"
+    wait_port "$nbd_port"
 }
 
 bench_nbd() {
@@ -168,7 +168,8 @@ bench_nbd() {
     need nbdcopy "apt-get install libnbd-bin"
     local src port b c
     src=$(image nbd.img "$size_mib")
-    port=$(nbd_export "$src")
+    nbd_export "$src"
+    port=$nbd_port
     b=$(time_baseline "$src" nbdcopy "nbd://127.0.0.1:$port" "$dir/b.img")
     c=$(time_clonebd "nbd://127.0.0.1:$port" "$src")
     report "nbd: nbdkit delay-read=$delay (nbdcopy)" "$size_mib" "$b" "$c"
@@ -185,7 +186,8 @@ bench_fio() {
     need nbdkit "apt-get install nbdkit"
     local src port b c pid
     src=$(image nbd.img "$size_mib")
-    port=$(nbd_export "$src")
+    nbd_export "$src"
+    port=$nbd_port
     b=$(fio_iops --uri="nbd://127.0.0.1:$port")
     rm -f "$dir/d.img" "$dir/meta" "$dir/meta.source-pin" "$dir/ctl" "$dir/nbd.sock"
     truncate -s "$(stat -c %s "$src")" "$dir/d.img"
