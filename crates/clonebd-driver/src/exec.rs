@@ -1,7 +1,8 @@
 //! Executing one engine action on the devices.
 //!
-//! [`execute`] is the only place where an engine [`Action`] turns into device I/O, and both
-//! the threaded [`crate::Volume`] and the deterministic simulator call it.
+//! [`execute_data`] and [`execute_metadata`] are the only places where an engine [`Action`]
+//! turns into device I/O, and both the threaded [`crate::Volume`] and the deterministic
+//! simulator call them.
 
 use std::io;
 

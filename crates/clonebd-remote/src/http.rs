@@ -42,6 +42,8 @@ pub struct HttpOptions {
     pub connections: usize,
     /// Trust these PEM certificates instead of the system's roots (`--source-tls-ca`).
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Show the server this certificate when it asks for one (`--source-tls-cert`).
+    pub tls_client: Option<crate::tls::ClientIdentity>,
 }
 
 impl Default for HttpOptions {
@@ -52,6 +54,7 @@ impl Default for HttpOptions {
             attempt_timeout: Duration::from_secs(30),
             connections: 32,
             tls_ca: None,
+            tls_client: None,
         }
     }
 }
@@ -66,6 +69,12 @@ pub enum OpenError {
         /// The URI, without credentials.
         uri: String,
         /// What is wrong, and what to do.
+        why: String,
+    },
+    /// The client certificate or key could not be used (the message names the flag).
+    #[error("{why}")]
+    TlsClient {
+        /// What is wrong.
         why: String,
     },
     /// The CA file could not be used.
@@ -436,7 +445,43 @@ fn agent(opts: &HttpOptions) -> Result<Agent, OpenError> {
         Some(p) => RootCerts::new_with_certs(&load_pem(p)?),
         None => RootCerts::PlatformVerifier,
     };
-    let tls = TlsConfig::builder().root_certs(roots).build();
+    let client = match &opts.tls_client {
+        None => None,
+        Some(id) => {
+            let loaded = id.load().map_err(|why| OpenError::TlsClient { why })?;
+            let chain: Vec<Certificate<'static>> = loaded
+                .chain
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+                .collect();
+            // ureq takes the key as its own PEM reader gives it (the same file, checked by
+            // `load` above).
+            let pem = std::fs::read(&id.key).map_err(|e| OpenError::TlsClient {
+                why: format!(
+                    "--source-tls-key {}: {}",
+                    id.key.display(),
+                    clonebd_core::errno::describe(&e)
+                ),
+            })?;
+            let key = ureq::tls::parse_pem(&pem)
+                .find_map(|item| match item {
+                    Ok(ureq::tls::PemItem::PrivateKey(k)) => Some(k.to_owned()),
+                    _ => None,
+                })
+                .ok_or_else(|| OpenError::TlsClient {
+                    why: format!(
+                        "--source-tls-key {}: no private key in it",
+                        id.key.display()
+                    ),
+                })?;
+            drop(loaded.key);
+            Some(ureq::tls::ClientCert::new_with_certs(&chain, key))
+        }
+    };
+    let tls = TlsConfig::builder()
+        .root_certs(roots)
+        .client_cert(client)
+        .build();
     let config = Agent::config_builder()
         .http_status_as_error(false)
         .tls_config(tls)

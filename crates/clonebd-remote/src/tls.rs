@@ -12,12 +12,13 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use clonebd_nbd::Socket;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 /// The socket under the TLS connection, of either family.
@@ -78,8 +79,49 @@ impl Write for Net {
     }
 }
 
-/// The client configuration: the certificates in `ca` (PEM) as the roots, or Mozilla's.
-pub fn config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// The certificate chain and private key a client shows a server that asks for one
+/// (`--source-tls-cert`, `--source-tls-key`), for NBD over TLS and HTTPS alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The certificate chain (PEM), the client's own certificate first.
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// A [`ClientIdentity`] loaded: the chain and the key, in DER.
+#[derive(Debug)]
+pub struct LoadedIdentity {
+    /// The certificates, the client's own first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ClientIdentity {
+    /// Reads both files; the error names the flag and file.
+    pub fn load(&self) -> Result<LoadedIdentity, String> {
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("--source-tls-cert {}: {e}", self.cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "--source-tls-cert {}: no certificate in it",
+                self.cert.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| format!("--source-tls-key {}: {e}", self.key.display()))?;
+        Ok(LoadedIdentity { chain, key })
+    }
+}
+
+/// The client configuration: the certificates in `ca` (PEM) as the roots, or Mozilla's, and
+/// the client's own certificate when `identity` gives one.
+pub fn config(
+    ca: Option<&Path>,
+    identity: Option<&ClientIdentity>,
+) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     match ca {
         Some(path) => {
@@ -99,11 +141,23 @@ pub fn config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    Ok(Arc::new(
-        ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let loaded = id.load()?;
+            builder
+                .with_client_auth_cert(loaded.chain, loaded.key)
+                .map_err(|e| {
+                    format!(
+                        "--source-tls-key {}: does not go with --source-tls-cert {}: {e}",
+                        id.key.display(),
+                        id.cert.display()
+                    )
+                })?
+        }
+    };
+    Ok(Arc::new(config))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,5 +1,5 @@
 //! The clone as an NBD export: [`CloneExport`] implements the NBD server's
-//! [`Backend`](clonebd_nbd::Backend) over a [`Volume`].
+//! [`clonebd_nbd::Backend`] over a [`Volume`].
 //!
 //! Besides `base:allocation`, the export reports our own metadata context
 //! `clonebd:hydrated`: bit 0 (value 1) of an extent's flags is set where the regions are

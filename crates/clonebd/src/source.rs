@@ -16,6 +16,7 @@ use clonebd_remote::http::{HttpOptions, HttpSource, Target};
 use clonebd_remote::nbd::{NbdOptions, NbdSource};
 use clonebd_remote::retry::Policy;
 use clonebd_remote::s3::{S3Env, S3Object};
+use clonebd_remote::tls::ClientIdentity;
 use clonebd_remote::uri::{SourceUri, redact};
 use clonebd_remote::{SourceIdentity, SourceStats};
 
@@ -31,6 +32,8 @@ pub struct SourceOptions {
     pub connections: Option<usize>,
     /// Trust these PEM certificates for HTTPS instead of the system's roots.
     pub tls_ca: Option<PathBuf>,
+    /// The certificate to show a server (HTTPS or NBD over TLS) that asks for one.
+    pub tls_client: Option<ClientIdentity>,
 }
 
 impl Default for SourceOptions {
@@ -40,6 +43,7 @@ impl Default for SourceOptions {
             timeout: Duration::from_secs(60),
             connections: None,
             tls_ca: None,
+            tls_client: None,
         }
     }
 }
@@ -145,6 +149,7 @@ pub fn open(word: &str, opts: &SourceOptions) -> Result<Opened, SourceError> {
             },
             connections: opts.connections.unwrap_or(DEFAULT_HTTP_CONNECTIONS),
             tls_ca: opts.tls_ca.clone(),
+            tls_client: opts.tls_client.clone(),
             ..HttpOptions::default()
         };
         let h = HttpSource::open(target, &o).map_err(|e| SourceError::Remote(e.to_string()))?;
@@ -181,12 +186,16 @@ pub fn open(word: &str, opts: &SourceOptions) -> Result<Opened, SourceError> {
         SourceUri::Nbd { addr, export, tls } => {
             let tls = match tls {
                 false => None,
-                true => Some(clonebd_remote::tls::config(opts.tls_ca.as_deref()).map_err(
-                    |why| {
-                        let ca = opts.tls_ca.as_deref().unwrap_or(std::path::Path::new(""));
-                        SourceError::Remote(format!("--source-tls-ca {}: {why}", ca.display()))
-                    },
-                )?),
+                true => Some(
+                    clonebd_remote::tls::config(opts.tls_ca.as_deref(), opts.tls_client.as_ref())
+                        .map_err(|why| match (&opts.tls_ca, why.starts_with("--")) {
+                        // The identity's errors name their flag already.
+                        (_, true) | (None, false) => SourceError::Remote(why),
+                        (Some(ca), false) => {
+                            SourceError::Remote(format!("--source-tls-ca {}: {why}", ca.display()))
+                        }
+                    })?,
+                ),
             };
             let o = NbdOptions {
                 tls,

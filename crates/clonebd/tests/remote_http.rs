@@ -153,7 +153,17 @@ fn an_image_replaced_mid_hydration_stops_hydration_and_a_restart_is_refused() {
     let c = remote(&f, &url);
     let original = f.source_bytes();
     // Slow hydration, so that the replacement lands in the middle of it.
-    let d = Daemon::start(&c, &["--hydration-rate-limit", "1m"]);
+    let d = Daemon::start(
+        &c,
+        &[
+            "--hydration-rate-limit",
+            "1m",
+            "--hydration-batch-size",
+            "1",
+            "--hydration-threshold",
+            "2",
+        ],
+    );
     // One region hydrated by a client write, one by a copy of the source (CACHE).
     run(
         "qemu-io",
@@ -327,9 +337,19 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
     let port = web.port;
     let url = format!("http://127.0.0.1:{port}/source.img");
     let c = remote(&f, &url);
+    // One region per copy, slowly: most of the image is still cold when the server goes.
     let d = Daemon::start(
         &c,
-        &["--hydration-rate-limit", "1m", "--source-timeout", "2"],
+        &[
+            "--hydration-rate-limit",
+            "1m",
+            "--hydration-batch-size",
+            "1",
+            "--hydration-threshold",
+            "2",
+            "--source-timeout",
+            "2",
+        ],
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while status(&d)["nr_hydrated"].as_u64().unwrap() < 8 {

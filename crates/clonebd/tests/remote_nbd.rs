@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, clonebd, first_difference, run, run_status};
-use common::servers::{Listen, make_certs, nbdkit, need, qemu_nbd, qemu_nbd_shared};
+use common::servers::{Listen, make_certs, nbdkit, need, qemu_nbd, qemu_nbd_shared, qemu_nbd_with};
 
 fn have_all() -> bool {
     need("qemu-nbd") && need("nbdkit") && need("qemu-img") && need("qemu-io")
@@ -449,5 +449,102 @@ fn a_clone_over_tls_verifies_the_server_and_ends_equal() {
     assert!(d.terminate().success());
     if let Some(diff) = first_difference(&c.dest_bytes(), &f.source_bytes()) {
         panic!("destination differs from the source over nbds+unix: {diff}");
+    }
+}
+
+#[test]
+fn qemu_nbd_over_tls_that_verifies_clients_takes_the_clone_only_with_its_certificate() {
+    if !have_all() || !need("openssl") {
+        return;
+    }
+    let f = Files::new(4 << 20, 29);
+    let pki = f.path("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let certs = make_certs(&pki);
+    // qemu's names for them; tls-creds-x509 verifies clients (verify-peer) by default.
+    std::fs::copy(&certs.ca, pki.join("ca-cert.pem")).unwrap();
+    std::fs::copy(&certs.server_cert, pki.join("server-cert.pem")).unwrap();
+    std::fs::copy(&certs.server_key, pki.join("server-key.pem")).unwrap();
+    let at = Listen::tcp();
+    let object = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+        pki.display()
+    );
+    let _q = qemu_nbd_with(
+        &f.source,
+        "golden",
+        &at,
+        0,
+        &["--object", &object, "--tls-creds", "tls0"],
+    );
+    let Listen::Tcp(port) = at else {
+        unreachable!("a TCP server")
+    };
+    let uri = format!("nbds://127.0.0.1:{port}/golden");
+    let ca = certs.ca.to_str().unwrap();
+    // Without a client certificate, the server ends the handshake: refused at start.
+    let g = Files::new(f.size, 0);
+    let out = clonebd(&[
+        "run",
+        "--create",
+        "--source",
+        &uri,
+        "--dest",
+        g.dest.to_str().unwrap(),
+        "--metadata",
+        g.meta.to_str().unwrap(),
+        "--source-tls-ca",
+        ca,
+        "--source-timeout",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a start without a client certificate succeeded"
+    );
+    assert!(err.contains(&format!("clonebd: source {uri}:")), "{err}");
+    assert!(!g.meta.exists(), "a refused start created the metadata");
+    // A key that is not a key: named by its flag.
+    let out = clonebd(&[
+        "run",
+        "--create",
+        "--source",
+        &uri,
+        "--dest",
+        g.dest.to_str().unwrap(),
+        "--metadata",
+        g.meta.to_str().unwrap(),
+        "--source-tls-ca",
+        ca,
+        "--source-tls-cert",
+        certs.client_cert.to_str().unwrap(),
+        "--source-tls-key",
+        ca,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("clonebd: --source-tls-key {ca}:")),
+        "{err}"
+    );
+    // With it: cloned, every byte right.
+    let c = remote(&f, &uri);
+    let d = Daemon::start(
+        &c,
+        &[
+            "--source-tls-ca",
+            ca,
+            "--source-tls-cert",
+            certs.client_cert.to_str().unwrap(),
+            "--source-tls-key",
+            certs.client_key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(status(&d)["source"]["state"], "connected");
+    d.ctl_ok("wait", &["--no-progress"]);
+    assert!(d.terminate().success());
+    if let Some(diff) = first_difference(&c.dest_bytes(), &f.source_bytes()) {
+        panic!("destination differs from the source: {diff}");
     }
 }

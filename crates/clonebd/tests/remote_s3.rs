@@ -99,7 +99,15 @@ fn a_versioned_object_stays_pinned_to_its_version_after_an_overwrite_and_a_resta
     let e = env_refs(&e);
     let uri = "s3://golden/disk.raw";
     let c = clone_of(&f, uri);
-    let slow = ["--hydration-rate-limit", "256k"];
+    // One region per copy, slowly, so that the overwrite comes mid-hydration.
+    let slow = [
+        "--hydration-rate-limit",
+        "256k",
+        "--hydration-batch-size",
+        "1",
+        "--hydration-threshold",
+        "2",
+    ];
     let d = Daemon::start_with_env(&c, "64k", &slow, &e);
     let st = status(&d);
     assert_eq!(st["source"]["uri"], uri);
@@ -160,7 +168,19 @@ fn an_overwritten_unversioned_object_stops_hydration_and_a_restart_is_refused() 
     let e = env_refs(&e);
     let uri = "s3://plain/disk.raw";
     let c = clone_of(&f, uri);
-    let d = Daemon::start_with_env(&c, "64k", &["--hydration-rate-limit", "128k"], &e);
+    let d = Daemon::start_with_env(
+        &c,
+        "64k",
+        &[
+            "--hydration-rate-limit",
+            "128k",
+            "--hydration-batch-size",
+            "1",
+            "--hydration-threshold",
+            "2",
+        ],
+        &e,
+    );
     wait_hydrated(&d, 2);
     let other = other_image(&f, 78);
     put(&moto, "plain", "disk.raw", &other);

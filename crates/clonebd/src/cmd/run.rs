@@ -254,6 +254,14 @@ pub struct RunArgs {
     /// the system's roots, and for an nbds:// source instead of Mozilla's.
     #[arg(long, value_name = "FILE")]
     source_tls_ca: Option<PathBuf>,
+    /// Show the certificate chain in FILE (PEM, the client's own certificate first) to an
+    /// nbds:// or https:// source that asks for one (qemu-nbd's tls-creds-x509 verifies
+    /// clients by default). Needs --source-tls-key.
+    #[arg(long, value_name = "FILE", requires = "source_tls_key")]
+    source_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --source-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "source_tls_cert")]
+    source_tls_key: Option<PathBuf>,
     /// Where a remote source's pinned identity is kept. Default: METADATA.source-pin beside
     /// a metadata file; needed when METADATA is a block device. While no region is
     /// hydrated the pin is written anew from the source as it is; once one is, a start
@@ -390,6 +398,13 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
             timeout: Duration::from_secs(a.source_timeout.max(1)),
             connections: a.source_connections.map(|n| n.max(1)),
             tls_ca: a.source_tls_ca.clone(),
+            tls_client: match (&a.source_tls_cert, &a.source_tls_key) {
+                (Some(cert), Some(key)) => Some(clonebd_remote::tls::ClientIdentity {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
         },
         source_pin: a.source_pin.clone(),
     })

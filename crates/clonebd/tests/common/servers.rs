@@ -199,7 +199,19 @@ pub fn qemu_nbd(image: &Path, export: &str, at: &Listen) -> Server {
 /// qemu-nbd serving `image` read-only as `export` to `shared` clients at once (0: any
 /// number; qemu-nbd's own default is 1).
 pub fn qemu_nbd_shared(image: &Path, export: &str, at: &Listen, shared: u32) -> Server {
-    let mut args: Vec<String> = vec![
+    qemu_nbd_with(image, export, at, shared, &[])
+}
+
+/// qemu-nbd as [`qemu_nbd_shared`], with `extra` arguments first (`--object`, `--tls-creds`).
+pub fn qemu_nbd_with(
+    image: &Path,
+    export: &str,
+    at: &Listen,
+    shared: u32,
+    extra: &[&str],
+) -> Server {
+    let mut args: Vec<String> = extra.iter().map(|w| w.to_string()).collect();
+    args.extend::<Vec<String>>(vec![
         "-f".into(),
         "raw".into(),
         "-r".into(),
@@ -207,7 +219,7 @@ pub fn qemu_nbd_shared(image: &Path, export: &str, at: &Listen, shared: u32) -> 
         format!("--shared={shared}"),
         "-x".into(),
         export.into(),
-    ];
+    ]);
     match at {
         Listen::Tcp(p) => {
             args.extend(["-b".into(), "127.0.0.1".into(), "-p".into(), p.to_string()])
@@ -388,9 +400,13 @@ pub struct Certs {
     pub server_cert: PathBuf,
     /// The server's private key (PEM).
     pub server_key: PathBuf,
+    /// A client's certificate (PEM), signed by the CA.
+    pub client_cert: PathBuf,
+    /// The client's private key (PEM).
+    pub client_key: PathBuf,
 }
 
-/// Makes a CA and a server certificate in `dir`.
+/// Makes a CA, a server certificate and a client certificate in `dir`.
 pub fn make_certs(dir: &Path) -> Certs {
     let p = |n: &str| dir.join(n).display().to_string();
     let openssl = |args: &[&str]| {
@@ -453,9 +469,40 @@ pub fn make_certs(dir: &Path) -> Certs {
         "-out",
         &p("server.pem"),
     ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=clonebd test client",
+        "-keyout",
+        &p("client.key"),
+        "-out",
+        &p("client.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("client.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("server.ext"),
+        "-out",
+        &p("client.pem"),
+    ]);
     Certs {
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),
         server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
     }
 }
