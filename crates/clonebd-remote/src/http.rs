@@ -520,34 +520,19 @@ impl BlockDev for HttpSource {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            discard: false,
-            write_zeroes: false,
-            volatile_cache: false,
-        }
+        crate::readonly::CAPS
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
-        match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.size => {}
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("read at {offset}+{} past the end of the source", buf.len()),
-                ));
-            }
-        }
+        crate::readonly::check_read(offset, buf.len(), self.size)?;
         self.read_range(buf, offset)
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("source {} is read-only", self.stats.uri()),
-        ))
+        Err(crate::readonly::refuse_write(self.stats.uri()))
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -21,6 +21,7 @@
 
 pub mod http;
 pub mod nbd;
+mod readonly;
 pub mod retry;
 pub mod s3;
 mod stats;

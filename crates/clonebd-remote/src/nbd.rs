@@ -405,23 +405,11 @@ impl BlockDev for NbdSource {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            discard: false,
-            write_zeroes: false,
-            volatile_cache: false,
-        }
+        crate::readonly::CAPS
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.size => {}
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("read at {offset}+{} past the end of the source", buf.len()),
-                ));
-            }
-        }
+        crate::readonly::check_read(offset, buf.len(), self.size)?;
         let end = offset + buf.len() as u64;
         let min = self.min_block;
         if offset.is_multiple_of(min) && (end.is_multiple_of(min) || end == self.size) {
@@ -437,10 +425,7 @@ impl BlockDev for NbdSource {
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("source {} is read-only", self.stats.uri()),
-        ))
+        Err(crate::readonly::refuse_write(self.stats.uri()))
     }
 
     fn flush(&self) -> io::Result<()> {

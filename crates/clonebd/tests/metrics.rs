@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, free_port, have, run};
@@ -72,11 +71,7 @@ fn metrics_move_with_the_workload_and_match_the_documented_names() {
     let f = Files::new(8 << 20, 41);
     let web = nginx(f.dir.path(), "");
     let url = format!("http://127.0.0.1:{}/source.img", web.port);
-    let g = Files::new(f.size, 0);
-    let c = Files {
-        source: PathBuf::from(&url),
-        ..g
-    };
+    let c = f.with_remote_source(&url);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start(&c, &["--no-hydration", "--metrics", &addr]);

@@ -18,19 +18,6 @@ fn have_all() -> bool {
     need("nginx") && need("qemu-img") && need("qemu-io")
 }
 
-/// A clone whose source is `url` (the destination and metadata in `f`'s directory).
-fn remote(f: &Files, url: &str) -> Files {
-    let g = Files::new(f.size, 0);
-    Files {
-        source: PathBuf::from(url),
-        ..g
-    }
-}
-
-fn status(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ctl_ok("status", &["--json", "--noflush"])).expect("json")
-}
-
 #[test]
 fn a_clone_of_an_http_image_reads_right_while_it_hydrates_and_ends_equal() {
     if !have_all() {
@@ -39,9 +26,9 @@ fn a_clone_of_an_http_image_reads_right_while_it_hydrates_and_ends_equal() {
     let f = Files::new(16 << 20, 11);
     let web = nginx(f.dir.path(), "");
     let url = format!("http://127.0.0.1:{}/source.img", web.port);
-    let c = remote(&f, &url);
+    let c = f.with_remote_source(&url);
     let d = Daemon::start(&c, &["--no-hydration"]);
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["source"]["uri"], url.as_str());
     assert_eq!(st["source"]["state"], "connected");
     // Every byte through clonebd's export equals the source, before any hydration.
@@ -82,7 +69,7 @@ fn a_clone_of_an_http_image_reads_right_while_it_hydrates_and_ends_equal() {
         &["-f", "raw", &d.unix_uri(), "-c", "read -P 0x5a 70000 5000"],
     );
     d.ctl_ok("wait", &["--no-progress"]);
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["complete"], true);
     assert!(st["source"]["requests"].as_u64().unwrap() > 0);
     assert!(d.terminate().success());
@@ -150,7 +137,7 @@ fn an_image_replaced_mid_hydration_stops_hydration_and_a_restart_is_refused() {
     let f = Files::new(16 << 20, 13);
     let web = nginx(f.dir.path(), "");
     let url = format!("http://127.0.0.1:{}/source.img", web.port);
-    let c = remote(&f, &url);
+    let c = f.with_remote_source(&url);
     let original = f.source_bytes();
     // Slow hydration, so that the replacement lands in the middle of it.
     let d = Daemon::start(
@@ -178,7 +165,7 @@ fn an_image_replaced_mid_hydration_stops_hydration_and_a_restart_is_refused() {
         ],
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&d)["nr_hydrated"].as_u64().unwrap() < 8 {
+    while d.status_json()["nr_hydrated"].as_u64().unwrap() < 8 {
         assert!(Instant::now() < deadline, "hydration does not progress");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -200,7 +187,7 @@ fn an_image_replaced_mid_hydration_stops_hydration_and_a_restart_is_refused() {
     std::fs::rename(&tmp, &f.source).expect("replace");
     let deadline = Instant::now() + Duration::from_secs(30);
     let st = loop {
-        let st = status(&d);
+        let st = d.status_json();
         if st["source"]["state"] == "changed" {
             break st;
         }
@@ -220,7 +207,7 @@ fn an_image_replaced_mid_hydration_stops_hydration_and_a_restart_is_refused() {
     // Hydration stops: nothing more is hydrated.
     let n = st["nr_hydrated"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(status(&d)["nr_hydrated"].as_u64().unwrap(), n);
+    assert_eq!(d.status_json()["nr_hydrated"].as_u64().unwrap(), n);
     assert!(n < st["nr_regions"].as_u64().unwrap());
     // The hydrated region the client wrote still reads right; a cold one fails.
     run(
@@ -293,7 +280,7 @@ fn an_https_image_is_cloned_with_the_ca_given_and_refused_without_it() {
     let web = nginx_tls(f.dir.path(), &certs);
     let url = format!("https://127.0.0.1:{}/source.img", web.port);
     // The system's roots do not know the test's CA: refused, saying why.
-    let c = remote(&f, &url);
+    let c = f.with_remote_source(&url);
     let out = clonebd(&[
         "run",
         "--create",
@@ -318,7 +305,7 @@ fn an_https_image_is_cloned_with_the_ca_given_and_refused_without_it() {
     let ca = certs.ca.to_str().unwrap();
     let d = Daemon::start(&c, &["--source-tls-ca", ca]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !status(&d)["complete"].as_bool().unwrap() {
+    while !d.status_json()["complete"].as_bool().unwrap() {
         assert!(Instant::now() < deadline, "hydration does not finish");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -336,7 +323,7 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
     let web = nginx(f.dir.path(), "");
     let port = web.port;
     let url = format!("http://127.0.0.1:{port}/source.img");
-    let c = remote(&f, &url);
+    let c = f.with_remote_source(&url);
     // One region per copy, slowly: most of the image is still cold when the server goes.
     let d = Daemon::start(
         &c,
@@ -352,7 +339,7 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
         ],
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&d)["nr_hydrated"].as_u64().unwrap() < 8 {
+    while d.status_json()["nr_hydrated"].as_u64().unwrap() < 8 {
         assert!(Instant::now() < deadline, "hydration does not progress");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -378,7 +365,7 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
         "a cold read waited {:?}",
         t0.elapsed()
     );
-    let st = status(&d);
+    let st = d.status_json();
     assert!(
         st["source"]["state"] == "failed" || st["source"]["state"] == "retrying",
         "{st}"
@@ -387,15 +374,15 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
     // The server comes back on the same port: hydration resumes by itself and finishes.
     let _web = nginx_on(f.dir.path(), port);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !status(&d)["complete"].as_bool().unwrap() {
+    while !d.status_json()["complete"].as_bool().unwrap() {
         assert!(
             Instant::now() < deadline,
             "hydration did not resume: {}",
-            status(&d)
+            d.status_json()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(status(&d)["source"]["state"], "connected");
+    assert_eq!(d.status_json()["source"]["state"], "connected");
     assert!(d.terminate().success());
     let dest = std::fs::read(&c.dest).expect("dest");
     assert_eq!(first_difference(&dest, &f.source_bytes()), None);
@@ -409,7 +396,7 @@ fn metadata_on_a_block_device_needs_a_pin_file_and_works_with_one() {
     let f = Files::new(4 << 20, 23);
     let web = nginx(f.dir.path(), "");
     let url = format!("http://127.0.0.1:{}/source.img", web.port);
-    let mut c = remote(&f, &url);
+    let mut c = f.with_remote_source(&url);
     let meta_file = c.path("meta-dev.img");
     std::fs::write(&meta_file, vec![0u8; 4 << 20]).expect("meta file");
     let lo = Loop::attach(&meta_file, false);
@@ -452,7 +439,7 @@ fn metadata_on_a_block_device_needs_a_pin_file_and_works_with_one() {
     c.meta = PathBuf::from(&lo.0);
     let d = Daemon::start(&c, &["--source-pin", pin.to_str().unwrap()]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !status(&d)["complete"].as_bool().unwrap() {
+    while !d.status_json()["complete"].as_bool().unwrap() {
         assert!(Instant::now() < deadline, "hydration does not finish");
         std::thread::sleep(Duration::from_millis(50));
     }

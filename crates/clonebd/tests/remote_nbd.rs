@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, Files, clonebd, first_difference, run, run_status};
@@ -20,23 +19,10 @@ fn have_all() -> bool {
     need("qemu-nbd") && need("nbdkit") && need("qemu-img") && need("qemu-io")
 }
 
-/// A clone whose source is `uri` (the destination and metadata in a directory of its own).
-fn remote(f: &Files, uri: &str) -> Files {
-    let g = Files::new(f.size, 0);
-    Files {
-        source: PathBuf::from(uri),
-        ..g
-    }
-}
-
-fn status(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ctl_ok("status", &["--json", "--noflush"])).expect("json")
-}
-
 fn wait_for(d: &Daemon, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let st = status(d);
+        let st = d.status_json();
         if ok(&st) {
             return st;
         }
@@ -47,9 +33,9 @@ fn wait_for(d: &Daemon, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> 
 
 /// Reads right before hydration, writes land, hydrates, ends equal to source plus writes.
 fn clone_reads_right_and_ends_equal(f: &Files, uri: &str) {
-    let c = remote(f, uri);
+    let c = f.with_remote_source(uri);
     let d = Daemon::start(&c, &["--no-hydration"]);
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["source"]["uri"], uri);
     assert_eq!(st["source"]["state"], "connected");
     let source = f.source.to_str().unwrap();
@@ -91,7 +77,7 @@ fn clone_reads_right_and_ends_equal(f: &Files, uri: &str) {
         ],
     );
     d.ctl_ok("wait", &["--no-progress"]);
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["complete"], true);
     assert!(st["source"]["requests"].as_u64().unwrap() > 0);
     assert!(d.terminate().success());
@@ -145,10 +131,10 @@ fn a_server_that_takes_one_client_gets_one_connection_and_the_clone_completes() 
     let f = Files::new(4 << 20, 26);
     let at = Listen::Unix(f.path("qemu1.sock"));
     let _q = qemu_nbd_shared(&f.source, "golden", &at, 1);
-    let c = remote(&f, &at.uri("golden"));
+    let c = f.with_remote_source(&at.uri("golden"));
     let d = Daemon::start(&c, &["--source-connections", "3"]);
     d.ctl_ok("wait", &["--no-progress"]);
-    assert_eq!(status(&d)["source"]["state"], "connected");
+    assert_eq!(d.status_json()["source"]["state"], "connected");
     let log = d.log_text();
     assert!(
         log.contains("the server took 1 of the 3 connections asked for"),
@@ -194,11 +180,11 @@ fn a_slow_server_that_fails_reads_at_random_still_gives_every_byte_right() {
         &at,
     );
     let uri = at.uri("");
-    let c = remote(&f, &uri);
+    let c = f.with_remote_source(&uri);
     // One region per copy: 128 reads, so that some surely fail (a fifth of them, on average).
     let d = Daemon::start(&c, &["--hydration-batch-size", "1"]);
     d.ctl_ok("wait", &["--no-progress"]);
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["complete"], true);
     assert!(
         st["source"]["retries"].as_u64().unwrap() > 0,
@@ -226,7 +212,7 @@ fn a_server_killed_mid_hydration_and_started_again_is_reconnected_to() {
     let file = format!("file={}", f.source.display());
     let k = nbdkit(f.dir.path(), &["file", &file], &at);
     let uri = at.uri("");
-    let c = remote(&f, &uri);
+    let c = f.with_remote_source(&uri);
     let d = Daemon::start(
         &c,
         &["--hydration-rate-limit", "2m", "--source-timeout", "5"],
@@ -267,7 +253,7 @@ fn a_server_killed_mid_hydration_and_started_again_is_reconnected_to() {
     // The server comes back on the same port: the clone reconnects and finishes.
     let _k = nbdkit(f.dir.path(), &["file", &file], &at);
     d.ctl_ok("wait", &["--no-progress"]);
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["complete"], true);
     assert_eq!(st["source"]["state"], "connected", "{st}");
     assert!(st["source"]["retries"].as_u64().unwrap() > 0, "{st}");
@@ -290,7 +276,7 @@ fn a_server_that_comes_back_with_another_size_is_refused() {
     let at = Listen::Unix(f.path("qemu.sock"));
     let q = qemu_nbd(&f.source, "golden", &at);
     let uri = at.uri("golden");
-    let c = remote(&f, &uri);
+    let c = f.with_remote_source(&uri);
     let d = Daemon::start(&c, &["--hydration-rate-limit", "2m"]);
     wait_for(&d, "hydration does not progress", |st| {
         st["nr_hydrated"].as_u64().unwrap() >= 8
@@ -313,7 +299,7 @@ fn a_server_that_comes_back_with_another_size_is_refused() {
     assert!(d.log_text().contains("changed since the clone began"));
     let n = st["nr_hydrated"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(status(&d)["nr_hydrated"].as_u64().unwrap(), n);
+    assert_eq!(d.status_json()["nr_hydrated"].as_u64().unwrap(), n);
     let cold = run_status(
         "qemu-io",
         &["-f", "raw", &d.unix_uri(), "-c", "read 15m 4k"],
@@ -411,10 +397,10 @@ fn a_clone_over_tls_verifies_the_server_and_ends_equal() {
     );
     assert!(!g.meta.exists(), "a refused start created the metadata");
     // With the CA: cloned, every byte right.
-    let c = remote(&f, &uri);
+    let c = f.with_remote_source(&uri);
     let ca = certs.ca.to_str().unwrap();
     let d = Daemon::start(&c, &["--source-tls-ca", ca]);
-    assert_eq!(status(&d)["source"]["state"], "connected");
+    assert_eq!(d.status_json()["source"]["state"], "connected");
     run(
         "qemu-img",
         &[
@@ -443,7 +429,7 @@ fn a_clone_over_tls_verifies_the_server_and_ends_equal() {
         unreachable!("a unix socket")
     };
     let uri = format!("nbds+unix:///?socket={}", sock.display());
-    let c = remote(&f, &uri);
+    let c = f.with_remote_source(&uri);
     let d = Daemon::start(&c, &["--source-tls-ca", ca]);
     d.ctl_ok("wait", &["--no-progress"]);
     assert!(d.terminate().success());
@@ -529,7 +515,7 @@ fn qemu_nbd_over_tls_that_verifies_clients_takes_the_clone_only_with_its_certifi
         "{err}"
     );
     // With it: cloned, every byte right.
-    let c = remote(&f, &uri);
+    let c = f.with_remote_source(&uri);
     let d = Daemon::start(
         &c,
         &[
@@ -541,7 +527,7 @@ fn qemu_nbd_over_tls_that_verifies_clients_takes_the_clone_only_with_its_certifi
             certs.client_key.to_str().unwrap(),
         ],
     );
-    assert_eq!(status(&d)["source"]["state"], "connected");
+    assert_eq!(d.status_json()["source"]["state"], "connected");
     d.ctl_ok("wait", &["--no-progress"]);
     assert!(d.terminate().success());
     if let Some(diff) = first_difference(&c.dest_bytes(), &f.source_bytes()) {

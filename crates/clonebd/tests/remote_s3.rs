@@ -49,22 +49,10 @@ fn env_refs<'a>(e: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)>
     e.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
-fn clone_of(f: &Files, uri: &str) -> Files {
-    let g = Files::new(f.size, 0);
-    Files {
-        source: PathBuf::from(uri),
-        ..g
-    }
-}
-
-fn status(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ctl_ok("status", &["--json", "--noflush"])).expect("json")
-}
-
 fn wait_hydrated(d: &Daemon, at_least: u64) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let st = status(d);
+        let st = d.status_json();
         if st["nr_hydrated"].as_u64().unwrap() >= at_least {
             return st;
         }
@@ -98,7 +86,7 @@ fn a_versioned_object_stays_pinned_to_its_version_after_an_overwrite_and_a_resta
     let e = env(&moto);
     let e = env_refs(&e);
     let uri = "s3://golden/disk.raw";
-    let c = clone_of(&f, uri);
+    let c = f.with_remote_source(uri);
     // One region per copy, slowly, so that the overwrite comes mid-hydration.
     let slow = [
         "--hydration-rate-limit",
@@ -109,7 +97,7 @@ fn a_versioned_object_stays_pinned_to_its_version_after_an_overwrite_and_a_resta
         "2",
     ];
     let d = Daemon::start_with_env(&c, "64k", &slow, &e);
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["source"]["uri"], uri);
     assert_eq!(st["source"]["state"], "connected");
     // The version is pinned beside the metadata before the first copy.
@@ -140,11 +128,11 @@ fn a_versioned_object_stays_pinned_to_its_version_after_an_overwrite_and_a_resta
     assert!(d.terminate().success());
     let d = Daemon::start_with_env(&c, "64k", &[], &e);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !status(&d)["complete"].as_bool().unwrap() {
+    while !d.status_json()["complete"].as_bool().unwrap() {
         assert!(Instant::now() < deadline, "hydration does not finish");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let st = status(&d);
+    let st = d.status_json();
     assert_eq!(st["source"]["state"], "connected", "{st}");
     assert!(d.terminate().success());
     let dest = std::fs::read(&c.dest).expect("dest");
@@ -167,7 +155,7 @@ fn an_overwritten_unversioned_object_stops_hydration_and_a_restart_is_refused() 
     let e = env(&moto);
     let e = env_refs(&e);
     let uri = "s3://plain/disk.raw";
-    let c = clone_of(&f, uri);
+    let c = f.with_remote_source(uri);
     let d = Daemon::start_with_env(
         &c,
         "64k",
@@ -186,7 +174,7 @@ fn an_overwritten_unversioned_object_stops_hydration_and_a_restart_is_refused() 
     put(&moto, "plain", "disk.raw", &other);
     let deadline = Instant::now() + Duration::from_secs(60);
     let st = loop {
-        let st = status(&d);
+        let st = d.status_json();
         if st["source"]["state"] == "changed" {
             break st;
         }
@@ -243,7 +231,7 @@ fn wrong_credentials_are_refused_at_start_and_create_nothing() {
         }
     }
     let e = env_refs(&e);
-    let c = clone_of(&f, "s3://locked/disk.raw");
+    let c = f.with_remote_source("s3://locked/disk.raw");
     let out = clonebd_env(
         &[
             "run",

@@ -85,6 +85,17 @@ impl Files {
         }
     }
 
+    /// A clone of the remote source `uri` of this clone's size: a fresh destination and
+    /// metadata in a directory of their own, the source `uri` (for comparisons, `self`'s
+    /// source holds the bytes `uri` serves).
+    pub fn with_remote_source(&self, uri: &str) -> Files {
+        let g = Files::new(self.size, 0);
+        Files {
+            source: PathBuf::from(uri),
+            ..g
+        }
+    }
+
     /// A path in the directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -281,6 +292,11 @@ impl Daemon {
             self.log_text()
         );
         String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// `status --json --noflush`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ctl_ok("status", &["--json", "--noflush"])).expect("status JSON")
     }
 
     /// The process id.
