@@ -4,6 +4,9 @@
 #
 #   bench/hydration.sh [SIZE_MIB] [DIR]     (default 1024 MiB, in a new directory under /var/tmp)
 #
+# Environment: DATA_PERCENT (below), ONLY_DEFAULTS=1 (only clonebd's defaults, with and
+# without sparse-aware hydration).
+#
 # For each clonebd configuration it starts `clonebd run` with hydration enabled, waits for
 # `clonebd wait` to report every region hydrated and committed, and stops it; the time is
 # from the start of `clonebd run` to the return of `wait`. The ratio is qemu-img's time over
@@ -16,10 +19,22 @@ cargo build --release --quiet --manifest-path "$here/Cargo.toml" -p clonebd
 bin="$here/target/release/clonebd"
 command -v qemu-img >/dev/null || { echo "qemu-img is needed (apt-get install qemu-utils)" >&2; exit 1; }
 
-src="$dir/src.img"
+# DATA_PERCENT (default 100): the share of the source that holds data; below 100 the
+# source is a sparse file with 1 MiB of random data every 100/DATA_PERCENT MiB and holes
+# between, as real disk images mostly are.
+data_percent="${DATA_PERCENT:-100}"
+src="$dir/src-$data_percent.img"
 if [ ! -f "$src" ] || [ "$(stat -c %s "$src")" != $((size_mib << 20)) ]; then
-    echo "making a ${size_mib} MiB source in $src"
-    head -c $((size_mib << 20)) /dev/urandom > "$src"
+    echo "making a ${size_mib} MiB source in $src ($data_percent % data)"
+    if [ "$data_percent" -ge 100 ]; then
+        head -c $((size_mib << 20)) /dev/urandom > "$src"
+    else
+        truncate -s $((size_mib << 20)) "$src"
+        step=$((100 / data_percent))
+        for ((i = 0; i < size_mib; i += step)); do
+            dd if=/dev/urandom of="$src" bs=1M count=1 seek="$i" conv=notrunc status=none
+        done
+    fi
 fi
 sync
 
@@ -67,6 +82,11 @@ report() {
     local c; c=$(time_clonebd "$@")
     printf "%-58s %8.3f s  %7.1f MiB/s  ratio %.3f\n" "$label" "$c" "$(echo "$size_mib / $c" | bc -l)" "$(echo "$q / $c" | bc -l)"
 }
+if [ -n "${ONLY_DEFAULTS:-}" ]; then
+    report "clonebd defaults (4k regions, threshold 2048, batch 256)"
+    report "clonebd defaults, --no-sparse-hydration" --no-sparse-hydration
+    exit 0
+fi
 report "clonebd 64k regions, threshold 256, batch 64" --region-size 64k --hydration-threshold 256 --hydration-batch-size 64
 report "clonebd defaults (4k regions, threshold 2048, batch 256)"
 report "clonebd 64k regions, defaults (threshold 128, batch 16)" --region-size 64k

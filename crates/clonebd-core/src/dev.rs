@@ -52,6 +52,14 @@ pub trait BlockDev: Send + Sync {
         None
     }
 
+    /// Whether all of `[offset, offset+len)` is known to read as zeros without reading it (a
+    /// hole of a sparse file). `false` when it holds data or the device cannot tell (the
+    /// default); hydration then reads it.
+    fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 

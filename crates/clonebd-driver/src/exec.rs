@@ -125,8 +125,12 @@ pub const COPY_CHUNK: u64 = 1 << 20;
 /// Copies `[offset, offset+len)` from the source to the destination, in pieces of at most
 /// [`COPY_CHUNK`]; stops at the first error.
 pub fn copy_range(devs: &Devices<'_>, offset: u64, len: u64, scratch: &mut AlignedBuf) -> IoStatus {
-    match try_copy_range(devs, offset, len, COPY_CHUNK, scratch) {
-        Ok(()) => IoStatus::Ok,
+    let mode = CopyMode {
+        chunk: COPY_CHUNK,
+        sparse: false,
+    };
+    match try_copy_range(devs, offset, len, mode, scratch) {
+        Ok(_) => IoStatus::Ok,
         Err(f) => f.status(),
     }
 }
@@ -176,35 +180,72 @@ impl std::fmt::Display for CopyFailure {
     }
 }
 
-/// As [`copy_range`], in pieces of at most `chunk` bytes, saying why a copy failed.
+/// How a copy is made ([`try_copy_range`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyMode {
+    /// The largest piece read and written at once.
+    pub chunk: u64,
+    /// Sparse-aware: a piece the source knows to be a hole is not read, and one that reads
+    /// back all zeros is not written; either becomes a zeroing request on the destination
+    /// (which then reads zeros whatever it held before). The map and the commit rules are
+    /// those of any copy: the zeroing is made durable by the same flush as a write.
+    pub sparse: bool,
+}
+
+/// What a copy did: bytes copied, and bytes made zero without copying them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyDone {
+    /// Read from the source and written to the destination.
+    pub copied: u64,
+    /// Holes or zeros of the source, zeroed on the destination instead.
+    pub zeroed: u64,
+}
+
+/// As [`copy_range`], as `mode` says, saying why a copy failed.
 pub fn try_copy_range(
     devs: &Devices<'_>,
     offset: u64,
     len: u64,
-    chunk: u64,
+    mode: CopyMode,
     scratch: &mut AlignedBuf,
-) -> Result<(), CopyFailure> {
-    let chunk = chunk.max(1);
-    let mut done = 0;
-    while done < len {
-        let n = chunk.min(len - done);
-        scratch.resize(n as usize);
-        let at = offset + done;
+) -> Result<CopyDone, CopyFailure> {
+    let chunk = mode.chunk.max(1);
+    let mut done = CopyDone::default();
+    let mut at = offset;
+    while at < offset + len {
+        let n = chunk.min(offset + len - at);
         let fail = |side, error| CopyFailure {
             side,
             offset: at,
             len: n,
             error,
         };
-        devs.source
-            .read_at(scratch, at)
-            .map_err(|e| fail(CopySide::Source, e))?;
-        devs.dest
-            .write_at(scratch, at)
-            .map_err(|e| fail(CopySide::Destination, e))?;
-        done += n;
+        let hole = mode.sparse
+            && devs
+                .source
+                .known_zero(at, n)
+                .map_err(|e| fail(CopySide::Source, e))?;
+        let zero = hole || {
+            scratch.resize(n as usize);
+            devs.source
+                .read_at(scratch, at)
+                .map_err(|e| fail(CopySide::Source, e))?;
+            mode.sparse && scratch.iter().all(|&b| b == 0)
+        };
+        if zero {
+            devs.dest
+                .write_zeroes(at, n)
+                .map_err(|e| fail(CopySide::Destination, e))?;
+            done.zeroed += n;
+        } else {
+            devs.dest
+                .write_at(scratch, at)
+                .map_err(|e| fail(CopySide::Destination, e))?;
+            done.copied += n;
+        }
+        at += n;
     }
-    Ok(())
+    Ok(done)
 }
 
 /// Performs a metadata action (`CommitMetadata`, `AbortMetadata`); `None` for others.

@@ -98,6 +98,8 @@ pub struct IoMetrics {
     commits: AtomicU64,
     commit_errors: AtomicU64,
     commit_latency: Histogram,
+    copied_bytes: AtomicU64,
+    zeroed_bytes: AtomicU64,
 }
 
 impl IoMetrics {
@@ -119,6 +121,21 @@ impl IoMetrics {
             self.commit_errors.fetch_add(1, Ordering::Relaxed);
         }
         self.commit_latency.observe(took);
+    }
+
+    /// Records what a completed copy did (sparse-aware hydration).
+    pub fn copy(&self, copied: u64, zeroed: u64) {
+        self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+        self.zeroed_bytes.fetch_add(zeroed, Ordering::Relaxed);
+    }
+
+    /// Bytes copies read from the source and wrote, and bytes they zeroed instead (holes
+    /// and zeros of the source).
+    pub fn copies(&self) -> (u64, u64) {
+        (
+            self.copied_bytes.load(Ordering::Relaxed),
+            self.zeroed_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// One operation's counters.

@@ -43,8 +43,8 @@ use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::exec::{
-    Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of, read_routed,
-    status_of, try_copy_range,
+    CopyMode, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of,
+    read_routed, status_of, try_copy_range,
 };
 use crate::{MetadataBackend, MetadataUsage};
 
@@ -86,6 +86,8 @@ pub struct VolumeOptions {
     /// large copy is spread over the copy threads ([`COPY_CHUNK`](crate::exec::COPY_CHUNK) for local sources; larger
     /// for remote ones, where each read is a request with its own round trip and cost).
     pub copy_chunk: u64,
+    /// Sparse-aware hydration ([`CopyMode::sparse`](crate::exec::CopyMode::sparse)).
+    pub sparse: bool,
 }
 
 /// Everything a status report shows.
@@ -101,6 +103,9 @@ pub struct VolumeStatus {
     pub last_copy_error: Option<String>,
     /// Finalized: the source is detached and requests go straight to the destination.
     pub finalized: bool,
+    /// Bytes background copies read and wrote, and bytes they zeroed instead (holes and
+    /// zeros of the source, with sparse-aware hydration).
+    pub copies: (u64, u64),
 }
 
 /// Why [`Volume::finalize`] (or [`Volume::start_finalized`]) refused.
@@ -227,8 +232,8 @@ struct Shared {
     last_copy_error: Mutex<Option<String>>,
     /// Request and commit counters.
     metrics: IoMetrics,
-    /// [`VolumeOptions::copy_chunk`].
-    copy_chunk: u64,
+    /// How copies are made ([`VolumeOptions::copy_chunk`], [`VolumeOptions::sparse`]).
+    copy_mode: CopyMode,
 }
 
 /// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
@@ -367,9 +372,12 @@ impl Volume {
             lbs: u64::from(opts.engine.logical_block_size.max(512)),
             last_copy_error: Mutex::new(None),
             metrics: IoMetrics::default(),
-            copy_chunk: opts
-                .copy_chunk
-                .max(u64::from(opts.engine.logical_block_size.max(512))),
+            copy_mode: CopyMode {
+                chunk: opts
+                    .copy_chunk
+                    .max(u64::from(opts.engine.logical_block_size.max(512))),
+                sparse: opts.sparse,
+            },
         });
         let mut threads = Vec::new();
         for i in 0..opts.copy_threads.max(1) {
@@ -663,6 +671,7 @@ impl Volume {
             geometry: self.sh.geometry,
             last_copy_error: lock(&self.sh.last_copy_error).clone(),
             finalized: self.is_finalized(),
+            copies: self.sh.metrics.copies(),
         }
     }
 
@@ -826,10 +835,10 @@ impl Shared {
         if let Action::Copy {
             op, offset, len, ..
         } = *a
-            && len > self.copy_chunk
+            && len > self.copy_mode.chunk
         {
             // Spread the pieces over the copy threads (this one takes the first).
-            let chunk = self.copy_chunk;
+            let chunk = self.copy_mode.chunk;
             let pieces = len.div_ceil(chunk);
             let split = Arc::new(SplitCopy {
                 op,
@@ -923,9 +932,12 @@ impl Shared {
     /// Copies a range, recording why it failed.
     fn copy(&self, devs: &Devices<'_>, offset: u64, len: u64) -> IoStatus {
         match SCRATCH
-            .with(|s| try_copy_range(devs, offset, len, self.copy_chunk, &mut s.borrow_mut()))
+            .with(|s| try_copy_range(devs, offset, len, self.copy_mode, &mut s.borrow_mut()))
         {
-            Ok(()) => IoStatus::Ok,
+            Ok(done) => {
+                self.metrics.copy(done.copied, done.zeroed);
+                IoStatus::Ok
+            }
             Err(f) => {
                 let status = f.status();
                 *lock(&self.last_copy_error) = Some(f.to_string());

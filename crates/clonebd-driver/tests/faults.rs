@@ -39,6 +39,7 @@ fn clone(regions: u64, tune: impl FnOnce(&mut Config)) -> Clone {
             engine: cfg,
             copy_threads: 2,
             copy_chunk: clonebd_driver::exec::COPY_CHUNK,
+            sparse: true,
         },
         Arc::new(src.clone()),
         Arc::new(dst.clone()),

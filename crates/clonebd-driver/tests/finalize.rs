@@ -52,6 +52,7 @@ fn clone(passdown: bool) -> Clone {
             engine: cfg,
             copy_threads: 2,
             copy_chunk: clonebd_driver::exec::COPY_CHUNK,
+            sparse: true,
         },
         src,
         Arc::new(dst.clone()),
@@ -215,6 +216,7 @@ fn start_finalized_needs_full_metadata_and_serves_the_destination() {
         engine: cfg,
         copy_threads: 1,
         copy_chunk: clonebd_driver::exec::COPY_CHUNK,
+        sparse: true,
     };
     let vol = Volume::start_finalized(
         opts,

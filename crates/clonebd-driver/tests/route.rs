@@ -34,6 +34,7 @@ fn volume(dir: &Path) -> (Volume, PathBuf) {
             engine: cfg,
             copy_threads: 2,
             copy_chunk: clonebd_driver::exec::COPY_CHUNK,
+            sparse: true,
         },
         Arc::new(FileDevice::open(&src, OpenOptions::read_only()).expect("src")),
         Arc::new(FileDevice::open(&dst, OpenOptions::read_write()).expect("dst")),

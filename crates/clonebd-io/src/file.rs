@@ -384,6 +384,30 @@ impl BlockDev for FileDevice {
         FileDevice::direct_file(self, offset, len, mem_align, write)
     }
 
+    /// A regular file's holes, by `SEEK_DATA`: the range is zero when the next data at or
+    /// after `offset` starts at or past its end. A block device cannot tell (`false`).
+    fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.is_block || len == 0 {
+            return Ok(false);
+        }
+        self.check_range(offset, len)?;
+        let off = to_off(offset)?;
+        // SAFETY: lseek takes plain integers and moves only the descriptor's offset, which
+        // nothing here uses (every read and write is positioned); the fd stays open.
+        let next = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if next >= 0 {
+            return Ok(next as u64 >= offset + len);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No data at or after `offset`: a hole to the end of the file.
+            Some(libc::ENXIO) => Ok(true),
+            // A file system without SEEK_DATA: it cannot tell.
+            Some(libc::EINVAL | libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(e),
+        }
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.pick(buf.as_ptr(), buf.len(), offset)
@@ -476,6 +500,37 @@ mod tests {
         let mut b = [0u8; 5];
         d.read_at(&mut b, 4096).expect("read");
         assert_eq!(&b, b"hello");
+    }
+
+    #[test]
+    fn holes_of_a_sparse_file_are_known_zero_and_data_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sparse.img");
+        let file = std::fs::File::create(&path).expect("create");
+        file.set_len(8 << 20).expect("set_len");
+        file.write_all_at(&[1u8; 4096], 2 << 20).expect("data");
+        file.sync_all().expect("sync");
+        let d = FileDevice::open(&path, OpenOptions::read_only()).expect("open");
+        assert!(
+            d.known_zero(0, 1 << 20).expect("seek"),
+            "a hole before the data"
+        );
+        assert!(
+            !d.known_zero(0, 3 << 20).expect("seek"),
+            "a range holding data"
+        );
+        assert!(
+            !d.known_zero(2 << 20, 4096).expect("seek"),
+            "the data itself"
+        );
+        assert!(
+            d.known_zero(4 << 20, 4 << 20).expect("seek"),
+            "the hole to the end"
+        );
+        assert!(
+            !d.known_zero(0, 0).expect("empty"),
+            "nothing is not known zero"
+        );
     }
 
     #[test]

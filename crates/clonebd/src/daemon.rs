@@ -114,6 +114,9 @@ pub struct RunOptions {
     pub control: Option<PathBuf>,
     /// Serve Prometheus metrics at `/metrics` on this TCP address.
     pub metrics: Option<SocketAddr>,
+    /// Sparse-aware hydration: holes and zeros of the source are zeroed on the destination
+    /// instead of copied.
+    pub sparse_hydration: bool,
     /// Use O_DIRECT on the data devices where they allow it.
     pub direct_io: bool,
     /// Reserve the clone's space in a regular-file destination at start.
@@ -967,6 +970,7 @@ impl Daemon {
             engine: cfg,
             copy_threads: opts.copy_threads.max(1),
             copy_chunk: default_copy_bytes(&table.source_path),
+            sparse: opts.sparse_hydration,
         };
         let clock = Arc::new(MonotonicClock::new());
         let volume = match &source {

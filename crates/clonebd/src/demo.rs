@@ -191,6 +191,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         nbd_tcp: None,
         control: Some(ctl.clone()),
         metrics: None,
+        sparse_hydration: true,
         fuse: None,
         ublk: false,
         source: crate::source::SourceOptions::default(),

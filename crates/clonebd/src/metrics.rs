@@ -128,6 +128,13 @@ impl prometheus_client::collector::Collector for MetricsSources {
         )?;
         counter(
             &mut e,
+            "clonebd_hydrated_zero",
+            "Bytes hydrated without copying them: holes and zeros of the source, zeroed on the destination.",
+            Some(&Unit::Bytes),
+            s.copies.1,
+        )?;
+        counter(
+            &mut e,
             "clonebd_copy_errors",
             "Copies from the source that failed (each is tried again later).",
             None,

@@ -85,6 +85,11 @@ pub struct StatusJson {
     pub eta_seconds: Option<f64>,
     /// Bytes copied from the source so far (this run).
     pub bytes_hydrated: u64,
+    /// Of them, bytes background copies read and wrote (this run).
+    pub bytes_copied: u64,
+    /// Bytes background copies zeroed on the destination instead of copying them: holes
+    /// and zeros of the source (this run).
+    pub bytes_skipped_zero: u64,
     /// Failed copies so far (this run).
     pub copy_errors: u64,
     /// Why the last failed copy failed: the device, the offset and the system's error.
@@ -207,6 +212,8 @@ pub fn status_json(
         hydration_rate: rate,
         eta_seconds: eta,
         bytes_hydrated: s.engine.bytes_hydrated,
+        bytes_copied: s.copies.0,
+        bytes_skipped_zero: s.copies.1,
         copy_errors: s.engine.copy_errors,
         last_copy_error: s.last_copy_error.clone(),
         dirty_regions: s.engine.nr_dirty,

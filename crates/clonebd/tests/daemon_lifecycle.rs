@@ -33,6 +33,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         nbd_tcp: None,
         control: Some(control.to_path_buf()),
         metrics: None,
+        sparse_hydration: true,
         direct_io: false,
         preallocate: true,
         copy_threads: 2,

@@ -171,6 +171,15 @@ pub struct RunArgs {
     /// listed in docs/METRICS.md.
     #[arg(long, value_name = "[ADDR:]PORT")]
     metrics: Option<String>,
+    /// Copy every byte of the source. By default hydration is sparse-aware: a piece of a
+    /// copy that the source holds as a hole (a regular file's, found with SEEK_DATA) is not
+    /// read, and one that reads back all zeros is not written; either is zeroed on the
+    /// destination instead (which then reads zeros whatever it held before, and a file
+    /// destination keeps its holes where the file system zeroes by unmapping). The map and
+    /// the commit rules are those of any copy. status --json counts the bytes copied and
+    /// the bytes zeroed.
+    #[arg(long)]
+    no_sparse_hydration: bool,
     /// Use the page cache instead of O_DIRECT for SOURCE and DEST.
     #[arg(long)]
     no_direct_io: bool,
@@ -372,6 +381,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
             .as_deref()
             .map(|s| parse_tcp("--nbd-tcp", s))
             .transpose()?,
+        sparse_hydration: !a.no_sparse_hydration,
         metrics: a
             .metrics
             .as_deref()
