@@ -136,6 +136,8 @@ pub struct RunOptions {
     pub source: SourceOptions,
     /// Where a remote source's identity is pinned (default: `META.source-pin`).
     pub source_pin: Option<PathBuf>,
+    /// Require TLS on the NBD exports, made secure by this hook (`--nbd-tls-cert`).
+    pub nbd_tls: Option<clonebd_nbd::ServerTls>,
 }
 
 /// Admission limits of the NBD servers (see `clonebd_nbd::admission`); the defaults are
@@ -1056,6 +1058,7 @@ impl Daemon {
             cfg.workers = w.max(1);
         }
         cfg.io_uring = opts.nbd_io_uring;
+        cfg.tls = opts.nbd_tls.clone();
         let l = &opts.nbd_limits;
         cfg.max_connections = l.max_connections;
         cfg.max_handshakes = l.max_handshakes;
