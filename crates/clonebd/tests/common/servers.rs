@@ -379,8 +379,8 @@ pub fn moto_server() -> Option<PathBuf> {
     found
 }
 
-/// A certificate authority made for a test, and a server certificate it signed for
-/// 127.0.0.1 (and `localhost`), made by `openssl`.
+/// A certificate authority made for a test, a server certificate it signed for 127.0.0.1
+/// (and `localhost`), and a client certificate it signed, made by `openssl`.
 pub struct Certs {
     /// The CA's certificate (PEM): what a client trusts.
     pub ca: PathBuf,
@@ -388,9 +388,13 @@ pub struct Certs {
     pub server_cert: PathBuf,
     /// The server's private key (PEM).
     pub server_key: PathBuf,
+    /// A client's certificate (PEM), signed by the CA, for servers that ask for one.
+    pub client_cert: PathBuf,
+    /// The client's private key (PEM).
+    pub client_key: PathBuf,
 }
 
-/// Makes a CA and a server certificate in `dir`.
+/// Makes a CA, a server certificate and a client certificate in `dir`.
 pub fn make_certs(dir: &Path) -> Certs {
     let p = |n: &str| dir.join(n).display().to_string();
     let openssl = |args: &[&str]| {
@@ -453,9 +457,40 @@ pub fn make_certs(dir: &Path) -> Certs {
         "-out",
         &p("server.pem"),
     ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=clonebd test client",
+        "-keyout",
+        &p("client.key"),
+        "-out",
+        &p("client.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("client.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("server.ext"),
+        "-out",
+        &p("client.pem"),
+    ]);
     Certs {
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),
         server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
     }
 }

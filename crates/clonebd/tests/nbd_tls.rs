@@ -1,0 +1,324 @@
+//! `clonebd run --nbd-tls-cert/--nbd-tls-key [--nbd-tls-client-ca]`: the NBD exports require
+//! TLS. Real TLS clients (nbdinfo through libnbd, qemu-img and qemu-io through qemu's
+//! tls-creds-x509) read and write the clone; clients without TLS, and without a client
+//! certificate when one is required, are refused; bad certificate files stop the start.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::daemon::{Daemon, Files, clonebd, have, run, run_status};
+use common::servers::{Certs, make_certs};
+
+const SIZE: u64 = 8 << 20;
+
+/// `NBD_REP_ERR_TLS_REQD`.
+const ERR_TLS_REQD: u32 = (1 << 31) + 5;
+
+/// The CA, server and client certificates, and two client directories with libnbd's and
+/// qemu's names: `with_cert` (ca-cert.pem, client-cert.pem, client-key.pem) and `ca_only`.
+struct Pki {
+    certs: Certs,
+    with_cert: PathBuf,
+    ca_only: PathBuf,
+}
+
+fn pki(f: &Files) -> Pki {
+    let dir = f.path("pki");
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = make_certs(&dir);
+    let with_cert = f.path("client-with-cert");
+    let ca_only = f.path("client-ca-only");
+    for d in [&with_cert, &ca_only] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::copy(&certs.ca, d.join("ca-cert.pem")).unwrap();
+    }
+    std::fs::copy(&certs.client_cert, with_cert.join("client-cert.pem")).unwrap();
+    std::fs::copy(&certs.client_key, with_cert.join("client-key.pem")).unwrap();
+    Pki {
+        certs,
+        with_cert,
+        ca_only,
+    }
+}
+
+fn have_all() -> bool {
+    have("nbdinfo") && have("qemu-img") && have("qemu-io") && have("openssl")
+}
+
+fn tls_args(p: &Pki) -> Vec<String> {
+    vec![
+        "--nbd-tls-cert".into(),
+        p.certs.server_cert.display().to_string(),
+        "--nbd-tls-key".into(),
+        p.certs.server_key.display().to_string(),
+    ]
+}
+
+fn start(f: &Files, args: &[String]) -> Daemon {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start(f, &args)
+}
+
+fn nbds_uri(d: &Daemon, dir: &Path) -> String {
+    format!(
+        "nbds://{}/clonebd?tls-certificates={}",
+        d.tcp,
+        dir.display()
+    )
+}
+
+/// qemu's `--object` and `--image-opts` for the TLS export, with the client files in `dir`.
+fn qemu_opts(d: &Daemon, dir: &Path) -> [String; 4] {
+    [
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            dir.display()
+        ),
+        "--image-opts".into(),
+        format!(
+            "driver=nbd,host=127.0.0.1,port={},export=clonebd,tls-creds=tls0",
+            d.tcp.port()
+        ),
+    ]
+}
+
+/// `qemu-img compare` of the export against `file`; the command's output.
+fn qemu_compare(d: &Daemon, dir: &Path, file: &Path) -> std::process::Output {
+    let [o, creds, io, img] = qemu_opts(d, dir);
+    let other = format!("driver=file,filename={}", file.display());
+    run_status(
+        "qemu-img",
+        &["compare", &o, &creds, io.as_str(), &img, &other],
+    )
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn tls_export_is_read_and_written_by_nbdinfo_qemu_img_and_qemu_io() {
+    if !have_all() {
+        return;
+    }
+    let f = Files::new(SIZE, 41);
+    let p = pki(&f);
+    let d = start(&f, &tls_args(&p));
+    let info = run("nbdinfo", &["--size", &nbds_uri(&d, &p.ca_only)]);
+    assert_eq!(info.trim(), SIZE.to_string());
+    let out = qemu_compare(&d, &p.ca_only, &f.source);
+    assert!(out.status.success(), "qemu-img compare: {}", text(&out));
+    // A write over TLS, read back over TLS, then the whole export against the source with
+    // it.
+    let [o, creds, io, img] = qemu_opts(&d, &p.ca_only);
+    let out = run(
+        "qemu-io",
+        &[
+            &o,
+            &creds,
+            &io,
+            &img,
+            "-c",
+            "write -P 0xab 1m 192k",
+            "-c",
+            "read -P 0xab 1m 192k",
+        ],
+    );
+    assert!(
+        out.contains("read 196608/196608") && !out.contains("failed"),
+        "qemu-io: {out}"
+    );
+    let mut expected = f.source_bytes();
+    expected[1 << 20..(1 << 20) + (192 << 10)].fill(0xab);
+    let exp = f.path("expected.img");
+    std::fs::write(&exp, &expected).unwrap();
+    let out = qemu_compare(&d, &p.ca_only, &exp);
+    assert!(
+        out.status.success(),
+        "qemu-img compare after write: {}",
+        text(&out)
+    );
+    let out = qemu_compare(&d, &p.ca_only, &f.source);
+    assert!(!out.status.success(), "the write is not in the export");
+    d.terminate();
+}
+
+#[test]
+fn plain_clients_are_refused_with_tls_required() {
+    if !have_all() {
+        return;
+    }
+    let f = Files::new(SIZE, 42);
+    let p = pki(&f);
+    let d = start(&f, &tls_args(&p));
+    let out = run_status("nbdinfo", &[&d.tcp_uri()]);
+    assert!(!out.status.success(), "nbdinfo without TLS: {}", text(&out));
+    let out = run_status("nbdinfo", &[&d.unix_uri()]);
+    assert!(
+        !out.status.success(),
+        "nbdinfo on unix without TLS: {}",
+        text(&out)
+    );
+    let out = run_status("qemu-img", &["info", "-f", "raw", &d.tcp_uri()]);
+    assert!(
+        !out.status.success(),
+        "qemu-img without TLS: {}",
+        text(&out)
+    );
+
+    // What the server answers, byte by byte: NBD_OPT_GO before TLS gets
+    // NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME closes the connection.
+    let mut s = TcpStream::connect(d.tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let option = |ty: u32, data: &[u8]| {
+        let mut o = b"IHAVEOPT".to_vec();
+        o.extend_from_slice(&ty.to_be_bytes());
+        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        o.extend_from_slice(data);
+        o
+    };
+    // NBD_OPT_GO (7): name "clonebd", no information requests.
+    let mut go = 7u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"clonebd");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&option(7, &go)).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[8..12].try_into().unwrap()), 7);
+    assert_eq!(
+        u32::from_be_bytes(reply[12..16].try_into().unwrap()),
+        ERR_TLS_REQD
+    );
+    let len = u32::from_be_bytes(reply[16..20].try_into().unwrap()) as usize;
+    let mut message = vec![0u8; len];
+    s.read_exact(&mut message).unwrap();
+    // NBD_OPT_EXPORT_NAME (1): the server cannot answer it, and closes.
+    s.write_all(&option(1, b"clonebd")).unwrap();
+    let mut rest = Vec::new();
+    let n = s.read_to_end(&mut rest).unwrap_or(0);
+    assert_eq!(n, 0, "the server sent {rest:?} after NBD_OPT_EXPORT_NAME");
+    d.terminate();
+}
+
+#[test]
+fn client_ca_admits_a_signed_client_certificate_and_refuses_none() {
+    if !have_all() {
+        return;
+    }
+    let f = Files::new(SIZE, 43);
+    let p = pki(&f);
+    let mut args = tls_args(&p);
+    args.push("--nbd-tls-client-ca".into());
+    args.push(p.certs.ca.display().to_string());
+    let d = start(&f, &args);
+    let info = run("nbdinfo", &["--size", &nbds_uri(&d, &p.with_cert)]);
+    assert_eq!(info.trim(), SIZE.to_string());
+    let out = qemu_compare(&d, &p.with_cert, &f.source);
+    assert!(
+        out.status.success(),
+        "qemu-img with a client certificate: {}",
+        text(&out)
+    );
+    let out = run_status("nbdinfo", &["--size", &nbds_uri(&d, &p.ca_only)]);
+    assert!(
+        !out.status.success(),
+        "nbdinfo without a client certificate: {}",
+        text(&out)
+    );
+    let out = qemu_compare(&d, &p.ca_only, &f.source);
+    assert!(
+        !out.status.success(),
+        "qemu-img without a client certificate: {}",
+        text(&out)
+    );
+    assert!(
+        d.log_text().contains("TLS handshake failed"),
+        "{}",
+        d.log_text()
+    );
+    d.terminate();
+}
+
+#[test]
+fn bad_certificate_or_key_files_stop_the_start_naming_flag_and_file() {
+    if !have("openssl") {
+        return;
+    }
+    let f = Files::new(1 << 20, 44);
+    let p = pki(&f);
+    let missing = f.path("missing.pem").display().to_string();
+    let cert = p.certs.server_cert.display().to_string();
+    let key = p.certs.server_key.display().to_string();
+    let tcp = format!("127.0.0.1:{}", common::daemon::free_port());
+    let cases: [(&[&str], &str, &str); 4] = [
+        (
+            &["--nbd-tls-cert", &missing, "--nbd-tls-key", &key],
+            "--nbd-tls-cert",
+            &missing,
+        ),
+        (
+            &["--nbd-tls-cert", &cert, "--nbd-tls-key", &missing],
+            "--nbd-tls-key",
+            &missing,
+        ),
+        // A certificate where the key should be: no private key in it.
+        (
+            &["--nbd-tls-cert", &cert, "--nbd-tls-key", &cert],
+            "--nbd-tls-key",
+            &cert,
+        ),
+        (
+            &[
+                "--nbd-tls-cert",
+                &cert,
+                "--nbd-tls-key",
+                &key,
+                "--nbd-tls-client-ca",
+                &missing,
+            ],
+            "--nbd-tls-client-ca",
+            &missing,
+        ),
+    ];
+    for (tls, flag, path) in cases {
+        let mut args = vec![
+            "run",
+            "--create",
+            "--source",
+            f.source.to_str().unwrap(),
+            "--dest",
+            f.dest.to_str().unwrap(),
+            "--metadata",
+            f.meta.to_str().unwrap(),
+            "--nbd-tcp",
+            &tcp,
+        ];
+        args.extend_from_slice(tls);
+        let out = clonebd(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{tls:?} started");
+        assert!(
+            err.contains(&format!("{flag} {path}")),
+            "{tls:?}: the error does not name {flag} {path}: {err}"
+        );
+        assert!(!f.meta.exists(), "{tls:?}: metadata was written");
+    }
+    // The key flag alone is refused by the parser.
+    let out = clonebd(&["run", "--nbd-tls-key", &key, "--nbd-tcp", &tcp]);
+    assert!(!out.status.success());
+}
