@@ -1059,6 +1059,8 @@ impl Daemon {
         }
         cfg.io_uring = opts.nbd_io_uring;
         cfg.tls = opts.nbd_tls.clone();
+        // The URIs the log shows: nbds:// once the exports require TLS.
+        let s = if cfg.tls.is_some() { "s" } else { "" };
         let l = &opts.nbd_limits;
         cfg.max_connections = l.max_connections;
         cfg.max_handshakes = l.max_handshakes;
@@ -1092,7 +1094,7 @@ impl Daemon {
                 }
             })?;
             tracing::info!(
-                "serving NBD on unix socket {} (nbd+unix:///clonebd?socket={})",
+                "serving NBD on unix socket {} (nbd{s}+unix:///clonebd?socket={})",
                 p.display(),
                 p.display()
             );
@@ -1116,7 +1118,7 @@ impl Daemon {
                     tracing::error!("NBD TCP server: {e}");
                 }
             })?;
-            tracing::info!("serving NBD on {addr} (nbd://{addr}/clonebd)");
+            tracing::info!("serving NBD on {addr} (nbd{s}://{addr}/clonebd)");
             self.nbd.push((h, t));
             self.nbd_servers.push(server);
         }
