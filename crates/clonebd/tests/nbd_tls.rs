@@ -322,3 +322,81 @@ fn bad_certificate_or_key_files_stop_the_start_naming_flag_and_file() {
     let out = clonebd(&["run", "--nbd-tls-key", &key, "--nbd-tcp", &tcp]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn our_client_reads_the_tls_export_over_the_unix_socket() {
+    if !have("openssl") {
+        return;
+    }
+    let f = Files::new(SIZE, 45);
+    let p = pki(&f);
+    let d = start(&f, &tls_args(&p));
+    let config = clonebd_remote::tls::config(Some(&p.certs.ca)).unwrap();
+    let mut opts = clonebd_nbd::ClientOptions::new("clonebd");
+    opts.timeout = Some(Duration::from_secs(10));
+    opts.starttls = Some(clonebd_nbd::StartTls(std::sync::Arc::new(move |socket| {
+        clonebd_remote::tls::relay(socket, &config, "localhost", Duration::from_secs(10))
+    })));
+    let mut c = opts.connect_unix(&d.socket).unwrap();
+    assert_eq!(c.size(), SIZE);
+    let mut buf = vec![0u8; 1 << 20];
+    c.read(3 << 20, &mut buf).unwrap();
+    assert!(
+        buf == f.source_bytes()[3 << 20..4 << 20],
+        "data read differs"
+    );
+    // Without TLS the same socket refuses the export.
+    let err = clonebd_nbd::ClientOptions::new("clonebd")
+        .connect_unix(&d.socket)
+        .expect_err("a plain client was served");
+    assert!(
+        matches!(&err, clonebd_nbd::ClientError::OptionRefused { reply, .. } if *reply == ERR_TLS_REQD),
+        "{err}"
+    );
+    d.terminate();
+}
+
+#[test]
+fn the_handshake_deadline_covers_the_tls_handshake() {
+    if !have("openssl") {
+        return;
+    }
+    let f = Files::new(SIZE, 46);
+    let p = pki(&f);
+    let mut args = tls_args(&p);
+    args.extend(["--nbd-handshake-timeout".to_string(), "1".to_string()]);
+    let d = start(&f, &args);
+    let mut s = TcpStream::connect(d.tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    // NBD_OPT_STARTTLS (5), acknowledged; then no TLS handshake at all.
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&5u32.to_be_bytes());
+    o.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&o).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[12..16].try_into().unwrap()), 1);
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let r = s.read(&mut b);
+    assert!(
+        matches!(r, Ok(0))
+            || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        d.log_text().contains("handshake deadline passed"),
+        "{}",
+        d.log_text()
+    );
+    d.terminate();
+}
