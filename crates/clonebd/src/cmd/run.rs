@@ -266,10 +266,15 @@ pub struct RunArgs {
     /// in FILE (the server's certificate first) and its key in --nbd-tls-key. Clients must
     /// ask for TLS (NBD_OPT_STARTTLS) before anything else: until they do, every option is
     /// answered NBD_REP_ERR_TLS_REQD and NBD_OPT_EXPORT_NAME closes the connection, so a
-    /// client without TLS is refused (nbds://HOST:PORT/clonebd for libnbd;
-    /// tls-creds=... for qemu). The TLS handshake counts in --nbd-handshake-timeout. TLS
+    /// client without TLS is refused. With libnbd (nbdinfo, nbdcopy):
+    /// 'nbds://HOST:PORT/clonebd?tls-certificates=DIR'; with qemu: --object
+    /// tls-creds-x509,id=tls0,dir=DIR,endpoint=client and
+    /// driver=nbd,host=HOST,port=PORT,export=clonebd,tls-creds=tls0, DIR holding
+    /// ca-cert.pem (and client-cert.pem, client-key.pem for --nbd-tls-client-ca). The TLS
+    /// handshake counts in --nbd-handshake-timeout, and the payload deadline
+    /// (--nbd-payload-timeout) bounds what goes to the client through TLS too. TLS
     /// connections are served with threads, as with --no-nbd-io-uring: io_uring cannot run
-    /// TLS on their sockets.
+    /// TLS on their sockets. The files are read once, at start.
     #[arg(long, value_name = "FILE", requires = "nbd_tls_key")]
     nbd_tls_cert: Option<PathBuf>,
     /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --nbd-tls-cert.
