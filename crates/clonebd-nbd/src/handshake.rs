@@ -671,6 +671,15 @@ impl Handshake {
                 }
             }
             Reading::OptionHeader => self.option_header(&input),
+            // Before TLS the data of an option to be refused is not even decoded: malformed
+            // or not, it gets `NBD_REP_ERR_TLS_REQD`.
+            Reading::OptionData { option, .. }
+                if self.tls == Tls::Required
+                    && !matches!(option, opt::STARTTLS | opt::ABORT | opt::EXPORT_NAME) =>
+            {
+                self.reading = Reading::OptionHeader;
+                push_error(&mut self.output, option, rep::ERR_TLS_REQD, "TLS required");
+            }
             Reading::OptionData { option, .. } => {
                 self.reading = Reading::OptionHeader;
                 match ClientOption::decode(option, &input) {
@@ -1372,6 +1381,14 @@ mod tests {
             );
             assert_eq!(hs.status(), &Status::Negotiating);
         }
+        // Malformed option data too: NBD_OPT_GO whose name length overruns its data.
+        let mut bytes = IHAVEOPT.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&opt::GO.to_be_bytes());
+        bytes.extend_from_slice(&4u32.to_be_bytes());
+        bytes.extend_from_slice(&99u32.to_be_bytes());
+        hs.feed(&bytes).unwrap();
+        assert_eq!(replies(hs.output())[0].1, rep::ERR_TLS_REQD);
+        hs.consume_output(hs.output().len());
         // Long option data is drained and refused the same way.
         let r = replies(&send(
             &mut hs,
