@@ -400,3 +400,101 @@ fn the_handshake_deadline_covers_the_tls_handshake() {
     );
     d.terminate();
 }
+
+/// The fixed newstyle greeting and client flags, then `NBD_OPT_STARTTLS` and its
+/// `NBD_REP_ACK`, on `s`.
+fn starttls_raw(s: &mut TcpStream) {
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut o = b"IHAVEOPT".to_vec();
+    o.extend_from_slice(&5u32.to_be_bytes());
+    o.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&o).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[12..16].try_into().unwrap()), 1);
+}
+
+#[test]
+fn the_payload_deadline_closes_a_tls_client_that_stops_mid_write() {
+    if !have("openssl") {
+        return;
+    }
+    let f = Files::new(SIZE, 47);
+    let p = pki(&f);
+    let mut args = tls_args(&p);
+    args.extend(["--nbd-payload-timeout".to_string(), "1".to_string()]);
+    let d = start(&f, &args);
+    let mut s = TcpStream::connect(d.tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    starttls_raw(&mut s);
+    let config = clonebd_remote::tls::config(Some(&p.certs.ca)).unwrap();
+    let mut plain = clonebd_remote::tls::relay(
+        clonebd_nbd::Socket::Tcp(s),
+        &config,
+        "127.0.0.1",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // NBD_OPT_GO over TLS, replies up to NBD_REP_ACK.
+    let mut go = b"IHAVEOPT".to_vec();
+    go.extend_from_slice(&7u32.to_be_bytes());
+    go.extend_from_slice(&13u32.to_be_bytes());
+    go.extend_from_slice(&7u32.to_be_bytes());
+    go.extend_from_slice(b"clonebd");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    plain.write_all(&go).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        plain.read_exact(&mut h).unwrap();
+        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut data = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+        plain.read_exact(&mut data).unwrap();
+        assert!(
+            ty < 1 << 31,
+            "NBD_OPT_GO over TLS refused: {ty:#x} {data:?}"
+        );
+        if ty == 1 {
+            break;
+        }
+    }
+    // A read first shows the transmission phase works over TLS.
+    let request = |ty: u16, cookie: u64, offset: u64, len: u32| {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&ty.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    };
+    plain.write_all(&request(0, 1, 4096, 4096)).unwrap();
+    let mut reply = vec![0u8; 16 + 4096];
+    plain.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[4..8], &0u32.to_be_bytes(), "read error");
+    assert!(reply[16..] == f.source_bytes()[4096..8192]);
+    // A write of 64 KiB with 100 bytes of its payload, then nothing.
+    plain.write_all(&request(1, 2, 0, 65536)).unwrap();
+    plain.write_all(&[7u8; 100]).unwrap();
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    let r = plain.read(&mut b);
+    assert!(matches!(r, Ok(0)), "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        d.log_text()
+            .contains("write payload not received within the payload deadline"),
+        "{}",
+        d.log_text()
+    );
+    d.terminate();
+}
