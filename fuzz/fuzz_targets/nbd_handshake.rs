@@ -1,4 +1,5 @@
-//! Fuzz the server handshake: arbitrary client bytes, fed in arbitrary pieces.
+//! Fuzz the server handshake: arbitrary client bytes, fed in arbitrary pieces, to a server
+//! in NOTLS or FORCEDTLS mode.
 //!
 //! Asserts: no panic; no allocation above the cap (see `capped_alloc`); the machine never asks
 //! for more than 64 KiB at once; and feeding the same bytes in different pieces gives the same
@@ -39,15 +40,26 @@ fn export() -> ExportInfo {
     }
 }
 
-/// Feed `data` in pieces of the given sizes (cycled); returns (output, status, consumed).
-fn drive(data: &[u8], pieces: &[u8]) -> (Vec<u8>, Status, usize) {
-    let mut hs = Handshake::new(export());
+/// Feed `data` in pieces of the given sizes (cycled) to a server that requires TLS or not;
+/// returns (output, status, consumed). An acknowledged `NBD_OPT_STARTTLS` is taken as a TLS
+/// handshake that succeeded, the bytes after it as what TLS decoded.
+fn drive(data: &[u8], pieces: &[u8], tls: bool) -> (Vec<u8>, Status, usize) {
+    let mut hs = if tls {
+        Handshake::with_tls(export())
+    } else {
+        Handshake::new(export())
+    };
     let mut out = Vec::new();
     let mut consumed = 0;
     let mut i = 0;
     loop {
         out.extend_from_slice(hs.output());
         hs.consume_output(hs.output().len());
+        if *hs.status() == Status::StartTls {
+            assert!(tls && hs.wanted() == 0);
+            hs.tls_started();
+            assert!(hs.tls_active());
+        }
         assert!(hs.wanted() <= MAX_OPTION_LEN as usize);
         // While negotiating the machine always wants input, so a caller never spins.
         assert!(hs.wanted() > 0 || *hs.status() != Status::Negotiating);
@@ -89,8 +101,10 @@ fuzz_target!(|input: &[u8]| {
     } else {
         input[1..].split_at(split)
     };
-    let whole = drive(data, &[]);
-    let pieced = drive(data, pieces);
+    // Bit 4 of the first byte (the split takes the low four) picks the TLS mode.
+    let tls = input.first().is_some_and(|b| b & 0x10 != 0);
+    let whole = drive(data, &[], tls);
+    let pieced = drive(data, pieces, tls);
     assert_eq!(whole.1, pieced.1);
     assert_eq!(whole.0, pieced.0);
     if !matches!(whole.1, Status::Failed(_)) {

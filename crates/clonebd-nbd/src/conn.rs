@@ -21,6 +21,14 @@
 //!
 //! With [`ServerConfig::io_uring`](crate::ServerConfig::io_uring) the transmission phase runs
 //! in [`ring`] instead, on the same thread, and shares the request execution here.
+//!
+//! With [`ServerConfig::tls`](crate::ServerConfig::tls) the handshake requires TLS: once
+//! `NBD_OPT_STARTTLS` is acknowledged the socket goes to the [`ServerTls`] hook, which runs
+//! the TLS handshake within the time left of the handshake's deadline and returns a unix
+//! stream carrying the plaintext; the rest of the handshake and the transmission phase run
+//! on that stream, always with threads (io_uring cannot run TLS on the socket). The hook's
+//! relay ends when the connection closes its stream (sending TLS's close_notify first), and
+//! must bound its own sends to the network.
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
@@ -35,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use crate::admission::{ConnAdmission, Direction, Expired, HandshakeSlot, Transfer, Wait};
 use crate::backend::{Extent, NbdError, ZeroFlags};
+use crate::client::Socket;
 use crate::codec::{
     DecodeError, Disposition, ReplyHeader, ReplyTo, RequestHeader, TransmissionParams,
     encode_block_status, error_message,
@@ -43,7 +52,7 @@ use crate::handshake::{Handshake, HandshakeError, MetaContext, Negotiated, Statu
 use crate::pool::{Buf, JobQueue};
 use crate::proto::{Command, HeaderStyle, MAX_EXTENTS, command_flags as cf};
 use crate::ring::{self, RingLink};
-use crate::server::{Counters, Inner};
+use crate::server::{Counters, Inner, ServerTls};
 
 /// A connected socket of either family.
 #[derive(Debug)]
@@ -496,7 +505,20 @@ pub(crate) fn run(
         }
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-    let negotiated = match handshake(inner, &mut reader, &mut write_half, deadline) {
+    let result = handshake(inner, &mut reader, &mut write_half, deadline);
+    serve_negotiated(inner, id, result, reader, write_half, slot, peer);
+}
+
+fn serve_negotiated(
+    inner: &Arc<Inner>,
+    id: u64,
+    result: Result<Option<(Negotiated, bool)>, HandshakeEnd>,
+    reader: BufReader<Stream>,
+    write_half: Stream,
+    slot: HandshakeSlot,
+    peer: Option<IpAddr>,
+) {
+    let (negotiated, over_tls) = match result {
         Ok(Some(n)) => n,
         Ok(None) => {
             tracing::debug!(id, "client ended the handshake");
@@ -509,6 +531,11 @@ pub(crate) fn run(
         }
         Err(HandshakeEnd::Io(err)) => {
             tracing::debug!(id, %err, "connection lost during handshake");
+            return;
+        }
+        Err(HandshakeEnd::Tls(err)) => {
+            Counters::add(&inner.counters.protocol_errors, 1);
+            tracing::warn!(id, %err, "TLS handshake failed");
             return;
         }
         Err(HandshakeEnd::Deadline) => {
@@ -528,13 +555,15 @@ pub(crate) fn run(
     // The socket's timeouts are shared by both halves: neither applies from here on.
     let _ = reader.get_ref().set_read_timeout(None);
     let _ = write_half.set_write_timeout(None);
-    transmission(inner, id, negotiated, reader, write_half, peer);
+    transmission(inner, id, negotiated, reader, write_half, peer, over_tls);
     drop(established);
 }
 
 enum HandshakeEnd {
     Protocol(HandshakeError),
     Io(io::Error),
+    /// The TLS handshake failed (a certificate refused, not TLS at all).
+    Tls(io::Error),
     /// The handshake's deadline passed.
     Deadline,
 }
@@ -607,13 +636,18 @@ fn write_by(
     Ok(())
 }
 
+/// The handshake; the negotiated connection, and whether it runs over TLS (the streams are
+/// then the plaintext ends of the TLS relay).
 fn handshake(
     inner: &Inner,
     reader: &mut BufReader<Stream>,
     writer: &mut Stream,
     deadline: Option<Instant>,
-) -> Result<Option<Negotiated>, HandshakeEnd> {
-    let mut hs = Handshake::new(inner.export.clone());
+) -> Result<Option<(Negotiated, bool)>, HandshakeEnd> {
+    let mut hs = match &inner.config.tls {
+        Some(_) => Handshake::with_tls(inner.export.clone()),
+        None => Handshake::new(inner.export.clone()),
+    };
     let mut buf = Vec::new();
     loop {
         if !hs.output().is_empty() {
@@ -622,7 +656,16 @@ fn handshake(
         }
         match hs.status() {
             Status::Negotiating => {}
-            Status::Transmission(n) => return Ok(Some(n.clone())),
+            Status::StartTls => {
+                let Some(tls) = &inner.config.tls else {
+                    // The machine asks for TLS only when made with it.
+                    return Err(HandshakeEnd::Protocol(HandshakeError::Finished));
+                };
+                start_tls(tls, reader, writer, deadline)?;
+                hs.tls_started();
+                continue;
+            }
+            Status::Transmission(n) => return Ok(Some((n.clone(), hs.tls_active()))),
             Status::Aborted => return Ok(None),
             Status::Failed(err) => return Err(HandshakeEnd::Protocol(err.clone())),
         }
@@ -635,6 +678,39 @@ fn handshake(
     }
 }
 
+/// Hands the socket to the TLS hook (once `NBD_REP_ACK` to `NBD_OPT_STARTTLS` is out) and
+/// puts the plaintext stream it returns in place of both halves.
+fn start_tls(
+    tls: &ServerTls,
+    reader: &mut BufReader<Stream>,
+    writer: &mut Stream,
+    deadline: Option<Instant>,
+) -> Result<(), HandshakeEnd> {
+    // "After an `NBD_REP_ACK` reply has been sent ... all further data MUST be sent and
+    // received over TLS": a client that sent more before reading the reply has sent it in
+    // the clear, or sent TLS before it was agreed.
+    if !reader.buffer().is_empty() {
+        return Err(HandshakeEnd::Tls(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "client sent data before the reply to NBD_OPT_STARTTLS",
+        )));
+    }
+    let left = time_left(deadline)?;
+    let socket = match writer.try_clone().map_err(HandshakeEnd::Io)? {
+        Stream::Tcp(s) => Socket::Tcp(s),
+        Stream::Unix(s) => Socket::Unix(s),
+    };
+    let plain = match (tls.0)(socket, left) {
+        Ok(plain) => plain,
+        Err(e) if timed_out(&e) => return Err(HandshakeEnd::Deadline),
+        Err(e) => return Err(HandshakeEnd::Tls(e)),
+    };
+    let read_half = plain.try_clone().map_err(HandshakeEnd::Io)?;
+    *reader = BufReader::with_capacity(64 * 1024, Stream::Unix(read_half));
+    *writer = Stream::Unix(plain);
+    Ok(())
+}
+
 fn transmission(
     inner: &Arc<Inner>,
     id: u64,
@@ -642,6 +718,7 @@ fn transmission(
     mut reader: BufReader<Stream>,
     write_half: Stream,
     peer: Option<IpAddr>,
+    over_tls: bool,
 ) {
     let export = &inner.export;
     let params = TransmissionParams {
@@ -654,7 +731,8 @@ fn transmission(
     };
     let closer = write_half.try_clone().ok();
     let (tx, rx) = mpsc::channel();
-    let uring = if inner.config.io_uring {
+    // Over TLS the socket carries records, not requests: io_uring cannot serve it.
+    let uring = if inner.config.io_uring && !over_tls {
         match ring::new_ring(&inner.config) {
             Ok(r) => Some(r),
             Err(err) => {

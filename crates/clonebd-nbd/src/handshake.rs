@@ -9,8 +9,13 @@
 //! header style (simple, structured or extended), the selected metadata contexts with their ids
 //! and the client flags.
 //!
-//! Assumptions: one export, reachable by its name or by the default name `""`; no TLS (the
-//! server runs in NOTLS mode and answers `NBD_OPT_STARTTLS` with `NBD_REP_ERR_UNSUP`).
+//! Assumptions: one export, reachable by its name or by the default name `""`. Made with
+//! [`Handshake::new`] the server runs in NOTLS mode and answers `NBD_OPT_STARTTLS` with
+//! `NBD_REP_ERR_UNSUP`; made with [`Handshake::with_tls`] it runs in FORCEDTLS mode: before
+//! TLS every option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD`
+//! and `NBD_OPT_EXPORT_NAME` ends the session; `NBD_OPT_STARTTLS` is acknowledged and the
+//! machine stops at [`Status::StartTls`] until the caller has run the TLS handshake and calls
+//! [`Handshake::tls_started`]. The TLS itself is the caller's.
 
 use crate::backend::{Backend, BackendFlags, BlockSizes};
 use crate::proto::{
@@ -218,6 +223,10 @@ pub enum HandshakeError {
     /// Input was fed after the handshake had finished.
     #[error("handshake already finished")]
     Finished,
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires it: "as this request cannot
+    /// error, it MUST terminate the session".
+    #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    TlsRequired,
 }
 
 /// Where a handshake stands.
@@ -229,6 +238,10 @@ pub enum Status {
     Transmission(Negotiated),
     /// The client sent `NBD_OPT_ABORT`; send the remaining output, then close.
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: send the remaining output, run the TLS handshake
+    /// on the socket (the server's side), then call [`Handshake::tls_started`] and go on
+    /// over TLS. No input is consumed until then.
+    StartTls,
     /// A fatal error; send any remaining output, then close.
     Failed(HandshakeError),
 }
@@ -497,9 +510,21 @@ enum Reading {
     },
 }
 
+/// The server's TLS mode, and where a FORCEDTLS handshake stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// NOTLS.
+    Off,
+    /// FORCEDTLS, TLS not yet initiated.
+    Required,
+    /// FORCEDTLS, the rest of the handshake runs over TLS.
+    Active,
+}
+
 /// The server side of one handshake.
 #[derive(Debug)]
 pub struct Handshake {
+    tls: Tls,
     export: ExportInfo,
     reading: Reading,
     input: Vec<u8>,
@@ -540,6 +565,7 @@ impl Handshake {
             &(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES).to_be_bytes(),
         );
         Self {
+            tls: Tls::Off,
             export,
             reading: Reading::ClientFlags,
             input: Vec::new(),
@@ -550,6 +576,27 @@ impl Handshake {
             contexts: Vec::new(),
             options_seen: 0,
         }
+    }
+
+    /// Start a handshake for `export` on a server that requires TLS (FORCEDTLS mode).
+    pub fn with_tls(export: ExportInfo) -> Self {
+        let mut hs = Self::new(export);
+        hs.tls = Tls::Required;
+        hs
+    }
+
+    /// The TLS handshake the machine stopped for ([`Status::StartTls`]) has succeeded: the
+    /// option haggling goes on, over TLS. Does nothing in any other state.
+    pub fn tls_started(&mut self) {
+        if self.status == Status::StartTls {
+            self.status = Status::Negotiating;
+            self.tls = Tls::Active;
+        }
+    }
+
+    /// Whether TLS has been initiated on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls == Tls::Active
     }
 
     /// Bytes the server must send now, in order.
@@ -624,6 +671,15 @@ impl Handshake {
                 }
             }
             Reading::OptionHeader => self.option_header(&input),
+            // Before TLS the data of an option to be refused is not even decoded: malformed
+            // or not, it gets `NBD_REP_ERR_TLS_REQD`.
+            Reading::OptionData { option, .. }
+                if self.tls == Tls::Required
+                    && !matches!(option, opt::STARTTLS | opt::ABORT | opt::EXPORT_NAME) =>
+            {
+                self.reading = Reading::OptionHeader;
+                push_error(&mut self.output, option, rep::ERR_TLS_REQD, "TLS required");
+            }
             Reading::OptionData { option, .. } => {
                 self.reading = Reading::OptionHeader;
                 match ClientOption::decode(option, &input) {
@@ -686,7 +742,9 @@ impl Handshake {
             self.status = Status::Failed(HandshakeError::OptionTooLarge { option, len });
             return;
         }
-        let reply = if known {
+        let reply = if self.tls == Tls::Required && option != opt::ABORT {
+            rep::ERR_TLS_REQD
+        } else if known {
             rep::ERR_TOO_BIG
         } else {
             rep::ERR_UNSUP
@@ -700,6 +758,32 @@ impl Handshake {
 
     fn handle(&mut self, option: ClientOption) {
         let code = option.option();
+        if self.tls == Tls::Required {
+            match option {
+                // "If the server receives `NBD_OPT_STARTTLS` prior to negotiating TLS, it MUST
+                // reply with `NBD_REP_ACK`."
+                ClientOption::StartTls => {
+                    push_reply(&mut self.output, code, rep::ACK, &[]);
+                    self.status = Status::StartTls;
+                    return;
+                }
+                ClientOption::Abort => {}
+                // "If the server receives a request to enter transmission mode via
+                // `NBD_OPT_EXPORT_NAME` when TLS has not been initiated, then as this request
+                // cannot error, it MUST terminate the session."
+                ClientOption::ExportName(_) => {
+                    self.status = Status::Failed(HandshakeError::TlsRequired);
+                    return;
+                }
+                // "If the server receives any other option, including `NBD_OPT_INFO` and
+                // unsupported options, it MUST reply with `NBD_REP_ERR_TLS_REQD` if TLS has
+                // not been initiated".
+                _ => {
+                    push_error(&mut self.output, code, rep::ERR_TLS_REQD, "TLS required");
+                    return;
+                }
+            }
+        }
         match option {
             ClientOption::ExportName(name) => {
                 if !self.export.matches(&name) {
@@ -732,6 +816,14 @@ impl Handshake {
                 push_reply(&mut self.output, code, rep::SERVER, &[&len, name, desc]);
                 push_reply(&mut self.output, code, rep::ACK, &[]);
             }
+            // "If the server receives `NBD_OPT_STARTTLS` when TLS has already been negotiated,
+            // it MUST reply with `NBD_REP_ERR_INVALID`."
+            ClientOption::StartTls if self.tls == Tls::Active => push_error(
+                &mut self.output,
+                code,
+                rep::ERR_INVALID,
+                "TLS already negotiated",
+            ),
             ClientOption::StartTls => {
                 // NOTLS mode: "it MUST respond with ... `NBD_REP_ERR_UNSUP` (if it does not
                 // support the `NBD_OPT_STARTTLS` option at all)".
@@ -1253,6 +1345,122 @@ mod tests {
         assert_eq!(r[0].1, rep::ACK);
         assert_eq!(hs.status(), &Status::Aborted);
         assert_eq!(hs.wanted(), 0);
+    }
+
+    fn started_tls(flags: u32) -> Handshake {
+        let mut hs = Handshake::with_tls(export());
+        hs.consume_output(hs.output().len());
+        hs.feed(&flags.to_be_bytes()).unwrap();
+        hs
+    }
+
+    #[test]
+    fn forced_tls_refuses_options_before_starttls() {
+        let mut hs = started_tls(1);
+        let go = ClientOption::Go {
+            name: String::new(),
+            requests: vec![],
+        };
+        for o in [
+            ClientOption::List,
+            ClientOption::StructuredReply,
+            ClientOption::Info {
+                name: String::new(),
+                requests: vec![],
+            },
+            go.clone(),
+            ClientOption::Unknown {
+                option: 42,
+                data: vec![],
+            },
+        ] {
+            let r = replies(&send(&mut hs, &o));
+            assert_eq!(
+                r,
+                vec![(o.option(), rep::ERR_TLS_REQD, b"TLS required".to_vec())]
+            );
+            assert_eq!(hs.status(), &Status::Negotiating);
+        }
+        // Malformed option data too: NBD_OPT_GO whose name length overruns its data.
+        let mut bytes = IHAVEOPT.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&opt::GO.to_be_bytes());
+        bytes.extend_from_slice(&4u32.to_be_bytes());
+        bytes.extend_from_slice(&99u32.to_be_bytes());
+        hs.feed(&bytes).unwrap();
+        assert_eq!(replies(hs.output())[0].1, rep::ERR_TLS_REQD);
+        hs.consume_output(hs.output().len());
+        // Long option data is drained and refused the same way.
+        let r = replies(&send(
+            &mut hs,
+            &ClientOption::Unknown {
+                option: 77,
+                data: vec![0; MAX_OPTION_LEN as usize + 1],
+            },
+        ));
+        assert_eq!(r[0].1, rep::ERR_TLS_REQD);
+        assert!(!hs.tls_active());
+    }
+
+    #[test]
+    fn forced_tls_export_name_before_tls_ends_the_session() {
+        let mut hs = started_tls(1);
+        let mut bytes = Vec::new();
+        ClientOption::ExportName("disk".into()).encode(&mut bytes);
+        assert_eq!(hs.feed(&bytes), Err(HandshakeError::TlsRequired));
+        assert!(hs.output().is_empty());
+    }
+
+    #[test]
+    fn forced_tls_abort_is_still_acked() {
+        let mut hs = started_tls(1);
+        let r = replies(&send(&mut hs, &ClientOption::Abort));
+        assert_eq!(r[0].1, rep::ACK);
+        assert_eq!(hs.status(), &Status::Aborted);
+    }
+
+    #[test]
+    fn starttls_acks_stops_then_haggling_goes_on_over_tls() {
+        let mut hs = started_tls(1);
+        let mut bytes = Vec::new();
+        ClientOption::StartTls.encode(&mut bytes);
+        // What follows the option is the client's TLS handshake, not the machine's.
+        bytes.extend_from_slice(b"\x16\x03\x01");
+        assert_eq!(hs.feed(&bytes).unwrap(), bytes.len() - 3);
+        assert_eq!(
+            replies(hs.output()),
+            vec![(opt::STARTTLS, rep::ACK, vec![])]
+        );
+        hs.consume_output(hs.output().len());
+        assert_eq!(hs.status(), &Status::StartTls);
+        assert_eq!(hs.wanted(), 0);
+        hs.tls_started();
+        assert!(hs.tls_active());
+        assert_eq!(hs.wanted(), 16);
+        let r = replies(&send(&mut hs, &ClientOption::StartTls));
+        assert_eq!(r[0].1, rep::ERR_INVALID);
+        let r = replies(&send(&mut hs, &ClientOption::StructuredReply));
+        assert_eq!(r[0].1, rep::ACK);
+        let r = replies(&send(
+            &mut hs,
+            &ClientOption::Go {
+                name: "disk".into(),
+                requests: vec![],
+            },
+        ));
+        assert_eq!(r.last().unwrap().1, rep::ACK);
+        let Status::Transmission(n) = hs.status() else {
+            panic!("not finished")
+        };
+        assert_eq!(n.style, HeaderStyle::Structured);
+    }
+
+    #[test]
+    fn notls_server_answers_starttls_unsup() {
+        let mut hs = started(1);
+        let r = replies(&send(&mut hs, &ClientOption::StartTls));
+        assert_eq!(r[0].1, rep::ERR_UNSUP);
+        hs.tls_started();
+        assert!(!hs.tls_active());
     }
 
     #[test]

@@ -59,4 +59,4 @@ pub use backend::{
 pub use client::{Client, ClientError, ClientOptions, Socket, StartTls};
 pub use handshake::{ExportInfo, Handshake, MetaContext, Negotiated};
 pub use mux::MuxClient;
-pub use server::{Server, ServerConfig, ServerError, ServerStats, ShutdownHandle};
+pub use server::{Server, ServerConfig, ServerError, ServerStats, ServerTls, ShutdownHandle};

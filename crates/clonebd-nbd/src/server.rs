@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Shutdown, TcpListener};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -94,8 +94,41 @@ pub struct ServerConfig {
     /// the replies, with no reader, writer or worker thread in the way; other requests still
     /// run on the workers. Where io_uring cannot be set up, connections fall back to threads.
     /// Off: a reader and a writer thread per connection, every request on the workers.
+    /// Connections over TLS are always served with threads.
     pub io_uring: bool,
+    /// Require TLS (FORCEDTLS): before `NBD_OPT_STARTTLS` every option but `NBD_OPT_ABORT`
+    /// is refused with `NBD_REP_ERR_TLS_REQD` and `NBD_OPT_EXPORT_NAME` closes the
+    /// connection; after it, the hook runs the TLS handshake and the connection goes on
+    /// over what it returns. `None`: no TLS (`NBD_OPT_STARTTLS` is unsupported).
+    pub tls: Option<ServerTls>,
 }
+
+/// Makes a connection secure, the server's side: given the socket once `NBD_REP_ACK` to
+/// `NBD_OPT_STARTTLS` is sent, and the time left of the handshake's deadline (`None`: no
+/// deadline), it runs the TLS handshake and returns a unix stream that carries the plaintext
+/// (relaying it through TLS over the socket). An error of kind `TimedOut` or `WouldBlock`
+/// counts as the handshake's deadline passing. The relay is to close the network socket
+/// once the server closes the stream, and to bound its own sends to the network (the
+/// payload deadline bounds only the server's sends into the stream). The server knows
+/// nothing of TLS itself.
+#[derive(Clone)]
+pub struct ServerTls(
+    pub Arc<dyn Fn(crate::client::Socket, Option<Duration>) -> io::Result<UnixStream> + Send + Sync>,
+);
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerTls")
+    }
+}
+
+impl PartialEq for ServerTls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ServerTls {}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -114,6 +147,7 @@ impl Default for ServerConfig {
             handshake_timeout: Some(Duration::from_secs(10)),
             payload_timeout: Some(Duration::from_secs(30)),
             io_uring: true,
+            tls: None,
         }
     }
 }

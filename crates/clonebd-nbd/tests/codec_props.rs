@@ -267,6 +267,62 @@ proptest! {
     }
 }
 
+proptest! {
+    /// FORCEDTLS: whatever options a client sends before `NBD_OPT_STARTTLS`, none reaches
+    /// transmission and each is answered `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_ABORT` acked and
+    /// `NBD_OPT_EXPORT_NAME` ending the session, having been sent nothing); after STARTTLS
+    /// and a TLS handshake, the same options are served as without TLS.
+    #[test]
+    fn forced_tls_serves_nothing_before_starttls(
+        options in prop::collection::vec(client_option(), 0..12),
+    ) {
+        let mut hs = Handshake::with_tls(export());
+        hs.consume_output(hs.output().len());
+        hs.feed(&1u32.to_be_bytes()).unwrap();
+        for o in &options {
+            let mut bytes = Vec::new();
+            o.encode(&mut bytes);
+            let over_tls = hs.tls_active();
+            let fed = hs.feed(&bytes);
+            let out = hs.output().to_vec();
+            hs.consume_output(out.len());
+            if over_tls {
+                // Served as without TLS: the NOTLS tests cover the replies.
+                if *hs.status() != Status::Negotiating {
+                    return Ok(());
+                }
+                continue;
+            }
+            match o {
+                ClientOption::ExportName(_) => {
+                    prop_assert!(fed.is_err());
+                    prop_assert!(out.is_empty());
+                    return Ok(());
+                }
+                ClientOption::Abort => {
+                    prop_assert_eq!(hs.status(), &Status::Aborted);
+                    return Ok(());
+                }
+                ClientOption::StartTls => {
+                    prop_assert_eq!(hs.status(), &Status::StartTls);
+                    hs.tls_started();
+                    prop_assert!(hs.tls_active());
+                }
+                _ => {
+                    prop_assert_eq!(fed, Ok(bytes.len()));
+                    prop_assert_eq!(hs.status(), &Status::Negotiating);
+                    // One reply: magic, the option, NBD_REP_ERR_TLS_REQD.
+                    prop_assert_eq!(&out[8..12], &o.option().to_be_bytes());
+                    prop_assert_eq!(&out[12..16], &((1u32 << 31) + 5).to_be_bytes());
+                    let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+                    prop_assert_eq!(out.len(), 20 + len);
+                }
+            }
+        }
+        prop_assert!(!matches!(hs.status(), Status::Transmission(_)) || hs.tls_active());
+    }
+}
+
 /// A valid option sequence fed one byte at a time reaches transmission with exactly its bytes
 /// consumed.
 #[test]

@@ -307,6 +307,16 @@ fn connection_limit_closes_extra_connections() {
     let srv = TestServer::start_with(SIZE, |b| b, config);
     let mut first = RawClient::connect(&srv.socket);
     first.negotiate(false, false, &[]);
+    // The server takes the established slot just after its last handshake reply is out:
+    // connecting before that would find the slot free.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while srv.server.stats().handshakes == 0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "first handshake never counted"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let mut extra = std::os::unix::net::UnixStream::connect(&srv.socket).unwrap();
     extra
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -139,6 +139,8 @@ pub struct RunOptions {
     pub source: SourceOptions,
     /// Where a remote source's identity is pinned (default: `META.source-pin`).
     pub source_pin: Option<PathBuf>,
+    /// Require TLS on the NBD exports, made secure by this hook (`--nbd-tls-cert`).
+    pub nbd_tls: Option<clonebd_nbd::ServerTls>,
 }
 
 /// Admission limits of the NBD servers (see `clonebd_nbd::admission`); the defaults are
@@ -1060,6 +1062,9 @@ impl Daemon {
             cfg.workers = w.max(1);
         }
         cfg.io_uring = opts.nbd_io_uring;
+        cfg.tls = opts.nbd_tls.clone();
+        // The URIs the log shows: nbds:// once the exports require TLS.
+        let s = if cfg.tls.is_some() { "s" } else { "" };
         let l = &opts.nbd_limits;
         cfg.max_connections = l.max_connections;
         cfg.max_handshakes = l.max_handshakes;
@@ -1093,7 +1098,7 @@ impl Daemon {
                 }
             })?;
             tracing::info!(
-                "serving NBD on unix socket {} (nbd+unix:///clonebd?socket={})",
+                "serving NBD on unix socket {} (nbd{s}+unix:///clonebd?socket={})",
                 p.display(),
                 p.display()
             );
@@ -1117,7 +1122,7 @@ impl Daemon {
                     tracing::error!("NBD TCP server: {e}");
                 }
             })?;
-            tracing::info!("serving NBD on {addr} (nbd://{addr}/clonebd)");
+            tracing::info!("serving NBD on {addr} (nbd{s}://{addr}/clonebd)");
             self.nbd.push((h, t));
             self.nbd_servers.push(server);
         }

@@ -196,6 +196,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         ublk: false,
         source: crate::source::SourceOptions::default(),
         source_pin: None,
+        nbd_tls: None,
         direct_io: true,
         preallocate: true,
         copy_threads: 8,

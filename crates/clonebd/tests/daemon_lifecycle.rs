@@ -45,6 +45,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         ublk: false,
         source: clonebd::source::SourceOptions::default(),
         source_pin: None,
+        nbd_tls: None,
     }
 }
 

@@ -391,8 +391,8 @@ pub fn moto_server() -> Option<PathBuf> {
     found
 }
 
-/// A certificate authority made for a test, and a server certificate it signed for
-/// 127.0.0.1 (and `localhost`), made by `openssl`.
+/// A certificate authority made for a test, a server certificate it signed for 127.0.0.1
+/// (and `localhost`), and a client certificate it signed, made by `openssl`.
 pub struct Certs {
     /// The CA's certificate (PEM): what a client trusts.
     pub ca: PathBuf,
@@ -400,7 +400,7 @@ pub struct Certs {
     pub server_cert: PathBuf,
     /// The server's private key (PEM).
     pub server_key: PathBuf,
-    /// A client's certificate (PEM), signed by the CA.
+    /// A client's certificate (PEM), signed by the CA, for servers that ask for one.
     pub client_cert: PathBuf,
     /// The client's private key (PEM).
     pub client_key: PathBuf,
