@@ -1,7 +1,7 @@
 //! Counters and latency histograms of a [`crate::Volume`]'s requests and commits, kept with
 //! relaxed atomic adds only: recording a request takes no lock and allocates nothing, so
 //! the I/O path pays a few uncontended atomic instructions. Read by the metrics endpoint
-//! at scrape time ([`IoMetrics::snapshot`] of each part).
+//! at scrape time (each part's `snapshot`).
 //!
 //! Every export reaches the volume through its request methods (and the routed writes of
 //! [`crate::Volume::route_write`], counted when the route is dropped), so this one place
@@ -30,7 +30,7 @@ pub enum Op {
 }
 
 impl Op {
-    /// Every operation, in the order of [`IoMetrics::ops`].
+    /// Every operation, in the order of `IoMetrics::op`.
     pub const ALL: [Op; 6] = [
         Op::Read,
         Op::Write,

@@ -1,7 +1,7 @@
 //! Admission: which connections the server takes on, and how much payload memory their
 //! requests may hold.
 //!
-//! **Connection slots** ([`Slots`]). A connection still in its handshake holds a *handshake
+//! **Connection slots** (`Slots`). A connection still in its handshake holds a *handshake
 //! slot*; one in the transmission phase holds an *established slot*. The two are counted
 //! apart: at most [`ServerConfig::max_handshakes`] handshakes at once, at most
 //! [`ServerConfig::max_handshakes_per_peer`] of them from one IP address (unix-socket peers
@@ -17,7 +17,7 @@
 //! **Payload memory** ([`MemoryBudget`]). Every request that carries payload (write data
 //! read from the socket, read data not yet sent) is charged its length twice: against its
 //! connection's own bound ([`ServerConfig::max_inflight_bytes`] and
-//! [`ServerConfig::max_inflight_requests`], see [`ConnAdmission`]) and against one budget
+//! [`ServerConfig::max_inflight_requests`], see `ConnAdmission`) and against one budget
 //! shared by every connection of the server (or of several servers given the same budget):
 //! at most [`ServerConfig::memory_budget`] bytes in total and
 //! [`ServerConfig::memory_budget_per_peer`] bytes for the connections of one IP address.
@@ -38,7 +38,7 @@
 //! such host from holding the whole budget, but several hosts together could, and every
 //! other client would then wait for ever.
 //!
-//! **Payload deadline** ([`PayloadDeadline`]). That is what the payload deadline
+//! **Payload deadline** (`PayloadDeadline`). That is what the payload deadline
 //! ([`ServerConfig::payload_timeout`]) is for, in both directions and in both transmission
 //! loops: a *transfer* is a write's payload still to be received once its charge is taken
 //! (its header read), or one send of replies (a gathered batch) once it has started, and it
@@ -54,7 +54,7 @@
 //! /64, so counting single IPv6 addresses would limit nothing).
 //!
 //! Limits that bite are logged with the peer, at most once per [`LOG_INTERVAL`] for each
-//! kind of limit ([`Throttle`]), with the number of occurrences not logged in between.
+//! kind of limit (`Throttle`), with the number of occurrences not logged in between.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,6 +1,6 @@
 //! `--metrics [ADDR:]PORT`: the clone's metrics in the Prometheus (OpenMetrics) text format
 //! at `GET /metrics`, encoded by `prometheus-client` at scrape time from the counters the
-//! I/O paths keep with atomic adds (the volume's [`IoMetrics`], the NBD servers' stats, a
+//! I/O paths keep with atomic adds (the volume's [`IoMetrics`](clonebd_driver::metrics::IoMetrics), the NBD servers' stats, a
 //! remote source's [`SourceStats`]), on a plain listener thread: nothing on the I/O path
 //! takes a lock or allocates for a metric.
 //!
