@@ -402,21 +402,8 @@ fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String>
 fn transport(e: ureq::Error) -> Failure {
     use ureq::Error as E;
     match e {
-        // A certificate that does not verify does not heal by trying again.
-        E::Io(io)
-            if io
-                .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .is_some() =>
-        {
-            let why = io.get_ref().map(ToString::to_string).unwrap_or_default();
-            Failure::Fatal(if why.contains("certificate") {
-                format!("TLS: {why} (give the CA that signed it with --source-tls-ca)")
-            } else {
-                format!("TLS: {why}")
-            })
-        }
-        E::Io(io) => Failure::Transient(clonebd_core::errno::describe(&io), None),
+        E::Io(io) => Failure::of_tls(&io)
+            .unwrap_or_else(|| Failure::Transient(clonebd_core::errno::describe(&io), None)),
         E::Timeout(t) => Failure::Transient(format!("timed out ({t})"), None),
         E::HostNotFound => Failure::Transient("host not found".to_string(), None),
         E::ConnectionFailed => Failure::Transient("connection failed".to_string(), None),

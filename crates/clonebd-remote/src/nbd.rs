@@ -335,20 +335,7 @@ fn classify(e: &ClientError, doing: &str) -> Failure {
         ClientError::Server { .. } => {
             Failure::Transient(format!("the server answered the read with {e}"), None)
         }
-        // A certificate that does not verify does not heal by trying again.
-        ClientError::Io(io)
-            if io
-                .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .is_some() =>
-        {
-            let why = io.get_ref().map(ToString::to_string).unwrap_or_default();
-            Failure::Fatal(if why.contains("certificate") {
-                format!("TLS: {why} (give the CA that signed it with --source-tls-ca)")
-            } else {
-                format!("TLS: {why}")
-            })
-        }
+        ClientError::Io(io) if let Some(f) = Failure::of_tls(io) => f,
         // A socket timeout reads as EAGAIN: say what it is.
         ClientError::Io(io)
             if matches!(

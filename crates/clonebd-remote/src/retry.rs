@@ -126,6 +126,19 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
+    /// A TLS error under an I/O error (rustls's, however the transport wrapped it): fatal,
+    /// since a certificate that does not verify does not heal by trying again. `None` for
+    /// any other I/O error.
+    pub(crate) fn of_tls(io: &std::io::Error) -> Option<Failure> {
+        let tls = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+        let why = tls.to_string();
+        Some(Failure::Fatal(if why.contains("certificate") {
+            format!("TLS: {why} (give the CA that signed it with --source-tls-ca)")
+        } else {
+            format!("TLS: {why}")
+        }))
+    }
+
     pub(crate) fn describe(&self) -> &str {
         match self {
             Failure::Transient(s, _) | Failure::Fatal(s) | Failure::Changed(s) => s,
