@@ -304,11 +304,7 @@ fn an_https_image_is_cloned_with_the_ca_given_and_refused_without_it() {
     // With the CA: cloned, every byte right.
     let ca = certs.ca.to_str().unwrap();
     let d = Daemon::start(&c, &["--source-tls-ca", ca]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !d.status_json()["complete"].as_bool().unwrap() {
-        assert!(Instant::now() < deadline, "hydration does not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_complete(Duration::from_secs(60));
     assert!(d.terminate().success());
     let dest = std::fs::read(&c.dest).expect("dest");
     assert_eq!(first_difference(&dest, &f.source_bytes()), None);
@@ -373,15 +369,7 @@ fn a_server_that_goes_away_pauses_hydration_and_it_resumes_when_the_server_is_ba
     assert!(!st["complete"].as_bool().unwrap());
     // The server comes back on the same port: hydration resumes by itself and finishes.
     let _web = nginx_on(f.dir.path(), port);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !d.status_json()["complete"].as_bool().unwrap() {
-        assert!(
-            Instant::now() < deadline,
-            "hydration did not resume: {}",
-            d.status_json()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_complete(Duration::from_secs(120));
     assert_eq!(d.status_json()["source"]["state"], "connected");
     assert!(d.terminate().success());
     let dest = std::fs::read(&c.dest).expect("dest");
@@ -438,11 +426,7 @@ fn metadata_on_a_block_device_needs_a_pin_file_and_works_with_one() {
     let pin = c.path("clone.pin");
     c.meta = PathBuf::from(&lo.0);
     let d = Daemon::start(&c, &["--source-pin", pin.to_str().unwrap()]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !d.status_json()["complete"].as_bool().unwrap() {
-        assert!(Instant::now() < deadline, "hydration does not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_complete(Duration::from_secs(60));
     assert!(d.terminate().success());
     let text = std::fs::read_to_string(&pin).expect("pin file");
     assert!(text.contains(&url), "{text}");

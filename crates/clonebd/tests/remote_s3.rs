@@ -127,11 +127,7 @@ fn a_versioned_object_stays_pinned_to_its_version_after_an_overwrite_and_a_resta
     // A restart by the same URI goes on with the pinned version, not the latest.
     assert!(d.terminate().success());
     let d = Daemon::start_with_env(&c, "64k", &[], &e);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !d.status_json()["complete"].as_bool().unwrap() {
-        assert!(Instant::now() < deadline, "hydration does not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_complete(Duration::from_secs(120));
     let st = d.status_json();
     assert_eq!(st["source"]["state"], "connected", "{st}");
     assert!(d.terminate().success());

@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::{Daemon, Files, Rng, first_difference};
 
@@ -33,15 +33,7 @@ fn sparse_files() -> Files {
 
 fn hydrate(f: &Files, extra: &[&str]) -> serde_json::Value {
     let d = Daemon::start(f, extra);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let st = loop {
-        let st = d.status_json();
-        if st["complete"].as_bool().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "hydration does not finish: {st}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let st = d.wait_complete(Duration::from_secs(60));
     assert!(d.terminate().success());
     st
 }

@@ -299,6 +299,22 @@ impl Daemon {
         serde_json::from_str(&self.ctl_ok("status", &["--json", "--noflush"])).expect("status JSON")
     }
 
+    /// Waits until every region is hydrated (failing after `within`); the status then.
+    pub fn wait_complete(&self, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.status_json();
+            if st["complete"].as_bool() == Some(true) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hydration did not finish within {within:?}: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
