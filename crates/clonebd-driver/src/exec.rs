@@ -38,7 +38,7 @@ pub fn status_of(e: &io::Error) -> IoStatus {
         io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => IoStatus::ReadOnly,
         io::ErrorKind::StorageFull => IoStatus::NoSpace,
         _ => match e.raw_os_error() {
-            Some(28) => IoStatus::NoSpace,
+            Some(libc::ENOSPC | libc::EDQUOT) => IoStatus::NoSpace,
             _ => IoStatus::Io,
         },
     }

@@ -10,6 +10,7 @@
 //! - [`MetadataBackend`] is the seam to the metadata store.
 //! - [`metrics`]: lock-free counters and latency histograms of requests and commits.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod exec;

@@ -18,6 +18,7 @@
 //! FUSE drops at every open. Writes made through another export (NBD) are seen by FUSE
 //! readers at their next open, or at once with `O_DIRECT`.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod backend;

@@ -46,7 +46,9 @@ fn count_path(_: usize) {}
 pub(crate) enum Values {
     /// Locations of array blocks, each holding a reference on its block.
     ArrayBlocks,
-    /// Plain `u32` numbers (reference counts).
+    /// Plain `u32` numbers (reference counts). The space map's reference-count tree is
+    /// only ever made empty (`Tm::new_empty_leaf`), so only the tests build such a tree.
+    #[cfg(test)]
     Counts,
 }
 
@@ -63,12 +65,6 @@ pub(crate) const ARRAY_TREE: Tree = Tree {
     values: Values::ArrayBlocks,
 };
 
-/// The metadata space map's reference-count tree.
-pub(crate) const REF_COUNT_TREE: Tree = Tree {
-    leaf_value_size: 4,
-    values: Values::Counts,
-};
-
 /// Reads node `b` and checks its structure.
 pub(crate) fn read_header<D: BlockDev>(
     tm: &mut Tm<D>,
@@ -82,12 +78,7 @@ pub(crate) fn read_header<D: BlockDev>(
 
 /// Creates an empty tree: a single empty leaf (`dm_btree_empty`).
 pub(crate) fn empty<D: BlockDev>(tm: &mut Tm<D>, tree: Tree) -> Result<u64, MetadataError> {
-    let b = tm.new_block(BlockKind::BtreeNode)?;
-    let max = calc_max_entries(tree.leaf_value_size as usize);
-    tm.write(b, |n| {
-        set_header(n, LEAF_NODE, 0, max, tree.leaf_value_size)
-    })?;
-    Ok(b)
+    tm.new_empty_leaf(tree.leaf_value_size)
 }
 
 /// The value stored under `k`, as a `u64` (`dm_btree_lookup`).
@@ -855,6 +846,12 @@ pub(crate) fn walk_tolerant(w: &mut dyn TolerantWalk, root: u64, leaf_value_size
 mod tests {
     use super::*;
     use clonebd_testkit::{Rng, SimDisk};
+
+    /// The metadata space map's reference-count tree.
+    const REF_COUNT_TREE: Tree = Tree {
+        leaf_value_size: crate::format::space_map::REF_COUNT_VALUE_SIZE,
+        values: Values::Counts,
+    };
 
     /// Every entry of the tree in order, checking node structure, key order and bounds.
     fn entries(

@@ -143,7 +143,7 @@ impl<D: BlockDev> Tm<D> {
         tm.begin = SUPERBLOCK_LOCATION + 1;
         // The space map's own structures, allocated linearly by the bootstrap allocator.
         tm.ll.bitmap_root = tm.new_block(BlockKind::SpaceMapIndex)?;
-        tm.ll.ref_count_root = crate::btree::empty(&mut tm, crate::btree::REF_COUNT_TREE)?;
+        tm.ll.ref_count_root = tm.new_empty_leaf(crate::format::space_map::REF_COUNT_VALUE_SIZE)?;
         tm.ll_extend(nr_blocks)?;
         tm.bootstrap = false;
         // Account for everything the bootstrap allocator handed out, superblock included.
@@ -468,6 +468,15 @@ impl<D: BlockDev> Tm<D> {
             });
         }
         self.hold_new(b, kind, zeroed_block());
+        Ok(b)
+    }
+
+    /// A new block holding an empty btree leaf for values of `vsize` bytes: a new tree's
+    /// root (`dm_btree_empty`). The space map makes its reference-count tree this way, so
+    /// the transaction manager needs nothing of the btree code above it.
+    pub fn new_empty_leaf(&mut self, vsize: u32) -> Result<u64, MetadataError> {
+        let b = self.new_block(BlockKind::BtreeNode)?;
+        self.write(b, |n| crate::format::btree_node::init_empty_leaf(n, vsize))?;
         Ok(b)
     }
 

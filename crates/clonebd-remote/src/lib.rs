@@ -17,6 +17,7 @@
 //! every byte asked for, from a response that proves it is of the pinned content; a
 //! failed or partial read is an error, so no region is ever recorded as hydrated from one.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod http;

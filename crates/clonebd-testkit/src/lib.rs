@@ -8,6 +8,7 @@
 //!   of writes and flushes across devices.
 //! - [`Rng`]: a small seeded generator (SplitMix64), so every simulation replays from its seed.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod rng;

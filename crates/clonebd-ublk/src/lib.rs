@@ -15,6 +15,7 @@
 //! The ublk server must not share a mount namespace with a file system mounted on its own
 //! device, or the daemon's exit can deadlock on that file system's final writes.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 #[cfg(feature = "libublk")]

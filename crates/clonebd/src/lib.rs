@@ -11,6 +11,7 @@
 //! - [`status`]: the dm-clone status line and the JSON status;
 //! - [`units`]: sizes as people write them.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod control;

@@ -1,5 +1,7 @@
 //! The `clonebd` command line: a thin `main` over one module per subcommand.
 
+#![forbid(unsafe_code)]
+
 mod cmd;
 
 use clap::Parser;

@@ -160,6 +160,12 @@ pub fn set_header(b: &mut BlockBuf, flags: u32, nr_entries: u32, max_entries: u3
     write_u32(b, 24, vsize);
 }
 
+/// Makes `b` an empty leaf for values of `vsize` bytes (`dm_btree_empty`'s node): the whole
+/// tree of a new btree.
+pub fn init_empty_leaf(b: &mut BlockBuf, vsize: u32) {
+    set_header(b, LEAF_NODE, 0, calc_max_entries(vsize as usize), vsize);
+}
+
 /// Byte offset of value `i`, per the node's own `max_entries` and `value_size`.
 pub fn value_offset(b: &BlockBuf, i: u32) -> usize {
     NODE_HEADER_SIZE + 8 * max_entries(b) as usize + value_size(b) as usize * i as usize

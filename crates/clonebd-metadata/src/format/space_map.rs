@@ -18,6 +18,9 @@ use super::{BLOCK_SIZE, BlockBuf, read_u32, read_u64, write_u32, write_u64};
 
 /// Size of the space map root as the kernel stores it (4 x u64).
 pub const SM_ROOT_SIZE: usize = 32;
+/// Bytes of a value in the reference-count btree (a little-endian `u32` count, for blocks
+/// whose bitmap entry says "3 or more").
+pub const REF_COUNT_VALUE_SIZE: u32 = 4;
 /// Entries of a bitmap block: (4096 - 16) * 4.
 pub const ENTRIES_PER_BITMAP: u64 = ((BLOCK_SIZE - BITMAP_HEADER_SIZE) * 4) as u64;
 /// Bitmap block header size.
