@@ -3,7 +3,8 @@
 //!
 //! A waiter is always attached to a round that *starts* after it arrived, so the round's
 //! transaction includes every region marked before it: a completed flush covers every write
-//! completed before the flush was submitted (invariant I2). Rounds never overlap.
+//! completed before the flush was submitted (ARCHITECTURE.md, durability rule 4). Rounds
+//! never overlap.
 //!
 //! On failure (`metadata_operation_failed`): the mode goes read-only at once, so nothing
 //! new is marked; the metadata transaction is aborted and the hydration map reloaded from
