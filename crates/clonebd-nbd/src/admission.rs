@@ -64,10 +64,10 @@ use std::time::{Duration, Instant};
 
 use clonebd_io::uring::Waker;
 
-use crate::proto::MAX_PAYLOAD;
 #[cfg(doc)]
-use crate::server::ServerConfig;
-use crate::server::ServerError;
+use crate::config::ServerConfig;
+use crate::config::ServerError;
+use crate::proto::MAX_PAYLOAD;
 
 /// What per-peer limits count a connection from `ip` under: the address itself for IPv4,
 /// its /64 network for IPv6.

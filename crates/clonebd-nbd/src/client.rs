@@ -33,13 +33,13 @@ pub(crate) use reply::{Assembly, Sink, read_head};
 
 use crate::backend::{BlockSizes, Extent, NbdError};
 use crate::codec::RequestHeader;
-use crate::conn::Stream;
 use crate::handshake::{ClientOption, MetaContext};
 use crate::proto::{
     Command, EXTENDED_REQUEST_LEN, HeaderStyle, IHAVEOPT, MAX_OPTION_LEN, MAX_PAYLOAD, NBDMAGIC,
     OPTION_REPLY_MAGIC, client_flags, command_flags as cf, handshake_flags, info, opt, rep,
     transmission_flags as tf,
 };
+use crate::stream::Stream;
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]

@@ -348,14 +348,22 @@ impl RequestDecoder {
         &self.params
     }
 
+    /// Parse and judge one header; `bytes` must be exactly one header long. The payload its
+    /// header declares ([`RequestHeader::wire_payload`]) follows it on the wire; it is within
+    /// the payload cap unless this fails with [`DecodeError::PayloadTooLarge`].
+    pub fn header(&self, bytes: &[u8]) -> Result<(RequestHeader, Disposition), DecodeError> {
+        let header = RequestHeader::parse(self.params.style, bytes)?;
+        let disposition = self.params.check(&header)?;
+        Ok((header, disposition))
+    }
+
     /// Decode the frame at the start of `buf`.
     pub fn decode<'a>(&self, buf: &'a [u8]) -> Result<Progress<'a>, DecodeError> {
         let header_len = self.params.style.request_len();
         if buf.len() < header_len {
             return Ok(Progress::Need(header_len));
         }
-        let header = RequestHeader::parse(self.params.style, &buf[..header_len])?;
-        let disposition = self.params.check(&header)?;
+        let (header, disposition) = self.header(&buf[..header_len])?;
         // `check` refused every payload above the cap, so this fits in usize.
         let payload = header.wire_payload(self.params.style) as usize;
         let total = header_len + payload;

@@ -4,13 +4,15 @@
 //! - [`backend`]: the [`Backend`] trait an export implements, and [`NbdError`];
 //! - [`handshake`]: the fixed newstyle handshake as a sans-IO state machine;
 //! - [`codec`]: transmission-phase request decoding and reply encoding, sans-IO;
-//! - [`server`]: the threaded server over unix and TCP sockets;
+//! - [`transmission`]: the transmission phase as a sans-IO state machine over the codec,
+//!   which both of the server's drivers run (threads, and io_uring);
+//! - [`server`]: the server over unix and TCP sockets;
 //! - [`admission`]: handshake and connection slots, and the payload memory budget shared by
 //!   connections;
 //! - [`client`]: a blocking client over the same codec, one request at a time;
 //! - [`mux`]: the same client's connection shared by many threads, replies in any order.
 //!
-//! The codec and the handshake perform no I/O and allocate nothing whose size a peer chooses
+//! The codec, the handshake and the transmission machine perform no I/O and allocate nothing whose size a peer chooses
 //! beyond fixed caps (32 MiB of payload, 64 KiB of option data), so they can be fuzzed alone.
 //! The server reads each connection on its own thread, runs requests on a shared worker pool,
 //! and writes replies from one writer thread per connection, so replies go out of order but
@@ -47,10 +49,16 @@ pub mod handshake;
 pub mod mux;
 pub mod proto;
 pub mod server;
+pub mod transmission;
 
+mod config;
 mod conn;
+mod exec;
 mod pool;
 mod ring;
+mod shared;
+mod stream;
+mod threads;
 
 pub use admission::MemoryBudget;
 pub use backend::{

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use crate::backend::BlockSizes;
 use crate::client::{Assembly, Client, ClientError, Pending, Sink, read_head};
 use crate::codec::RequestHeader;
-use crate::conn::Stream;
 use crate::proto::{Command, EXTENDED_REQUEST_LEN, HeaderStyle, MAX_PAYLOAD};
+use crate::stream::Stream;
 
 /// Where one request's outcome is left for its caller.
 #[derive(Debug, Default)]

@@ -44,11 +44,14 @@ use clonebd_io::uring::{Dir, Done, Inline, IoBuf, Ring, SendPart, SharedFd, Wake
 
 use crate::admission::{ConnAdmission, Direction, PayloadDeadline, Transfer, Wait};
 use crate::backend::{NbdError, RouteKind};
-use crate::codec::{DecodeError, Disposition, ReplyHeader, RequestHeader};
-use crate::conn::{Body, Conn, Job, ReplyFrame, Stream, run_job};
+use crate::codec::{DecodeError, ReplyHeader, RequestHeader};
+use crate::config::ServerConfig;
+use crate::exec::{Body, Conn, ConnSetup, Job, ReplyFrame, ReplySink, run_job};
 use crate::pool::{ALIGN, Buf};
 use crate::proto::{Command, command_flags as cf};
-use crate::server::{Counters, ServerConfig};
+use crate::shared::Counters;
+use crate::stream::Stream;
+use crate::transmission::{Step, Transmission, runs_inline};
 
 /// Bytes of socket input received at a time (write payloads that do not fit are received
 /// straight into their own buffers).
@@ -71,8 +74,14 @@ pub(crate) struct RingLink {
     waker: Arc<Waker>,
 }
 
+impl ReplySink for RingLink {
+    fn reply(&self, frame: ReplyFrame) {
+        self.push(frame);
+    }
+}
+
 impl RingLink {
-    pub(crate) fn new(waker: Waker) -> Self {
+    fn new(waker: Waker) -> Self {
         Self {
             done: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
@@ -81,7 +90,7 @@ impl RingLink {
     }
 
     /// Hand a reply to the connection's thread.
-    pub(crate) fn push(&self, frame: ReplyFrame) {
+    fn push(&self, frame: ReplyFrame) {
         self.done
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -140,25 +149,28 @@ pub(crate) fn new_ring(config: &ServerConfig) -> io::Result<(Ring<Token>, Waker)
 /// protocol error ends it; every request taken is answered (or dropped with a broken socket)
 /// before this returns. `leftover` is what the handshake's reader had already buffered.
 pub(crate) fn serve(
-    conn: &Arc<Conn>,
-    link: &RingLink,
-    ring: Ring<Token>,
-    sock: Arc<Stream>,
+    setup: ConnSetup,
+    (ring, waker): (Ring<Token>, Waker),
+    sock: Stream,
     leftover: &[u8],
-    admission: ConnAdmission,
 ) -> Result<(), DecodeError> {
+    let link = Arc::new(RingLink::new(waker));
+    let admission = setup.inner.conn_admission(setup.peer);
+    let conn = &Arc::new(Conn::new(setup, Arc::clone(&link) as Arc<dyn ReplySink>));
+    let sock = Arc::new(sock);
     let mut input = IoBuf::new(INPUT_BYTES.max(leftover.len()));
     input.as_mut_slice()[..leftover.len()].copy_from_slice(leftover);
     let mut s = Session {
         conn,
-        link,
+        link: &link,
+        machine: Transmission::new(conn.params),
+        pending: None,
         ring,
         stream: Arc::clone(&sock),
         sock,
         input: Some(input),
         head: 0,
         tail: leftover.len(),
-        skip: 0,
         payload_busy: false,
         reading: true,
         broken: false,
@@ -184,6 +196,10 @@ pub(crate) fn serve(
 struct Session<'a> {
     conn: &'a Arc<Conn>,
     link: &'a RingLink,
+    /// The transmission phase's state.
+    machine: Transmission,
+    /// A request the machine gave that waits for admission.
+    pending: Option<Step>,
     ring: Ring<Token>,
     sock: SharedFd,
     stream: Arc<Stream>,
@@ -192,8 +208,6 @@ struct Session<'a> {
     input: Option<IoBuf>,
     head: usize,
     tail: usize,
-    /// Payload bytes of a refused request still to drop.
-    skip: u64,
     /// A write payload is being received into its own buffer.
     payload_busy: bool,
     /// Still taking requests.
@@ -298,10 +312,10 @@ impl Session<'_> {
         &self.conn.inner.counters
     }
 
-    /// Decode and start what is buffered, within the budget; receive more when needed.
+    /// Drive the machine over what is buffered and start the requests it gives, within the
+    /// budget; receive more when it needs more.
     fn pump(&mut self) {
         let style = self.conn.params.style;
-        let hlen = style.request_len();
         loop {
             if !self.reading || self.broken || self.payload_busy {
                 return;
@@ -309,50 +323,40 @@ impl Session<'_> {
             let Some(input) = self.input.as_ref() else {
                 return;
             };
-            let avail = self.tail - self.head;
-            if self.skip > 0 {
-                let n = usize::try_from(self.skip).map_or(avail, |s| s.min(avail));
-                self.head += n;
-                self.skip -= n as u64;
-                if self.skip > 0 {
+            let step = match self.pending.take() {
+                Some(step) => step,
+                None => {
+                    let (used, step) = self.machine.feed(&input.as_slice()[self.head..self.tail]);
+                    self.head += used;
+                    step
+                }
+            };
+            let (header, cost) = match step {
+                Step::Need(_) | Step::Skip(_) => {
                     self.arm_input();
                     return;
                 }
-                continue;
-            }
-            if avail < hlen {
-                self.arm_input();
-                return;
-            }
-            let h = match RequestHeader::parse(style, &input.as_slice()[self.head..][..hlen]) {
-                Ok(h) => h,
-                Err(e) => return self.stop(Some(e)),
-            };
-            let disposition = match self.conn.params.check(&h) {
-                Ok(d) => d,
-                Err(DecodeError::PayloadTooLarge(h)) => {
-                    // Answer, so the client learns why, then close: the payload is not read.
-                    self.admission.take_free();
-                    self.queue(ReplyFrame::error(style, &h, NbdError::Invalid, 0));
-                    return self.stop(Some(DecodeError::PayloadTooLarge(h)));
+                Step::Close { reply, error } => {
+                    if let Some((h, e)) = reply {
+                        self.admission.take_free();
+                        self.queue(ReplyFrame::error(style, &h, e, 0));
+                    }
+                    return self.stop(error);
                 }
-                Err(e) => return self.stop(Some(e)),
+                Step::Reply { header, .. } => (header, 0),
+                Step::Run { header, cost, .. } => (header, cost),
             };
-            let cost = match (&disposition, h.command) {
-                // Lengths of reads and writes were checked against the 32 MiB cap.
-                (Disposition::Execute, Command::Read | Command::Write) => h.length as usize,
-                _ => 0,
-            };
-            if matches!(disposition, Disposition::Disconnect) {
-                return self.stop(None);
-            }
             match self.admission.try_admit(cost, Some(&self.link.waker)) {
                 Ok(_) => self.budget_wait = false,
                 // Past the connection's bound: wait for its replies to go out.
-                Err(Wait::Connection) => return,
+                Err(Wait::Connection) => {
+                    self.pending = Some(step);
+                    return;
+                }
                 // Past the shared budget: the next release anywhere wakes the ring (or
                 // shutdown does, which ends reading here).
                 Err(Wait::Budget(_)) => {
+                    self.pending = Some(step);
                     if !self.budget_wait {
                         self.budget_wait = true;
                         self.conn.inner.budget_wait(self.conn.peer, cost);
@@ -363,31 +367,29 @@ impl Session<'_> {
                     return;
                 }
             }
-            self.head += hlen;
             Counters::add(&self.counters().requests, 1);
-            match disposition {
-                Disposition::Reject { error, skip } => {
-                    self.skip = u64::from(skip);
-                    self.queue(ReplyFrame::error(style, &h, error, 0));
+            match step {
+                Step::Reply { error, .. } => {
+                    self.queue(ReplyFrame::error(style, &header, error, 0));
                 }
-                Disposition::Execute if h.command == Command::Write => {
-                    let mut buf = self.conn.inner.buffers.get(cost);
-                    let have = cost.min(self.tail - self.head);
+                Step::Run { payload, .. } if payload > 0 => {
+                    let mut buf = self.conn.inner.buffers.get(payload);
+                    let have = payload.min(self.tail - self.head);
                     if let Some(input) = &self.input {
                         buf.as_mut_slice()[..have]
                             .copy_from_slice(&input.as_slice()[self.head..][..have]);
                     }
                     self.head += have;
-                    if have < cost {
+                    if have < payload {
                         // The payload deadline runs from here, the charge taken.
                         self.receiving = Some(self.deadline.start(Instant::now()));
-                        self.receive_payload(h, buf.into_io(), have, cost);
+                        self.receive_payload(header, buf.into_io(), have, cost);
                         return;
                     }
-                    Counters::add(&self.counters().bytes_received, cost as u64);
-                    self.dispatch(h, Some(buf), cost);
+                    Counters::add(&self.counters().bytes_received, payload as u64);
+                    self.dispatch(header, Some(buf), cost);
                 }
-                _ => self.dispatch(h, None, cost),
+                _ => self.dispatch(header, None, cost),
             }
         }
     }
@@ -475,16 +477,13 @@ impl Session<'_> {
             payload,
             cost,
         };
-        // As in the threaded mode: a read or write with nothing else in flight and nothing
-        // more received runs here (the client waits for this one reply); others, and flushes
-        // (which may wait for a commit), go to the worker pool.
-        let quick = matches!(h.command, Command::Read | Command::Write);
-        if quick && self.admission.count() == 1 && self.head == self.tail {
+        // The threaded driver's rule: a lone read or write runs here, others on the pool.
+        if runs_inline(&h, self.admission.count() == 1, self.head != self.tail) {
             let frame = run_job(&job);
             self.queue(frame);
             return;
         }
-        match inner.jobs.push(job) {
+        match self.conn.push(job) {
             Ok(()) => self.jobs += 1,
             Err(job) => self.queue(ReplyFrame::error(
                 style,

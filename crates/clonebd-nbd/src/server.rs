@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Shutdown, TcpListener};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -36,136 +36,15 @@ use std::time::Duration;
 
 use clonebd_io::socket::{Acceptor, StopSignal};
 
-use crate::admission::{
-    ConnAdmission, Direction, HandshakeSlot, MemoryBudget, PayloadDeadline, Refusal, Slots,
-    Throttles,
-};
+use crate::admission::{HandshakeSlot, MemoryBudget, Slots, Throttles};
 use crate::backend::Backend;
-use crate::conn::{self, Job, Stream};
-use crate::handshake::{ExportError, ExportInfo};
+pub use crate::config::{ServerConfig, ServerError, ServerTls};
+use crate::conn;
+use crate::exec::{self, Job};
+use crate::handshake::ExportInfo;
 use crate::pool::{BufferPool, JobQueue};
-
-/// Settings of a [`Server`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerConfig {
-    /// The export's name; the default name `""` also selects it.
-    pub export_name: String,
-    /// A description shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
-    pub description: String,
-    /// Worker threads running backend calls, shared by all connections (at least one). Each
-    /// backend call occupies a worker until it returns, so this bounds how many requests run
-    /// at once across all connections: size it to the queue depth expected, since a call may
-    /// block (a write waiting for its region to hydrate, for instance).
-    pub workers: usize,
-    /// Connections in the transmission phase at once. While all are taken, new connections
-    /// are closed as soon as accepted, and a handshake that completes is closed then.
-    /// Connections still in their handshake do not count here.
-    pub max_connections: usize,
-    /// Connections in their handshake at once; more are closed as soon as accepted.
-    pub max_handshakes: usize,
-    /// Connections in their handshake at once from one IP address (TCP); more from that
-    /// address are closed as soon as accepted.
-    pub max_handshakes_per_peer: usize,
-    /// Payload bytes one connection may hold in flight (write data read, read data not yet
-    /// sent). A single request of up to 32 MiB is always within this bound when nothing
-    /// else is in flight on its connection.
-    pub max_inflight_bytes: usize,
-    /// Requests one connection may have in flight.
-    pub max_inflight_requests: usize,
-    /// Payload bytes all connections together may hold in flight, counted as for
-    /// `max_inflight_bytes` (at least 32 MiB). Past it, readers stop reading until replies
-    /// have gone out.
-    pub memory_budget: usize,
-    /// Of `memory_budget`, what the connections from one IP address may hold (at least
-    /// 32 MiB), so that one host cannot hold the whole budget.
-    pub memory_budget_per_peer: usize,
-    /// The deadline of the whole handshake, from accept to the start of transmission; a
-    /// connection that has not finished its handshake by then is closed. `None`: no
-    /// deadline.
-    pub handshake_timeout: Option<Duration>,
-    /// The payload deadline (see [`crate::admission`]): a write's payload must be received
-    /// within this of its header (once admitted), and each send of replies must be taken by
-    /// the client within this of its start; past it, the connection is closed and what it
-    /// held is given back. `None`: no deadline (a client that stops mid-payload, or stops
-    /// reading, then holds its share of the memory budget for as long as it stays connected).
-    pub payload_timeout: Option<Duration>,
-    /// Serve each connection through io_uring: its thread receives requests, submits the
-    /// reads and writes the backend [routes](crate::Backend::route) many at a time, and sends
-    /// the replies, with no reader, writer or worker thread in the way; other requests still
-    /// run on the workers. Where io_uring cannot be set up, connections fall back to threads.
-    /// Off: a reader and a writer thread per connection, every request on the workers.
-    /// Connections over TLS are always served with threads.
-    pub io_uring: bool,
-    /// Require TLS (FORCEDTLS): before `NBD_OPT_STARTTLS` every option but `NBD_OPT_ABORT`
-    /// is refused with `NBD_REP_ERR_TLS_REQD` and `NBD_OPT_EXPORT_NAME` closes the
-    /// connection; after it, the hook runs the TLS handshake and the connection goes on
-    /// over what it returns. `None`: no TLS (`NBD_OPT_STARTTLS` is unsupported).
-    pub tls: Option<ServerTls>,
-}
-
-/// Makes a connection secure, the server's side: given the socket once `NBD_REP_ACK` to
-/// `NBD_OPT_STARTTLS` is sent, and the time left of the handshake's deadline (`None`: no
-/// deadline), it runs the TLS handshake and returns a unix stream that carries the plaintext
-/// (relaying it through TLS over the socket). An error of kind `TimedOut` or `WouldBlock`
-/// counts as the handshake's deadline passing. The relay is to close the network socket
-/// once the server closes the stream, and to bound its own sends to the network (the
-/// payload deadline bounds only the server's sends into the stream). The server knows
-/// nothing of TLS itself.
-#[derive(Clone)]
-pub struct ServerTls(
-    pub Arc<dyn Fn(crate::client::Socket, Option<Duration>) -> io::Result<UnixStream> + Send + Sync>,
-);
-
-impl std::fmt::Debug for ServerTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ServerTls")
-    }
-}
-
-impl PartialEq for ServerTls {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for ServerTls {}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        let cpus = thread::available_parallelism().map_or(2, usize::from);
-        Self {
-            export_name: String::new(),
-            description: String::new(),
-            workers: (cpus * 4).clamp(16, 128),
-            max_connections: 64,
-            max_handshakes: 128,
-            max_handshakes_per_peer: 16,
-            max_inflight_bytes: 64 << 20,
-            max_inflight_requests: 256,
-            memory_budget: 256 << 20,
-            memory_budget_per_peer: 128 << 20,
-            handshake_timeout: Some(Duration::from_secs(10)),
-            payload_timeout: Some(Duration::from_secs(30)),
-            io_uring: true,
-            tls: None,
-        }
-    }
-}
-
-/// Why a server cannot start or serve.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// The backend describes an export that cannot be served.
-    #[error("invalid export: {0}")]
-    Export(#[from] ExportError),
-    /// A setting is out of range.
-    #[error("invalid configuration: {0}")]
-    Config(&'static str),
-    /// A socket or thread operation failed.
-    #[error("i/o error: {0}")]
-    Io(#[from] io::Error),
-}
+use crate::shared::{Counters, Inner};
+use crate::stream::Stream;
 
 /// A snapshot of the server's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -200,168 +79,21 @@ pub struct ServerStats {
     pub bytes_sent: u64,
 }
 
-/// Counters updated by connections.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) active_connections: AtomicU64,
-    pub(crate) total_connections: AtomicU64,
-    pub(crate) rejected_connections: AtomicU64,
-    pub(crate) handshake_timeouts: AtomicU64,
-    pub(crate) payload_timeouts: AtomicU64,
-    pub(crate) budget_waits: AtomicU64,
-    pub(crate) handshakes: AtomicU64,
-    pub(crate) requests: AtomicU64,
-    pub(crate) request_errors: AtomicU64,
-    pub(crate) protocol_errors: AtomicU64,
-    pub(crate) bytes_received: AtomicU64,
-    pub(crate) bytes_sent: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
-/// State shared by the accept loops, the connections and the shutdown handle.
-pub(crate) struct Inner {
-    pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) export: ExportInfo,
-    pub(crate) config: ServerConfig,
-    pub(crate) buffers: Arc<BufferPool>,
-    pub(crate) jobs: Arc<JobQueue<Job>>,
-    pub(crate) counters: Counters,
-    /// Given on shutdown; stops every accept loop.
-    stop: Arc<StopSignal>,
-    pub(crate) slots: Arc<Slots>,
-    pub(crate) budget: Arc<MemoryBudget>,
-    pub(crate) throttles: Throttles,
-    /// Streams of open connections, to stop their readers on shutdown.
-    connections: Mutex<HashMap<u64, Stream>>,
-    next_id: AtomicU64,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner")
-            .field("export", &self.export)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Inner {
-    pub(crate) fn shutting_down(&self) -> bool {
-        self.stop.is_stopped()
-    }
-
-    /// The admission check of a new connection's requests.
-    pub(crate) fn conn_admission(&self, peer: Option<IpAddr>) -> ConnAdmission {
-        ConnAdmission::new(
-            Arc::clone(&self.budget),
-            peer,
-            self.config.max_inflight_requests,
-            self.config.max_inflight_bytes,
-        )
-    }
-
-    /// Count and log (rate-limited) a connection that stops reading for want of budget.
-    pub(crate) fn budget_wait(&self, peer: Option<IpAddr>, cost: usize) {
-        Counters::add(&self.counters.budget_waits, 1);
-        if let Some(held_back) = self.throttles.budget.allow() {
-            tracing::warn!(
-                peer = %PeerName(peer),
-                cost,
-                used = self.budget.used(),
-                budget = self.budget.limit(),
-                waits_since_last_report = held_back,
-                "memory budget spent; connection waits for replies to go out"
-            );
-        }
-    }
-
-    /// Count and log (rate-limited) a handshake closed at its deadline.
-    pub(crate) fn handshake_expired(&self, peer: Option<IpAddr>) {
-        Counters::add(&self.counters.handshake_timeouts, 1);
-        if let Some(held_back) = self.throttles.deadline.allow() {
-            tracing::warn!(
-                peer = %PeerName(peer),
-                deadline = ?self.config.handshake_timeout,
-                expired_since_last_report = held_back,
-                "handshake deadline passed; closing connection"
-            );
-        }
-    }
-
-    /// The payload deadline's rule, for a connection's transmission loop.
-    pub(crate) fn payload_deadline(&self) -> PayloadDeadline {
-        PayloadDeadline::new(self.config.payload_timeout)
-    }
-
-    /// Count and log (rate-limited) a connection closed because a transfer missed the
-    /// payload deadline.
-    pub(crate) fn payload_expired(&self, peer: Option<IpAddr>, dir: Direction) {
-        Counters::add(&self.counters.payload_timeouts, 1);
-        if let Some(held_back) = self.throttles.payload.allow() {
-            tracing::warn!(
-                peer = %PeerName(peer),
-                deadline = ?self.config.payload_timeout,
-                used = self.budget.used(),
-                budget = self.budget.limit(),
-                expired_since_last_report = held_back,
-                "{}; closing connection",
-                dir.describe()
-            );
-        }
-    }
-
-    /// Count and log (rate-limited) a connection closed without being served.
-    pub(crate) fn refused(&self, why: Refusal, peer: Option<IpAddr>) {
-        Counters::add(&self.counters.rejected_connections, 1);
-        if let Some(held_back) = self.throttles.refused.allow() {
-            let (handshaking, established) = self.slots.counts();
-            tracing::warn!(
-                peer = %PeerName(peer),
-                handshaking,
-                established,
-                refused_since_last_report = held_back,
-                "{}; closing connection",
-                why.describe()
-            );
-        }
-    }
-
-    fn register(&self, id: u64, stream: Stream) {
-        self.connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, stream);
-    }
-
-    fn unregister(&self, id: u64) {
-        self.connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
-    }
-}
-
-/// A peer as logs show it: its IP address, or `local` for a unix socket.
-struct PeerName(Option<IpAddr>);
-
-impl std::fmt::Display for PeerName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(ip) => ip.fmt(f),
-            None => f.write_str("local"),
-        }
-    }
-}
-
 /// An NBD server for one export.
-#[derive(Debug)]
 pub struct Server {
     inner: Arc<Inner>,
+    /// The worker pool's queue, shared by all connections.
+    jobs: Arc<JobQueue<Job>>,
     workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("inner", &self.inner)
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Stops a [`Server`]; cheap to clone and usable from any thread.
@@ -437,7 +169,7 @@ impl Server {
             let queue = Arc::clone(&jobs);
             let spawned = thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
-                .spawn(move || conn::worker(&queue));
+                .spawn(move || exec::worker(&queue));
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(err) => {
@@ -456,7 +188,6 @@ impl Server {
             export,
             config,
             buffers: Arc::new(BufferPool::default()),
-            jobs,
             counters: Counters::default(),
             stop,
             slots,
@@ -465,7 +196,11 @@ impl Server {
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         });
-        Ok(Self { inner, workers })
+        Ok(Self {
+            inner,
+            jobs,
+            workers,
+        })
     }
 
     /// The export as advertised (block sizes after clamping).
@@ -576,6 +311,7 @@ impl Server {
             .handshake_timeout
             .map(|t| std::time::Instant::now() + t);
         let inner = Arc::clone(&self.inner);
+        let jobs = Arc::clone(&self.jobs);
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         inner.register(id, stream.try_clone()?);
         inner
@@ -587,7 +323,7 @@ impl Server {
             .spawn({
                 let inner = Arc::clone(&inner);
                 move || {
-                    conn::run(&inner, id, stream, slot, peer, deadline);
+                    conn::run(&inner, &jobs, id, stream, slot, peer, deadline);
                     inner.unregister(id);
                     inner
                         .counters
@@ -618,7 +354,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.inner.jobs.close();
+        self.jobs.close();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }

@@ -533,3 +533,101 @@ fn stalled_payload_is_closed_at_its_deadline_on_io_uring() {
 fn stalled_payload_is_closed_at_its_deadline_with_threads() {
     stalled_payload_is_closed_at_its_deadline(false);
 }
+
+/// A request header as `RawClient::request` sends it, for streams built ahead of sending.
+fn request_bytes(
+    extended: bool,
+    flags: u16,
+    ty: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(32);
+    let magic: u32 = if extended { 0x21e4_1c71 } else { 0x2560_9513 };
+    b.extend_from_slice(&magic.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&ty.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    if extended {
+        b.extend_from_slice(&len.to_be_bytes());
+    } else {
+        b.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    b
+}
+
+/// The replies one driver gives to refused requests whose payloads (256 KiB, more than the
+/// io_uring driver's input buffer) arrive in small pieces and are made of valid write
+/// requests to a marked offset, followed by a good write and a read. Any driver that read a
+/// header from inside a refused payload would run those writes or lose the next request.
+fn refused_payloads_in_pieces(io_uring: bool, extended: bool) -> Vec<RawReply> {
+    const MARKED: u64 = 1 << 20;
+    let config = ServerConfig {
+        io_uring,
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(SIZE, |b| b, config);
+    let mut c = RawClient::connect(&srv.socket);
+    c.negotiate(true, extended, &["base:allocation"]);
+    let mut decoy = Vec::new();
+    while decoy.len() < 256 << 10 {
+        decoy.extend(request_bytes(extended, 0, CMD_WRITE, 99, MARKED, 512));
+        decoy.extend_from_slice(&[0xab; 512]);
+    }
+    decoy.truncate(256 << 10);
+    // An unaligned write: EINVAL, its payload dropped.
+    let mut stream = request_bytes(extended, 0, CMD_WRITE, 1, 100, decoy.len() as u64);
+    stream.extend_from_slice(&decoy);
+    if extended {
+        // A payload on a block status (NBD_CMD_FLAG_PAYLOAD_LEN, not advertised): EINVAL,
+        // the payload dropped.
+        stream.extend(request_bytes(true, 1 << 5, CMD_BLOCK_STATUS, 2, 0, 4096));
+        stream.extend_from_slice(&decoy[..4096]);
+    }
+    let data = pattern(4096, 3);
+    stream.extend(request_bytes(extended, 0, CMD_WRITE, 3, 8192, 4096));
+    stream.extend_from_slice(&data);
+    // Pieces that cut headers and payloads at odd places, each sent on its own.
+    for piece in stream.chunks(997) {
+        c.stream.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let mut replies: Vec<RawReply> = (0..if extended { 3 } else { 2 })
+        .map(|_| c.reply(no_data))
+        .collect();
+    replies.sort_by_key(|r| r.cookie);
+    c.request(0, CMD_READ, 4, 8192, 4096, &[]);
+    let read = c.reply(|_| 4096);
+    assert_eq!((read.cookie, read.error), (4, 0));
+    assert_eq!(read.data, data);
+    replies.push(read);
+    assert_eq!(
+        srv.read_file(MARKED, 512),
+        vec![0; 512],
+        "a decoy write ran"
+    );
+    c.request(0, CMD_DISC, 5, 0, 0, &[]);
+    assert!(c.closed());
+    assert_eq!(srv.server.stats().protocol_errors, 0);
+    replies
+}
+
+#[test]
+fn a_request_refused_mid_stream_leaves_both_drivers_at_the_same_next_header() {
+    for extended in [false, true] {
+        let uring = refused_payloads_in_pieces(true, extended);
+        let threads = refused_payloads_in_pieces(false, extended);
+        let cookies: Vec<u64> = uring.iter().map(|r| r.cookie).collect();
+        let errors: Vec<u32> = uring.iter().map(|r| r.error).collect();
+        if extended {
+            assert_eq!(cookies, [1, 2, 3, 4]);
+            assert_eq!(errors, [EINVAL, EINVAL, 0, 0]);
+        } else {
+            assert_eq!(cookies, [1, 3, 4]);
+            assert_eq!(errors, [EINVAL, 0, 0]);
+        }
+        assert_eq!(uring, threads, "extended headers: {extended}");
+    }
+}
