@@ -25,23 +25,40 @@
 #     device (`nbd-client -d`); stops the daemon with SIGTERM and checks that it exits 0 and
 #     removes /dev/ublkb0 or the socket;
 #   - checks that the destination equals the expected image and the source is unchanged.
-# It prints CLONEBD-VM-RESULT: PASS or FAIL on the console and powers off. This script exits
-# 0 on PASS, 1 on FAIL or timeout, and 77 when a prerequisite is missing (scripts/test.sh
-# turns that into a failure under CI).
+# Then the kernel's own dm-clone against clonebd, both directions (tests/vm/dm-clone.sh, whose
+# header lists the checks): clonebd's metadata (partial, fully hydrated, 64 KiB regions with a
+# partial last region, a map of 2^24 regions) loaded by `dmsetup create`, serving clonebd's
+# hydrated map and data and hydrating to the end; the kernel's commits read back by
+# `clonebd check` and `clonebd dump`; the status lines of the same scenario from both,
+# compared byte for byte. Debian builds its kernels without CONFIG_DM_CLONE, so dm-clone.ko
+# is built here, out of tree, from drivers/md/dm-clone-{target,metadata}.c of the kernel's
+# own source package (linux-source-X.Y of the image's version) against its headers
+# (linux-headers-RELEASE, its -common part and linux-kbuild), all fetched with `apt-get
+# download` and unpacked, not installed (`make -C HEADERS M=DIR`, gcc-12); it is loaded in
+# the VM with insmod after its dependencies (loop, crc32c_generic, and what each module's
+# modinfo `depends` names: libcrc32c, dm-mod, dm-bufio, dm-persistent-data), unsigned, so
+# the kernel is tainted. dmsetup and its libraries are copied into the initramfs.
 #
-# Needs: qemu-system-x86 busybox-static cpio xz-utils nbd-client, apt-get (the kernel
-# package is fetched with `apt-get download`, no root needed), cargo (clonebd is built with
-# --features ublk and its build needs libclang-dev). QEMU emulates the CPU (TCG) by default:
-# the whole run takes about 30 s that way, and KVM is not usable everywhere (nested
-# under some hypervisors it cannot run the kernel's decompressor). Work files and the
-# downloaded kernel package are kept under ${CARGO_TARGET_DIR:-target}/kernel-vm.
+# It prints CLONEBD-VM-RESULT: PASS or FAIL on the console and powers off. This script prints
+# the checks' PASS/FAIL lines and the wall time, and exits 0 on PASS, 1 on FAIL or timeout,
+# and 77 when a prerequisite is missing (scripts/test.sh turns that into a failure under CI).
+#
+# Needs: qemu-system-x86 busybox-static cpio xz-utils nbd-client dmsetup make gcc-12, apt-get
+# (the kernel packages are fetched with `apt-get download`, no root needed), cargo (clonebd
+# is built with --features ublk and its build needs libclang-dev). QEMU emulates the CPU
+# (TCG) by default: the VM runs about 2 minutes that way (the first run also downloads
+# about 280 MB of packages and builds dm-clone.ko), and KVM is not usable everywhere (nested
+# under some hypervisors it cannot run the kernel's decompressor). Work files, the unpacked
+# kernel package and the built dm-clone.ko are kept under ${CARGO_TARGET_DIR:-target}/kernel-vm.
 #
 # Environment: CLONEBD_VM_KERNEL_PKG (a linux-image package name, default: what the
 # linux-image-6.12-amd64 or linux-image-amd64 metapackage depends on; Debian 12's 6.1 kernel
-# is built without ublk), CLONEBD_VM_ACCEL (tcg, the default, or kvm), CLONEBD_VM_TIMEOUT
-# (seconds for the VM, default 600), CLONEBD_BIN (a clonebd built with the ublk feature,
-# instead of building one), CLONEBD_VM_NBD_CLIENT (an nbd-client binary, default the one on
-# PATH or /usr/sbin/nbd-client).
+# is built without ublk; the 6.12 kernel's source and headers packages are in Debian 12 too,
+# so one kernel serves every check), CLONEBD_VM_ACCEL (tcg, the default, or kvm),
+# CLONEBD_VM_TIMEOUT (seconds for the VM, default 600), CLONEBD_VM_SCENARIOS (exports,
+# dm-clone or both, the default: exports,dm-clone), CLONEBD_BIN (a clonebd built with the
+# ublk feature, instead of building one), CLONEBD_VM_NBD_CLIENT (an nbd-client binary,
+# default the one on PATH or /usr/sbin/nbd-client).
 set -euo pipefail
 started=$(date +%s)
 root=$(cd "$(dirname "$0")/../.." && pwd)
