@@ -9,12 +9,15 @@
 //!   deterministic simulator share it, so what is simulated is what runs.
 //! - [`MetadataBackend`] is the seam to the metadata store.
 //! - [`metrics`]: lock-free counters and latency histograms of requests and commits.
+//! - [`record`]: the order in which clients first read cold regions, written to a file
+//!   off the read path (`--record-reads`).
 
 #![deny(missing_docs)]
 
 pub mod exec;
 mod meta;
 pub mod metrics;
+pub mod record;
 mod volume;
 
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};
