@@ -1400,7 +1400,11 @@ impl Daemon {
             tracing::info!(
                 "hydrating first: {} ranges ({bytes} bytes) from {}",
                 first.len(),
-                files.hydrate_first.as_deref().unwrap_or(Path::new("")).display()
+                files
+                    .hydrate_first
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display()
             );
         }
         Ok((first, record))
