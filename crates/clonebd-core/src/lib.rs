@@ -7,6 +7,7 @@
 //! - [`errno`]: system errors in words, with the errno's name;
 //! - [`histogram`]: lock-free latency histograms for metrics;
 //! - [`dmclone`]: the dm-clone table line, status line and messages, byte-exact;
+//! - [`ranges`]: sizes (`64k`) and byte ranges as people write them, and range lists;
 //! - [`engine`]: the region state machine, hydration and the commit protocol.
 //!
 //! Nothing in this crate performs I/O, reads a clock, spawns a thread or allocates on behalf of
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod errno;
 pub mod geometry;
 pub mod histogram;
+pub mod ranges;
 
 pub use bitmap::{DirtySet, HydrationMap};
 pub use buf::AlignedBuf;

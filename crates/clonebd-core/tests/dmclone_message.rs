@@ -154,3 +154,34 @@ proptest! {
         prop_assert_eq!(msg(&m.to_string().to_uppercase()), Ok(m));
     }
 }
+
+#[test]
+fn hydrate_range_takes_two_sizes_with_suffixes() {
+    use clonebd_core::ranges::ByteRange;
+    let want = |offset, len| Message::HydrateRange(ByteRange { offset, len });
+    assert_eq!(msg("hydrate_range 1g 64m"), Ok(want(1 << 30, 64 << 20)));
+    assert_eq!(msg("HYDRATE_RANGE 0 4096"), Ok(want(0, 4096)));
+    assert_eq!(
+        want(3 << 20, 128 << 10).to_string(),
+        "hydrate_range 3145728 131072"
+    );
+}
+
+#[test]
+fn hydrate_range_without_a_range_is_refused_saying_why() {
+    assert_refused(
+        "hydrate_range 1g",
+        "hydrate_range: expected OFFSET LENGTH (two sizes, e.g. `1g 64m`), found 1 words",
+        MessageErrorKind::InvalidRange,
+    );
+    assert_refused(
+        "hydrate_range 1x 4k",
+        "hydrate_range: invalid size `1x': expected a number of bytes with an optional k, m, g or t suffix (powers of 1024)",
+        MessageErrorKind::InvalidRange,
+    );
+    assert_refused(
+        "hydrate_range 0 0",
+        "hydrate_range: the length is 0",
+        MessageErrorKind::InvalidRange,
+    );
+}

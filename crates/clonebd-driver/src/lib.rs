@@ -9,6 +9,8 @@
 //!   deterministic simulator share it, so what is simulated is what runs.
 //! - [`MetadataBackend`] is the seam to the metadata store.
 //! - [`metrics`]: lock-free counters and latency histograms of requests and commits.
+//! - [`record`]: the order in which clients first read cold regions, written to a file
+//!   off the read path (`--record-reads`).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -16,6 +18,7 @@
 pub mod exec;
 mod meta;
 pub mod metrics;
+pub mod record;
 mod volume;
 
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};

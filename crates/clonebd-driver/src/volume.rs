@@ -31,7 +31,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,7 @@ use clonebd_core::engine::{
     Action, Config, Control, Engine, EngineStatus, Event, Input, IoStatus, Mode, ReqId, Request,
     SharedView, Tick,
 };
+use clonebd_core::ranges::ByteRange;
 use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
@@ -46,6 +47,7 @@ use crate::exec::{
     CopyMode, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of,
     read_routed, status_of, try_copy_range,
 };
+use crate::record::ReadRecorder;
 use crate::{MetadataBackend, MetadataUsage};
 
 /// The system's monotonic clock.
@@ -234,6 +236,8 @@ struct Shared {
     metrics: IoMetrics,
     /// How copies are made ([`VolumeOptions::copy_chunk`], [`VolumeOptions::sparse`]).
     copy_mode: CopyMode,
+    /// Notes first reads of cold regions, if asked ([`Volume::record_reads`]).
+    recorder: OnceLock<Arc<ReadRecorder>>,
 }
 
 /// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
@@ -343,6 +347,21 @@ impl Volume {
         map: HydrationMap,
         clock: Arc<dyn Clock>,
     ) -> Volume {
+        Self::start_ordered(opts, &[], source, dest, meta, map, clock)
+    }
+
+    /// As [`start`](Self::start), with the byte ranges `first` (`--hydrate-first`) queued,
+    /// in this order, before background hydration starts: they are hydrated before the
+    /// rest of the background pass ([`Control::HydrateFirst`]).
+    pub fn start_ordered(
+        opts: VolumeOptions,
+        first: &[ByteRange],
+        source: Arc<dyn BlockDev>,
+        dest: Arc<dyn BlockDev>,
+        meta: Box<dyn MetadataBackend>,
+        map: HydrationMap,
+        clock: Arc<dyn Clock>,
+    ) -> Volume {
         let view = Arc::new(SharedView::new(map));
         let now = clock.now();
         let engine = Engine::new(opts.engine, Arc::clone(&view), now);
@@ -378,6 +397,7 @@ impl Volume {
                     .max(u64::from(opts.engine.logical_block_size.max(512))),
                 sparse: opts.sparse,
             },
+            recorder: OnceLock::new(),
         });
         let mut threads = Vec::new();
         for i in 0..opts.copy_threads.max(1) {
@@ -389,6 +409,15 @@ impl Volume {
         }
         let sh2 = Arc::clone(&sh);
         threads.push(spawn("clonebd-timer", move || timer_loop(&sh2)));
+        for r in first {
+            // Still suspended: nothing starts before the whole order is queued.
+            let acts = sh.apply(Input::Control(Control::HydrateFirst {
+                offset: r.offset,
+                len: r.len,
+                front: false,
+            }));
+            sh.dispatch(acts, None, &mut ReqBuf::None);
+        }
         let acts = sh.apply(Input::Control(Control::Resume));
         sh.dispatch(acts, None, &mut ReqBuf::None);
         Volume {
@@ -515,6 +544,7 @@ impl Volume {
                 return sh.dest.read_at(buf, offset).map_err(|e| status_of(&e));
             }
             sh.view.foreground_started(sh.clock.now());
+            sh.note_read(offset, len);
             let source = read_lock(&sh.source);
             let devs = Devices {
                 source: &**source,
@@ -639,6 +669,12 @@ impl Volume {
         let r = f();
         self.sh.metrics.request(op, bytes, t.elapsed(), r.is_ok());
         r
+    }
+
+    /// From now on, notes the first read of each cold region in `recorder`
+    /// (`--record-reads`). Set once: a second recorder is refused (returned).
+    pub fn record_reads(&self, recorder: Arc<ReadRecorder>) -> Result<(), Arc<ReadRecorder>> {
+        self.sh.recorder.set(recorder)
     }
 
     /// The volume's request and commit counters.
@@ -768,6 +804,13 @@ impl Shared {
                 .checked_add(len)
                 .is_some_and(|e| e <= self.geometry.target_bytes());
         if ok { Ok(()) } else { Err(IoStatus::Invalid) }
+    }
+
+    /// A read of `[offset, offset+len)` not finalized: tells the recorder, if there is one.
+    fn note_read(&self, offset: u64, len: u64) {
+        if let Some(r) = self.recorder.get() {
+            r.note(self.view.map(), offset, len);
+        }
     }
 
     fn flush_dest(&self) -> Result<(), IoStatus> {

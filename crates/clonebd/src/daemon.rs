@@ -48,6 +48,9 @@ use clonebd_remote::SourceStats;
 
 use crate::metrics::{MetricsError, MetricsServer, MetricsSources};
 use crate::notify::Notifier;
+use crate::order::{self, OrderFileError, OrderFiles};
+use clonebd_core::ranges::ByteRange;
+use clonebd_driver::record::ReadRecorder;
 
 /// How the clone is described.
 #[derive(Debug, Clone)]
@@ -141,6 +144,8 @@ pub struct RunOptions {
     pub source_pin: Option<PathBuf>,
     /// Require TLS on the NBD exports, made secure by this hook (`--nbd-tls-cert`).
     pub nbd_tls: Option<clonebd_nbd::ServerTls>,
+    /// The hydration order's files (`--hydrate-first`, `--record-reads`).
+    pub order: OrderFiles,
 }
 
 /// Admission limits of the NBD servers (see `clonebd_nbd::admission`); the defaults are
@@ -279,6 +284,9 @@ pub enum DaemonError {
         /// The system's error.
         error: io::Error,
     },
+    /// A file of the hydration order was refused (it names the file and the line).
+    #[error("{0}")]
+    Order(OrderFileError),
     /// The NBD server refused the export.
     #[error("NBD server: {0}")]
     Nbd(ServerError),
@@ -649,6 +657,8 @@ pub struct Daemon {
     /// A remote source's state and counters.
     source_stats: Option<Arc<SourceStats>>,
     metrics: Option<MetricsServer>,
+    /// `--record-reads`: finished (written out and synced) at shutdown.
+    recorder: Option<Arc<ReadRecorder>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -693,6 +703,11 @@ fn control_of(m: Message) -> Control {
         Message::DisableHydration => Control::DisableHydration,
         Message::HydrationThreshold(n) => Control::SetHydrationThreshold(n),
         Message::HydrationBatchSize(n) => Control::SetHydrationBatchSize(n),
+        Message::HydrateRange(r) => Control::HydrateFirst {
+            offset: r.offset,
+            len: r.len,
+            front: true,
+        },
     }
 }
 
@@ -724,6 +739,11 @@ impl ControlHandler for Handler {
                     Ok(m) if self.volume.is_finalized() => ControlReply::err(format!(
                         "message {m}: refused, the clone is finalized: every region is hydrated and the source is detached, so there is no hydration left to control"
                     )),
+                    Ok(Message::HydrateRange(r))
+                        if let Err(e) = r.check(self.volume.size_bytes()) =>
+                    {
+                        ControlReply::err(format!("hydrate_range: {e}"))
+                    }
                     Ok(m) => {
                         tracing::info!("message: {m}");
                         self.volume.control(control_of(m));
@@ -791,6 +811,9 @@ impl Daemon {
             ];
             check_present_roles(source.into_iter().chain(rest))?;
         }
+        // The order's files, checked against the clone's size before anything is opened
+        // for writing (the record file is opened for appending only once it passed).
+        let (first, record) = Self::order_files(&opts.order, target_sectors * SECTOR_SIZE)?;
         if no_source {
             let meta = PathBuf::from(words.first().map_or("", String::as_str));
             if opts.create_metadata {
@@ -988,8 +1011,9 @@ impl Daemon {
                     source.direct,
                     dest.is_direct(),
                 );
-                Volume::start(
+                Volume::start_ordered(
                     vopts,
+                    &first,
                     Arc::clone(&source.dev),
                     Arc::new(dest),
                     Box::new(StoreBackend::new(store)),
@@ -1020,6 +1044,28 @@ impl Daemon {
         // The volume holds the only reference to the source from here on, so finalizing
         // closes it.
         drop(source);
+        let recorder = match record {
+            Some((path, file)) => {
+                let r = ReadRecorder::new(geometry, file).map_err(|error| DaemonError::Thread {
+                    name: "clonebd-record".to_string(),
+                    error,
+                });
+                let r = match r {
+                    Ok(r) => Arc::new(r),
+                    Err(e) => {
+                        let _ = volume.shutdown();
+                        return Err(e);
+                    }
+                };
+                let _ = volume.record_reads(Arc::clone(&r));
+                tracing::info!(
+                    "recording the first reads of regions not hydrated in {}",
+                    path.display()
+                );
+                Some(r)
+            }
+            None => None,
+        };
         let mut daemon = Daemon {
             volume: volume.clone(),
             table,
@@ -1034,6 +1080,7 @@ impl Daemon {
             ublk: None,
             source_stats: remote.as_ref().map(source::Remote::stats),
             metrics: None,
+            recorder,
         };
         // From here on, a failure must still shut the volume down cleanly.
         match daemon.start_services(opts) {
@@ -1330,6 +1377,39 @@ impl Daemon {
         }
     }
 
+    /// Reads and checks the order's files for a clone of `size` bytes: the ranges to
+    /// hydrate first, and the record file opened for appending.
+    #[allow(clippy::type_complexity)]
+    fn order_files(
+        files: &OrderFiles,
+        size: u64,
+    ) -> Result<(Vec<ByteRange>, Option<(PathBuf, std::fs::File)>), DaemonError> {
+        let first = match &files.hydrate_first {
+            Some(p) => order::hydrate_first(p, size).map_err(DaemonError::Order)?,
+            None => Vec::new(),
+        };
+        let record = match &files.record_reads {
+            Some(p) => Some((
+                p.clone(),
+                order::record_reads(p, size).map_err(DaemonError::Order)?,
+            )),
+            None => None,
+        };
+        if !first.is_empty() {
+            let bytes: u64 = first.iter().map(|r| r.len).sum();
+            tracing::info!(
+                "hydrating first: {} ranges ({bytes} bytes) from {}",
+                first.len(),
+                files
+                    .hydrate_first
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display()
+            );
+        }
+        Ok((first, record))
+    }
+
     /// The running volume.
     pub fn volume(&self) -> &Volume {
         &self.volume
@@ -1386,6 +1466,11 @@ impl Daemon {
             let _ = t.join();
         }
         let st = self.volume.shutdown();
+        if let Some(r) = self.recorder.take()
+            && let Err(e) = r.finish()
+        {
+            tracing::error!("record-reads file: cannot write it: {}", describe(&e));
+        }
         let s = self.volume.status();
         tracing::info!(
             "stopped: {} of {} regions hydrated",

@@ -197,6 +197,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         source: crate::source::SourceOptions::default(),
         source_pin: None,
         nbd_tls: None,
+        order: Default::default(),
         direct_io: true,
         preallocate: true,
         copy_threads: 8,

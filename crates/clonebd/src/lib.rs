@@ -5,6 +5,7 @@
 //! - [`export_nbd`]: the clone as an NBD export;
 //! - [`control`]: the control socket protocol, server and client;
 //! - [`metrics`]: the Prometheus endpoint (`--metrics`);
+//! - [`order`]: the files of the hydration order (`--hydrate-first`, `--record-reads`);
 //! - [`notify`]: systemd's readiness, status and watchdog notifications;
 //! - [`pin`]: a remote source's identity, pinned with the clone;
 //! - [`source`]: opening the source, local or remote, read-only;
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod export_nbd;
 pub mod metrics;
 pub mod notify;
+pub mod order;
 pub mod pin;
 pub mod source;
 pub mod status;

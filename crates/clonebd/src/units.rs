@@ -1,35 +1,8 @@
-//! Sizes as people write them: `4k`, `64KiB`, `1g`, `1073741824`.
+//! Sizes as people write them: `4k`, `64KiB`, `1g`, `1073741824` (the parser is
+//! [`clonebd_core::ranges::parse_size`], which the range files and messages use too), and
+//! sizes for people to read.
 
-use thiserror::Error;
-
-/// A size that could not be understood.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error(
-    "invalid size `{0}': expected a number of bytes with an optional k, m, g or t suffix (powers of 1024)"
-)]
-pub struct SizeError(pub String);
-
-/// Parses a byte size: decimal digits with an optional binary suffix `k`, `m`, `g`, `t`
-/// (optionally followed by `iB` or `B`), case-insensitive. Overflow is an error.
-pub fn parse_size(s: &str) -> Result<u64, SizeError> {
-    let err = || SizeError(s.to_string());
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    if digits_end == 0 {
-        return Err(err());
-    }
-    let n: u64 = t[..digits_end].parse().map_err(|_| err())?;
-    let suffix = t[digits_end..].to_ascii_lowercase();
-    let shift = match suffix.as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(err()),
-    };
-    n.checked_mul(1u64 << shift).ok_or_else(err)
-}
+pub use clonebd_core::ranges::{SizeError, parse_size};
 
 /// Formats bytes for people: `64 MiB`, `1.5 GiB`, `512 B`.
 pub fn human_bytes(n: u64) -> String {
@@ -50,20 +23,6 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("512"), Ok(512));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("k").is_err());
-        assert!(parse_size("4x").is_err());
-        assert!(parse_size("-4k").is_err());
-        assert!(parse_size("99999999999999999999").is_err());
-        assert!(parse_size("20000000t").is_err());
-    }
 
     #[test]
     fn human_bytes_is_readable() {

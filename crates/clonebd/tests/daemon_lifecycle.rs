@@ -46,6 +46,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         source: clonebd::source::SourceOptions::default(),
         source_pin: None,
         nbd_tls: None,
+        order: Default::default(),
     }
 }
 

@@ -97,18 +97,7 @@ fn nbdinfo_json(args: &[&str]) -> serde_json::Value {
 
 /// `nbdinfo --map=clonebd:hydrated` as (offset, length, type) runs.
 fn hydrated_map(d: &Daemon) -> Vec<(u64, u64, u64)> {
-    let v = nbdinfo_json(&["--map=clonebd:hydrated", &d.unix_uri()]);
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|e| {
-            (
-                e["offset"].as_u64().unwrap(),
-                e["length"].as_u64().unwrap(),
-                e["type"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+    d.hydrated_map()
 }
 
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `enable_hydration` / `disable_hydration` | accepted |
 //! | `hydration_threshold N` / `hydration_batch_size N` | accepted when `N` is a `kstrtouint` number |
+//! | `hydrate_range OFFSET LENGTH` (clonebd only) | accepted when both are sizes ([`parse_range`]) |
 //! | any other two words | `EINVAL`; the kernel logs ``Unsupported message `<name>'`` |
 //! | no words, or any other count | `EINVAL` |
 //!
@@ -12,6 +13,12 @@
 //! Where clonebd differs from the kernel on purpose (SPEC D3, H4): the kernel ignores words
 //! after `enable_hydration` and `disable_hydration`; here they are refused with
 //! [`MessageError::ExtraWords`], so a mistyped message is not silently half-applied.
+//!
+//! `hydrate_range OFFSET LENGTH` is clonebd's own (SPEC D6, hydration order): it queues the
+//! regions the byte range touches at the front of background hydration. Its words are read
+//! by the range parser of the `--hydrate-first` file ([`parse_range`]), so `1g 64m` means
+//! the same in both; whether the range lies inside the clone is the caller's check
+//! ([`ByteRange::check`](crate::ranges::ByteRange::check)), which knows the clone's size.
 
 use std::fmt;
 
@@ -20,6 +27,7 @@ use thiserror::Error;
 use super::errno;
 use super::number::parse_kstrtouint;
 use super::words::escape_table_word;
+use crate::ranges::{ByteRange, RangeError, parse_range};
 
 /// A message the clone accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +40,9 @@ pub enum Message {
     HydrationThreshold(u32),
     /// `hydration_batch_size N`: copy up to `N` contiguous regions in one job.
     HydrationBatchSize(u32),
+    /// `hydrate_range OFFSET LENGTH` (clonebd only): hydrate the regions this byte range
+    /// touches before any other in the background.
+    HydrateRange(ByteRange),
 }
 
 impl fmt::Display for Message {
@@ -42,6 +53,7 @@ impl fmt::Display for Message {
             Self::DisableHydration => f.write_str("disable_hydration"),
             Self::HydrationThreshold(n) => write!(f, "hydration_threshold {n}"),
             Self::HydrationBatchSize(n) => write!(f, "hydration_batch_size {n}"),
+            Self::HydrateRange(r) => write!(f, "hydrate_range {} {}", r.offset, r.len),
         }
     }
 }
@@ -56,6 +68,8 @@ pub enum MessageErrorKind {
     ExtraWords,
     /// A tuning message with a value that is not a `kstrtouint` number.
     InvalidValue,
+    /// `hydrate_range` with words that are not a range.
+    InvalidRange,
     /// Two words, and the first is not a message name.
     Unsupported,
     /// A word count no message has.
@@ -97,6 +111,14 @@ pub enum MessageError {
         /// The value, as given.
         value: String,
     },
+    /// clonebd only: `hydrate_range` whose words are not `OFFSET LENGTH` sizes.
+    #[error("{name}: {error}")]
+    InvalidRange {
+        /// The message name, as given.
+        name: String,
+        /// What is wrong with the range.
+        error: RangeError,
+    },
     /// Two words, and the first is not a message name.
     #[error("Unsupported message `{name}'")]
     Unsupported {
@@ -121,6 +143,7 @@ impl MessageError {
             Self::Empty => MessageErrorKind::Empty,
             Self::ExtraWords { .. } => MessageErrorKind::ExtraWords,
             Self::InvalidValue { .. } => MessageErrorKind::InvalidValue,
+            Self::InvalidRange { .. } => MessageErrorKind::InvalidRange,
             Self::Unsupported { .. } => MessageErrorKind::Unsupported,
             Self::WrongWordCount { .. } => MessageErrorKind::WrongWordCount,
         }
@@ -142,12 +165,25 @@ fn join_escaped(words: &[String]) -> String {
 }
 
 /// Parses the words of a message, in the kernel's order: no words; `enable_hydration` and
-/// `disable_hydration` (alone, here); then only two-word messages are considered.
+/// `disable_hydration` (alone, here); clonebd's `hydrate_range`; then only two-word messages
+/// are considered.
 pub fn parse_message(words: &[&str]) -> Result<Message, MessageError> {
     let Some((name, rest)) = words.split_first() else {
         return Err(MessageError::Empty);
     };
     let name: &str = name;
+    if name.eq_ignore_ascii_case("hydrate_range") {
+        let range = match rest {
+            [offset, len] => parse_range(offset, len),
+            _ => Err(RangeError::Words { found: rest.len() }),
+        };
+        return range
+            .map(Message::HydrateRange)
+            .map_err(|error| MessageError::InvalidRange {
+                name: name.to_owned(),
+                error,
+            });
+    }
     let toggle = if name.eq_ignore_ascii_case("enable_hydration") {
         Some(Message::EnableHydration)
     } else if name.eq_ignore_ascii_case("disable_hydration") {

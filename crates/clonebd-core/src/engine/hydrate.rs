@@ -15,10 +15,13 @@
 //! - an optional bandwidth limit in bytes per second (a token bucket that may go into debt
 //!   by one copy, so any copy size works with any limit).
 //!
+//! Before it scans, the pass copies the ranges of the hydration order queue (order.rs),
+//! under the same limits.
+//!
 //! Hydrate requests (NBD CACHE) are served first, with their own small budget, and are not
 //! subject to `hydration_threshold`, the enable flag or the rate limit: they are foreground.
 
-use super::{CopyOrigin, Engine, IoStatus, Mode, PriorityRange, SECOND, Tick, Waiter};
+use super::{CopyOrigin, Engine, IoStatus, Mode, PriorityRange, RegionId, SECOND, Tick, Waiter};
 
 impl Engine {
     /// Whether background hydration would run if nothing held it back.
@@ -97,6 +100,13 @@ impl Engine {
             if self.rate_limit > 0 && self.tokens < 0 {
                 break;
             }
+            let room = (threshold - self.bg_regions).min(batch_max);
+            // The hydration order queue goes first (order.rs).
+            if let Some((r, end)) = self.next_queued() {
+                let n = self.start_background(r, room, end);
+                self.queued_started(r, n);
+                continue;
+            }
             // Find the next idle unhydrated region at or after the offset, wrapping once.
             let Some(r) = self.next_candidate(self.offset, nr).or_else(|| {
                 if scanned_wrap {
@@ -114,22 +124,7 @@ impl Engine {
             }) else {
                 break;
             };
-            let room = (threshold - self.bg_regions).min(batch_max);
-            let mut n = 1;
-            while n < room
-                && r + n < nr
-                && !self.view.map().is_hydrated(r + n)
-                && !self.inflight.contains_key(&(r + n))
-            {
-                n += 1;
-            }
-            self.start_copy(r, n, CopyOrigin::Background, None);
-            self.bg_regions += n;
-            self.bg_jobs += 1;
-            if self.rate_limit > 0 {
-                let (s, e) = self.geometry().regions_byte_range(r, n);
-                self.tokens -= i128::from(e - s);
-            }
+            let n = self.start_background(r, room, nr);
             self.offset = r + n;
             if self.offset >= nr {
                 self.offset = 0;
@@ -141,8 +136,30 @@ impl Engine {
         }
     }
 
+    /// Starts a background copy at the idle region `r` of up to `room` adjacent idle
+    /// regions below `limit`, counting it against the threshold and the bandwidth limit;
+    /// returns how many regions it covers.
+    fn start_background(&mut self, r: RegionId, room: u64, limit: RegionId) -> u64 {
+        let mut n = 1;
+        while n < room
+            && r + n < limit
+            && !self.view.map().is_hydrated(r + n)
+            && !self.inflight.contains_key(&(r + n))
+        {
+            n += 1;
+        }
+        self.start_copy(r, n, CopyOrigin::Background, None);
+        self.bg_regions += n;
+        self.bg_jobs += 1;
+        if self.rate_limit > 0 {
+            let (s, e) = self.geometry().regions_byte_range(r, n);
+            self.tokens -= i128::from(e - s);
+        }
+        n
+    }
+
     /// The first unhydrated region in `[from, to)` with no hydration in flight.
-    fn next_candidate(&self, from: u64, to: u64) -> Option<u64> {
+    pub(super) fn next_candidate(&self, from: u64, to: u64) -> Option<u64> {
         let mut from = from;
         loop {
             let r = self.view.map().first_unhydrated_in(from, to)?;

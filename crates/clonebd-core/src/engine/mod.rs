@@ -27,6 +27,7 @@
 mod commit;
 mod hydrate;
 mod invariants;
+mod order;
 mod requests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -155,6 +156,19 @@ pub enum Control {
     SetHydrationBatchSize(u32),
     /// Limit background hydration to this many bytes per second (0: no limit).
     SetHydrationRateLimit(u64),
+    /// Hydrate the regions `[offset, offset+len)` touches before the rest of the background
+    /// pass (`--hydrate-first`, the `hydrate_range` message). The range joins the hydration
+    /// order queue at its front or its back; the queue is background hydration, so it obeys
+    /// the enable flag, the threshold, the batch size and the bandwidth limit. The part of
+    /// a range past the clone's end is ignored.
+    HydrateFirst {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Before every range already queued (otherwise after them).
+        front: bool,
+    },
     /// Commit now if anything changed (what a status request does); answered with
     /// [`Action::ControlDone`] carrying `token`.
     Commit {
@@ -643,6 +657,9 @@ pub struct Engine {
     bg_jobs: u64,
     priority: VecDeque<PriorityRange>,
     priority_jobs: u64,
+    /// The hydration order queue: region ranges `[next, end)` the background pass copies
+    /// before it scans (see `order.rs`).
+    first: VecDeque<(RegionId, RegionId)>,
     consecutive_failures: u32,
     not_before: Tick,
     tokens: i128,
@@ -690,6 +707,7 @@ impl Engine {
             bg_jobs: 0,
             priority: VecDeque::new(),
             priority_jobs: 0,
+            first: VecDeque::new(),
             consecutive_failures: 0,
             not_before: 0,
             tokens: 0,
@@ -830,6 +848,9 @@ impl Engine {
                 self.rate_limit = n;
                 self.tokens = 0;
                 self.tokens_at = self.now;
+            }
+            Control::HydrateFirst { offset, len, front } => {
+                self.queue_first(offset, len, front);
             }
             Control::Commit { token } => {
                 if self.suspended {

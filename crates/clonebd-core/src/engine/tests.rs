@@ -1057,3 +1057,140 @@ fn resume_racing_a_pending_suspend_does_not_cancel_it() {
         "still suspended after the suspend completed"
     );
 }
+
+/// The background copies among `acts`: (first region, regions, operation).
+fn background_copies(acts: &[Action]) -> Vec<(u64, u64, OpId)> {
+    acts.iter()
+        .filter_map(|x| match *x {
+            Action::Copy {
+                op,
+                offset,
+                len,
+                owner: None,
+            } => Some((offset / RB, len.div_ceil(RB), op)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Queues `[first, first+n)` regions in the hydration order queue.
+fn hydrate_first(h: &mut H, first: u64, n: u64, front: bool) -> Vec<Action> {
+    h.apply(Input::Control(Control::HydrateFirst {
+        offset: first * RB,
+        len: n * RB,
+        front,
+    }))
+}
+
+/// With one region in flight at a time: completes each background copy as it comes and
+/// returns the first regions of the first `count` copies, in the order they were issued.
+fn copy_order(h: &mut H, mut acts: Vec<Action>, count: usize) -> Vec<u64> {
+    let mut order = Vec::new();
+    while order.len() < count {
+        let copies = background_copies(&acts);
+        let [(first, _, op)] = copies[..] else {
+            panic!("one background copy at a time: {acts:?}");
+        };
+        order.push(first);
+        acts = h.done(op, IoStatus::Ok);
+    }
+    order
+}
+
+#[test]
+fn hydrate_first_ranges_are_copied_in_order_before_the_scan() {
+    let mut h = H::new(32);
+    assert!(hydrate_first(&mut h, 10, 2, false).is_empty());
+    assert!(hydrate_first(&mut h, 4, 1, false).is_empty());
+    let a = h.apply(Input::Control(Control::EnableHydration));
+    // The queue in its order, then the scan from its own offset (0), skipping region 4.
+    assert_eq!(copy_order(&mut h, a, 8), vec![10, 11, 4, 0, 1, 2, 3, 5]);
+    assert_eq!(h.e.queued_regions(), 0);
+}
+
+#[test]
+fn hydrate_first_at_the_front_goes_before_ranges_already_queued() {
+    let mut h = H::new(32);
+    hydrate_first(&mut h, 20, 1, false);
+    hydrate_first(&mut h, 5, 1, true);
+    let a = h.apply(Input::Control(Control::EnableHydration));
+    assert_eq!(copy_order(&mut h, a, 3), vec![5, 20, 0]);
+}
+
+#[test]
+fn hydrate_first_waits_while_hydration_is_disabled() {
+    let mut h = H::new(32);
+    let a = hydrate_first(&mut h, 3, 2, true);
+    assert!(background_copies(&a).is_empty(), "{a:?}");
+    assert!(h.advance(10 * SECOND).is_empty());
+    assert_eq!(h.e.queued_regions(), 2);
+    let a = h.apply(Input::Control(Control::EnableHydration));
+    assert_eq!(copy_order(&mut h, a, 2), vec![3, 4]);
+}
+
+#[test]
+fn hydrate_first_copies_obey_threshold_and_batch_within_their_range() {
+    let mut h = H::with(64 * 8, |c| {
+        c.hydration_threshold = 4;
+        c.hydration_batch_size = 2;
+    });
+    hydrate_first(&mut h, 10, 3, false);
+    // Past the foreground window of the start, so the pass is not limited to one job.
+    h.now += SECOND;
+    let a = h.apply(Input::Control(Control::EnableHydration));
+    let copies: Vec<(u64, u64)> = background_copies(&a)
+        .iter()
+        .map(|&(r, n, _)| (r, n))
+        .collect();
+    // A batch stops at its range's end; the scan gets what the threshold leaves.
+    assert_eq!(copies, vec![(10, 2), (12, 1), (0, 1)]);
+    assert_eq!(h.e.status().hydrating, 4);
+}
+
+#[test]
+fn hydrate_first_copies_obey_the_bandwidth_limit() {
+    let mut h = H::with(32 * 8, |c| c.hydration_rate_limit = RB);
+    hydrate_first(&mut h, 8, 2, false);
+    let a = h.apply(Input::Control(Control::EnableHydration));
+    let [(8, 1, op)] = background_copies(&a)[..] else {
+        panic!("{a:?}")
+    };
+    let a = h.done(op, IoStatus::Ok);
+    assert!(background_copies(&a).is_empty(), "limited: {a:?}");
+    let wait = h.e.next_deadline().expect("the limit's deadline") - h.now;
+    assert!(wait >= SECOND - MS, "one region per second: {wait}");
+    let a = h.advance(wait);
+    assert_eq!(
+        background_copies(&a)
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        vec![9]
+    );
+}
+
+#[test]
+fn hydrate_first_skips_hydrated_regions_and_clips_at_the_end() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 3 * RB,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    assert!(h.hydrated(3));
+    hydrate_first(&mut h, 2, 3, false);
+    // Past the end: only regions 14 and 15 are queued; wholly past it, nothing.
+    h.apply(Input::Control(Control::HydrateFirst {
+        offset: 14 * RB,
+        len: u64::MAX,
+        front: false,
+    }));
+    hydrate_first(&mut h, 40, 2, false);
+    assert_eq!(h.e.queued_regions(), 3 + 2);
+    let a = h.apply(Input::Control(Control::EnableHydration));
+    assert_eq!(copy_order(&mut h, a, 5), vec![2, 4, 14, 15, 0]);
+}

@@ -59,6 +59,10 @@ pub struct TableArgs {
 ///   disable_hydration           stop it (copies in flight finish)
 ///   hydration_threshold N       regions of background copies in flight (0 stops)
 ///   hydration_batch_size N      adjacent regions copied as one I/O
+///   hydrate_range OFFSET LENGTH hydrate the regions of this byte range (k, m, g, t
+///                               suffixes) before any other in the background, still
+///                               under the enable flag, threshold and rate limit (clonebd
+///                               only; see run --hydrate-first)
 ///
 /// Anything else fails with the kernel's error text and exit status 1. Unlike the kernel,
 /// extra words after enable_hydration or disable_hydration are refused, not ignored.

@@ -12,6 +12,7 @@ use clonebd::daemon::{
     CloneSpec, Daemon, NbdLimits, RunOptions, default_batch, default_copy_bytes, default_threshold,
 };
 use clonebd::notify::Notifier;
+use clonebd::order::OrderFiles;
 use clonebd::source::SourceOptions;
 use clonebd::units::parse_size;
 use clonebd_nbd::ServerTls;
@@ -141,6 +142,29 @@ pub struct RunArgs {
     /// limited. Default: no limit.
     #[arg(long, value_name = "BYTES")]
     hydration_rate_limit: Option<String>,
+    /// Hydrate these byte ranges before the rest of the background pass, in the file's
+    /// order. FILE holds one range per line, OFFSET LENGTH, each a number of bytes with an
+    /// optional k, m, g or t suffix (for example `1g 64m`); a `#` starts a comment, blank
+    /// lines are ignored. Each range stands for the regions it touches; regions already
+    /// hydrated are skipped. The ranges are background hydration, only first: they wait
+    /// while hydration is disabled, and obey --hydration-threshold, --hydration-batch-size
+    /// and --hydration-rate-limit. A file written by --record-reads during an earlier clone
+    /// of the same image (a VM's first boot) makes the next clone prefetch what that boot
+    /// read, in the order it read it. The whole file is checked at start, before anything
+    /// is opened for writing: a malformed line or a range past the clone's end is refused,
+    /// naming the file and the line. While running, `clonebd message --control PATH
+    /// hydrate_range OFFSET LENGTH` puts one more range at the front.
+    #[arg(long, value_name = "FILE")]
+    hydrate_first: Option<PathBuf>,
+    /// Append to FILE, in --hydrate-first's format, the ranges of regions not yet hydrated
+    /// in the order clients first read them (each region once; adjacent ones joined into
+    /// one range), so that the next clone of the same image can hydrate them first with
+    /// --hydrate-first FILE. FILE is created if missing; what it holds already is checked
+    /// as --hydrate-first checks its file. Ranges are written within a second of the read
+    /// that ends them, and the file is synced when the daemon stops. The reads themselves
+    /// never wait for the file.
+    #[arg(long, value_name = "FILE")]
+    record_reads: Option<PathBuf>,
     /// The clone in dm-clone's table language:
     /// "META DEST SOURCE REGION_SECTORS [#features FEATURES...] [#core KEY VALUE...]",
     /// optionally preceded by "<start> <len> clone" as `dmsetup table` prints it.
@@ -443,6 +467,10 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
         },
         source_pin: a.source_pin.clone(),
         nbd_tls: nbd_tls(a)?,
+        order: OrderFiles {
+            hydrate_first: a.hydrate_first.clone(),
+            record_reads: a.record_reads.clone(),
+        },
     })
 }
 

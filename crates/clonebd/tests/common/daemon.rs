@@ -299,6 +299,27 @@ impl Daemon {
         serde_json::from_str(&self.ctl_ok("status", &["--json", "--noflush"])).expect("status JSON")
     }
 
+    /// `nbdinfo --map=clonebd:hydrated` over the unix socket, as (offset, length, type)
+    /// runs (type 1: hydrated).
+    pub fn hydrated_map(&self) -> Vec<(u64, u64, u64)> {
+        let out = run(
+            "nbdinfo",
+            &["--json", "--map=clonebd:hydrated", &self.unix_uri()],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo JSON");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|e| {
+                (
+                    e["offset"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["type"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
     /// Waits until every region is hydrated (failing after `within`); the status then.
     pub fn wait_complete(&self, within: Duration) -> serde_json::Value {
         let deadline = Instant::now() + within;
