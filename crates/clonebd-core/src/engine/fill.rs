@@ -13,14 +13,14 @@
 //! - it is marked only once its destination write completed, and committed by the same
 //!   rounds as any copy, so its bit reaches disk only after a flush made the data durable
 //!   (rule 1);
-//! - outside mode `rw` nothing is taken.
+//! - outside mode `rw`, and while suspended, nothing is taken.
 //!
-//! A failed fill write is not an error for anyone: its regions stay as they were, and the
-//! writes that waited on them are routed afresh (they start a copy), as after a failed
-//! full-region write. Nothing here reads the source or touches the bytes.
+//! A failed fill write is an error for no one but the fill: its regions stay as they were,
+//! and the writes that waited on them are routed afresh (they start a copy), as after a
+//! failed full-region write. Nothing here reads the source or touches the bytes.
 
+use super::Action;
 use super::{Engine, Flight, FlightKind, IoStatus, Mode, Op, ReqId, WriteData};
-use crate::engine::{Action, Event};
 use crate::geometry::RegionId;
 
 impl Engine {
@@ -46,8 +46,10 @@ impl Engine {
         let end = first + n;
         let mut r = first;
         while r < end {
+            // Suspended (shutdown) nothing new starts hydrating, as for background copies.
             let free = |e: &Engine, r: RegionId| {
                 e.mode == Mode::ReadWrite
+                    && !e.suspended
                     && !e.view.map().is_hydrated(r)
                     && !e.inflight.contains_key(&r)
             };
@@ -100,13 +102,10 @@ impl Engine {
             self.regions_filled += n;
         } else if !status.is_ok() {
             self.copy_errors += 1;
-            self.emit(Action::Event(Event::CopyFailed {
-                first,
-                n,
-                background: false,
-            }));
         }
-        self.settle(req, 1, IoStatus::Ok);
+        // The fill's answer carries the write's failure, for the driver's log; nobody else
+        // is affected by it.
+        self.settle(req, 1, status);
         // Not hydrated after all: writes that waited are routed afresh, as after a failed
         // full-region write (they start a copy, or fail outside mode `rw`).
         self.release(released, None);

@@ -145,9 +145,10 @@ pub enum Request {
     /// read for a read of regions not hydrated. Each region the range covers wholly (the
     /// short last region too, when the range reaches the end) that is still not hydrated
     /// and has no hydration in flight is written from the buffer to the destination and
-    /// then marked, exactly as a copy would be; every other region is left alone. Always
-    /// answered with `Ok` once its writes completed (a fill is an offer: a failed write
-    /// leaves its regions as they were, and writes waiting on them are routed afresh).
+    /// then marked, exactly as a copy would be; every other region is left alone (and so is
+    /// every region while suspended or outside mode `rw`). Answered once its writes
+    /// completed, with the first failed write's status or `Ok`; a failed write leaves its
+    /// regions as they were, and the writes waiting on them are routed afresh.
     Fill {
         /// Byte offset.
         offset: u64,
@@ -475,8 +476,8 @@ pub struct EngineStatus {
     /// Regions hydrated by fills (copy-on-read), of those [`EngineStatus::bytes_hydrated`]
     /// counts.
     pub regions_filled: u64,
-    /// Regions offered by fills and left alone: already hydrated, in flight, or not in
-    /// mode `rw`.
+    /// Regions offered by fills and left alone: already hydrated, in flight, suspended, or
+    /// not in mode `rw`.
     pub fills_refused: u64,
     /// Regions hydrated in the open (uncommitted) transaction.
     pub nr_dirty: u64,

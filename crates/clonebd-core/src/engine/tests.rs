@@ -1291,7 +1291,7 @@ fn failed_fill_write_leaves_regions_cold_and_waiting_writes_copy_afresh() {
     assert!(a.is_empty());
     let a = h.done(fill_op, IoStatus::Io);
     assert!(!h.hydrated(0), "a failed fill marks nothing");
-    assert!(a.iter().any(|x| is_reply(x, 1, IoStatus::Ok)), "{a:?}");
+    assert!(a.iter().any(|x| is_reply(x, 1, IoStatus::Io)), "{a:?}");
     assert!(
         a.iter()
             .any(|x| matches!(x, Action::Copy { owner: Some(2), .. })),
