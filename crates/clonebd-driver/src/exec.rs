@@ -366,3 +366,31 @@ pub fn read_routed(
     }
     IoStatus::Ok
 }
+
+/// Copy-on-read: the runs of regions a read of `[offset, offset+len)` covers wholly (the
+/// short last region too, when the read reaches the end) that are not hydrated now, as
+/// `(start byte, end byte)`, in order: what the driver offers the engine as fills
+/// ([`Request::Fill`](clonebd_core::engine::Request::Fill)) from the read's buffer. Called
+/// after the read: in mode `rw` the map only gains bits, so a region not hydrated now was not
+/// hydrated when the read routed it, and its bytes in the buffer came from the source (the
+/// map loses bits only when a failed commit reloads it, after the engine left mode `rw`,
+/// and the engine then takes no fill).
+pub fn fill_runs<'a>(
+    map: &'a HydrationMap,
+    g: &'a Geometry,
+    offset: u64,
+    len: u64,
+) -> impl Iterator<Item = (u64, u64)> + 'a {
+    let rb = g.region_bytes();
+    let end = offset.saturating_add(len).min(g.target_bytes());
+    let start = offset.div_ceil(rb) * rb;
+    let whole_end = if end == g.target_bytes() {
+        end
+    } else {
+        end / rb * rb
+    };
+    let span = whole_end.saturating_sub(start);
+    runs(map, g, start, span)
+        .filter(|&(_, _, hydrated)| !hydrated)
+        .map(|(s, e, _)| (s, e))
+}

@@ -23,5 +23,6 @@ mod volume;
 
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};
 pub use volume::{
-    FinalizeError, Finalized, MonotonicClock, Routed, Volume, VolumeOptions, VolumeStatus,
+    FillStats, FinalizeError, Finalized, MonotonicClock, Routed, Volume, VolumeOptions,
+    VolumeStatus,
 };

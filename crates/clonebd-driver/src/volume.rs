@@ -26,6 +26,10 @@
 //! flush (`fdatasync`), discards are passed down if the clone passes discards down, and
 //! hydrate requests succeed at once. The metadata stays open, committed and fully hydrated.
 
+mod fill;
+
+pub use fill::FillStats;
+
 use crate::metrics::{IoMetrics, Op};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -108,6 +112,8 @@ pub struct VolumeStatus {
     /// Bytes background copies read and wrote, and bytes they zeroed instead (holes and
     /// zeros of the source, with sparse-aware hydration).
     pub copies: (u64, u64),
+    /// Copy-on-read ([`Volume::set_hydrate_on_read`]).
+    pub fills: FillStats,
 }
 
 /// Why [`Volume::finalize`] (or [`Volume::start_finalized`]) refused.
@@ -189,6 +195,8 @@ enum Job {
     Run(Action),
     /// One piece of a background copy spread over the copy threads.
     Piece(Arc<SplitCopy>, u64, u64),
+    /// A read's data to hydrate its regions with (copy-on-read).
+    Fill(fill::Fill),
     Stop,
 }
 
@@ -238,6 +246,11 @@ struct Shared {
     copy_mode: CopyMode,
     /// Notes first reads of cold regions, if asked ([`Volume::record_reads`]).
     recorder: OnceLock<Arc<ReadRecorder>>,
+    /// Copy-on-read: the most bytes fills may hold (0: off), the bytes they hold now, and
+    /// how many were dropped over the budget.
+    fill_budget: AtomicU64,
+    fill_pending: AtomicU64,
+    fill_dropped: AtomicU64,
 }
 
 /// A plain write to hydrated regions, routed by the volume for a caller that submits the I/O
@@ -398,6 +411,9 @@ impl Volume {
                 sparse: opts.sparse,
             },
             recorder: OnceLock::new(),
+            fill_budget: AtomicU64::new(0),
+            fill_pending: AtomicU64::new(0),
+            fill_dropped: AtomicU64::new(0),
         });
         let mut threads = Vec::new();
         for i in 0..opts.copy_threads.max(1) {
@@ -553,7 +569,11 @@ impl Volume {
             let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
             drop(source);
             sh.view.foreground_finished(sh.clock.now());
-            if r.is_ok() { Ok(()) } else { Err(r) }
+            if !r.is_ok() {
+                return Err(r);
+            }
+            sh.offer_fills(offset, buf);
+            Ok(())
         })
     }
 
@@ -708,7 +728,15 @@ impl Volume {
             last_copy_error: lock(&self.sh.last_copy_error).clone(),
             finalized: self.is_finalized(),
             copies: self.sh.metrics.copies(),
+            fills: self.sh.fill_stats(),
         }
+    }
+
+    /// Copy-on-read: with a `budget` above 0, a read of regions not hydrated also hydrates
+    /// the regions it covers wholly, from the data it read (see the `fill` module), with at
+    /// most `budget` bytes held by fills not yet written (more are dropped); 0 turns it off.
+    pub fn set_hydrate_on_read(&self, budget: u64) {
+        self.sh.fill_budget.store(budget, Ordering::Relaxed);
     }
 
     /// Events from now on (mode changes, hydration complete, copy failures).
@@ -753,6 +781,7 @@ fn copy_loop(sh: &Shared, rx: &Receiver<Job>) {
         match rx.recv() {
             Ok(Job::Run(action)) => sh.run_job(&action),
             Ok(Job::Piece(split, offset, len)) => sh.run_piece(&split, offset, len),
+            Ok(Job::Fill(f)) => sh.run_fill(f),
             Ok(Job::Stop) | Err(_) => return,
         }
     }

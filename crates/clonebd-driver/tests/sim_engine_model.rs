@@ -29,6 +29,7 @@ fn op_strategy() -> impl Strategy<Value = SimOp> {
         1 => (0u8..5, 0u32..6).prop_map(|(c, v)| SimOp::Control { c, v }),
         1 => (0u8..3, 0u8..4).prop_map(|(dev, op)| SimOp::Fault { dev, op }),
         1 => (0u8..3).prop_map(|style| SimOp::Crash { style }),
+        3 => any::<usize>().prop_map(|i| SimOp::Fill { i }),
     ]
 }
 

@@ -128,6 +128,9 @@ pub struct RunOptions {
     pub copy_threads: usize,
     /// Background hydration bandwidth limit, bytes per second (0: none).
     pub hydration_rate_limit: u64,
+    /// Copy-on-read (`--hydrate-on-read`): the most bytes of read data waiting to be
+    /// written to the destination (0: off).
+    pub hydrate_on_read: u64,
     /// NBD worker threads (default: the server's).
     pub nbd_workers: Option<usize>,
     /// Serve NBD connections through io_uring (`ServerConfig::io_uring`).
@@ -1041,6 +1044,13 @@ impl Daemon {
                 )?
             }
         };
+        if opts.hydrate_on_read > 0 {
+            tracing::info!(
+                "copy-on-read: reads hydrate the regions they cover wholly ({} KiB of read data held at most)",
+                opts.hydrate_on_read / 1024
+            );
+            volume.set_hydrate_on_read(opts.hydrate_on_read);
+        }
         // The volume holds the only reference to the source from here on, so finalizing
         // closes it.
         drop(source);

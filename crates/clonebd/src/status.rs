@@ -94,6 +94,20 @@ pub struct StatusJson {
     pub copy_errors: u64,
     /// Why the last failed copy failed: the device, the offset and the system's error.
     pub last_copy_error: Option<String>,
+    /// Copy-on-read (`--hydrate-on-read`): regions hydrated from reads' data (this run).
+    #[serde(default)]
+    pub regions_filled: u64,
+    /// Regions reads offered that were left alone: hydrated, in flight or written first
+    /// (this run).
+    #[serde(default)]
+    pub fills_refused: u64,
+    /// Reads whose data was not kept, as it would have gone over --hydrate-on-read-budget
+    /// (this run).
+    #[serde(default)]
+    pub fills_dropped: u64,
+    /// Bytes of read data waiting to be written to the destination now.
+    #[serde(default)]
+    pub fill_bytes_pending: u64,
     /// Regions hydrated but not yet committed.
     pub dirty_regions: u64,
     /// NBD connections open now.
@@ -216,6 +230,10 @@ pub fn status_json(
         bytes_skipped_zero: s.copies.1,
         copy_errors: s.engine.copy_errors,
         last_copy_error: s.last_copy_error.clone(),
+        regions_filled: s.engine.regions_filled,
+        fills_refused: s.engine.fills_refused,
+        fills_dropped: s.fills.dropped,
+        fill_bytes_pending: s.fills.pending_bytes,
         dirty_regions: s.engine.nr_dirty,
         connections: connections.0,
         total_connections: connections.1,

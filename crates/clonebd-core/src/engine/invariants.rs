@@ -23,6 +23,7 @@ impl Engine {
             match (self.ops.get(&f.op), f.kind) {
                 (Some(Op::Copy { first, n, .. }), FlightKind::Copy)
                 | (Some(Op::Overwrite { first, n, .. }), FlightKind::Overwrite)
+                | (Some(Op::Fill { first, n, .. }), FlightKind::Fill)
                     if (*first..*first + *n).contains(&r) => {}
                 (None, FlightKind::Overwrite) if f.op == 0 => {
                     return fail(format!("overwrite of region {r} has no operation"));

@@ -25,6 +25,7 @@
 //! only the engine sets bits in it.
 
 mod commit;
+mod fill;
 mod hydrate;
 mod invariants;
 mod order;
@@ -136,6 +137,20 @@ pub enum Request {
     },
     /// Hydrate every region `[offset, offset+len)` touches, now (NBD CACHE).
     Hydrate {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Copy-on-read: the request's buffer holds the source's data of `[offset, offset+len)`,
+    /// read for a read of regions not hydrated. Each region the range covers wholly (the
+    /// short last region too, when the range reaches the end) that is still not hydrated
+    /// and has no hydration in flight is written from the buffer to the destination and
+    /// then marked, exactly as a copy would be; every other region is left alone (and so is
+    /// every region while suspended or outside mode `rw`). Answered once its writes
+    /// completed, with the first failed write's status or `Ok`; a failed write leaves its
+    /// regions as they were, and the writes waiting on them are routed afresh.
+    Fill {
         /// Byte offset.
         offset: u64,
         /// Length in bytes.
@@ -472,6 +487,12 @@ pub struct EngineStatus {
     pub copy_errors: u64,
     /// Bytes copied from the source by completed copies.
     pub bytes_hydrated: u64,
+    /// Regions hydrated by fills (copy-on-read), of those [`EngineStatus::bytes_hydrated`]
+    /// counts.
+    pub regions_filled: u64,
+    /// Regions offered by fills and left alone: already hydrated, in flight, suspended, or
+    /// not in mode `rw`.
+    pub fills_refused: u64,
     /// Regions hydrated in the open (uncommitted) transaction.
     pub nr_dirty: u64,
     /// Requests in flight inside the engine.
@@ -485,6 +506,8 @@ enum FlightKind {
     Copy,
     /// Written wholly by a user request.
     Overwrite,
+    /// Written from the source's data a read returned (copy-on-read, [`Request::Fill`]).
+    Fill,
 }
 
 /// A region with a hydration in flight, and who waits on it.
@@ -524,6 +547,7 @@ enum ReqKind {
     Flush,
     Discard { offset: u64, len: u64 },
     Hydrate,
+    Fill,
 }
 
 #[derive(Debug)]
@@ -551,6 +575,8 @@ enum Op {
         n: u64,
         fua: bool,
     },
+    /// The destination write of a fill (copy-on-read) of regions `[first, first+n)`.
+    Fill { req: ReqId, first: RegionId, n: u64 },
     /// A copy of regions `[first, first+n)`.
     Copy {
         first: RegionId,
@@ -668,6 +694,8 @@ pub struct Engine {
     // Counters.
     copy_errors: u64,
     bytes_hydrated: u64,
+    regions_filled: u64,
+    fills_refused: u64,
     outbox: VecDeque<Action>,
 }
 
@@ -715,6 +743,8 @@ impl Engine {
             busy_limited: false,
             copy_errors: 0,
             bytes_hydrated: 0,
+            regions_filled: 0,
+            fills_refused: 0,
             outbox: VecDeque::new(),
         }
     }
@@ -788,6 +818,8 @@ impl Engine {
             suspended: self.suspended,
             copy_errors: self.copy_errors,
             bytes_hydrated: self.bytes_hydrated,
+            regions_filled: self.regions_filled,
+            fills_refused: self.fills_refused,
             nr_dirty: self.current.len(),
             requests_in_flight: self.reqs.len() as u64,
         }

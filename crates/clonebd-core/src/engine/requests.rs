@@ -34,7 +34,8 @@ impl Engine {
             | Request::Write { offset, len, .. }
             | Request::WriteZeroes { offset, len, .. }
             | Request::Discard { offset, len }
-            | Request::Hydrate { offset, len } => Some((offset, len)),
+            | Request::Hydrate { offset, len }
+            | Request::Fill { offset, len } => Some((offset, len)),
             Request::Flush => None,
         };
         let valid = match r {
@@ -71,6 +72,7 @@ impl Engine {
             Request::Flush => ReqKind::Flush,
             Request::Discard { offset, len } => ReqKind::Discard { offset, len },
             Request::Hydrate { .. } => ReqKind::Hydrate,
+            Request::Fill { .. } => ReqKind::Fill,
         };
         // A duplicate id would corrupt the books: refuse it rather than trust it.
         if self.reqs.contains_key(&req) {
@@ -100,6 +102,7 @@ impl Engine {
             Request::Flush => self.submit_flush(req),
             Request::Discard { .. } => self.dispatch_discard(req),
             Request::Hydrate { offset, len } => self.submit_hydrate(req, offset, len),
+            Request::Fill { offset, len } => self.submit_fill(req, offset, len),
         }
         // Drop the submission's own reference.
         self.settle(req, 1, IoStatus::Ok);
@@ -132,7 +135,7 @@ impl Engine {
     }
 
     /// Adds `n` pieces the request must wait for.
-    fn hold(&mut self, req: ReqId, n: u64) {
+    pub(super) fn hold(&mut self, req: ReqId, n: u64) {
         if let Some(s) = self.reqs.get_mut(&req) {
             s.pending += n;
         }
@@ -474,6 +477,7 @@ impl Engine {
                 self.complete_overwrite(req, first, n, fua, status)
             }
             Op::Copy { first, n, origin } => self.complete_copy(first, n, origin, status),
+            Op::Fill { req, first, n } => self.complete_fill(req, first, n, status),
             Op::Discard { req } => self.settle(req, 1, status),
             Op::PlainFlush { req } => self.settle(req, 1, status),
             Op::CommitFlush | Op::CommitWrite => self.complete_round_step(op, status),
@@ -547,7 +551,7 @@ impl Engine {
 
     /// Ends the hydration of regions `[first, first+n)`: removes their records, marks them
     /// when `ok`, and returns who waited on them.
-    fn land(&mut self, first: RegionId, n: u64, ok: bool) -> Vec<Waiter> {
+    pub(super) fn land(&mut self, first: RegionId, n: u64, ok: bool) -> Vec<Waiter> {
         let mut released = Vec::new();
         for r in first..first + n {
             if let Some(f) = self.inflight.remove(&r) {
@@ -563,7 +567,7 @@ impl Engine {
     /// Settles or re-routes what waited on a region. With `fail`, writes and hydrate requests
     /// fail with that status; otherwise they are dispatched again (now hydrated, they go to
     /// the destination; after a failed overwrite, they start a copy).
-    fn release(&mut self, waiters: Vec<Waiter>, fail: Option<IoStatus>) {
+    pub(super) fn release(&mut self, waiters: Vec<Waiter>, fail: Option<IoStatus>) {
         let mut ready = Vec::new();
         for w in waiters {
             match w {

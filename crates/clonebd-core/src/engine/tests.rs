@@ -1194,3 +1194,284 @@ fn hydrate_first_skips_hydrated_regions_and_clips_at_the_end() {
     let a = h.apply(Input::Control(Control::EnableHydration));
     assert_eq!(copy_order(&mut h, a, 5), vec![2, 4, 14, 15, 0]);
 }
+
+// ----- copy-on-read (fills) -----
+
+/// The destination writes of request `id` in `acts`, as `(op, offset, len, at)`.
+fn writes_of(acts: &[Action], id: ReqId) -> Vec<(OpId, u64, u64, u64)> {
+    acts.iter()
+        .filter_map(|a| match *a {
+            Action::WriteDest {
+                op,
+                req,
+                offset,
+                len,
+                data: WriteData::Buffer { at },
+                ..
+            } if req == id => Some((op, offset, len, at)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn fill_hydrates_only_the_cold_idle_regions_it_covers_wholly() {
+    let mut h = H::new(16);
+    // Region 2 is hydrated by a full-region write first.
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 2 * RB,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    // A read of [RB/2, 4 RB + 512) offers its data: regions 1 and 3 are covered wholly and
+    // cold; 0 and 4 are covered only partly, 2 is hydrated.
+    let a = h.req(
+        2,
+        Request::Fill {
+            offset: RB / 2,
+            len: 4 * RB,
+        },
+    );
+    let w = writes_of(&a, 2);
+    assert_eq!(
+        w.iter()
+            .map(|&(_, o, l, at)| (o, l, at))
+            .collect::<Vec<_>>(),
+        vec![(RB, RB, RB / 2), (3 * RB, RB, 5 * RB / 2)],
+        "{a:?}"
+    );
+    assert!(!h.hydrated(1) && !h.hydrated(3), "marked only once written");
+    assert_eq!(h.e.status().hydrating, 2);
+    let replies = h.settle_all(a);
+    assert_eq!(replies, vec![(2, IoStatus::Ok)]);
+    for (r, want) in [(0, false), (1, true), (2, true), (3, true), (4, false)] {
+        assert_eq!(h.hydrated(r), want, "region {r}");
+    }
+    let st = h.e.status();
+    assert_eq!((st.regions_filled, st.fills_refused), (2, 1));
+    assert_eq!(st.bytes_hydrated, 2 * RB);
+    // The fill's regions are committed by the next round, as a copy's are.
+    let a = h.req(3, Request::Flush);
+    let commits: Vec<_> = a
+        .iter()
+        .filter(|x| matches!(x, Action::FlushDest { .. }))
+        .collect();
+    assert_eq!(commits.len(), 1, "the round flushes the destination first");
+    let mut acts = a;
+    let mut dirty = None;
+    while !acts.is_empty() {
+        let mut next = Vec::new();
+        for x in acts {
+            if let Action::CommitMetadata { dirty: d, .. } = &x {
+                dirty = Some(d.regions().collect::<Vec<_>>());
+            }
+            if let Some(op) = op_of(&x) {
+                next.extend(h.done(op, IoStatus::Ok));
+            }
+        }
+        acts = next;
+    }
+    assert_eq!(dirty, Some(vec![1, 2, 3]));
+}
+
+#[test]
+fn fill_reaching_the_end_takes_the_short_last_region() {
+    // 4 regions and a short tail region of 2 KiB.
+    let mut h = H::with(4 * 8 + 4, |_| {});
+    let a = h.req(
+        1,
+        Request::Fill {
+            offset: 3 * RB,
+            len: RB + RB / 2,
+        },
+    );
+    let w = writes_of(&a, 1);
+    assert_eq!(
+        w.iter()
+            .map(|&(_, o, l, at)| (o, l, at))
+            .collect::<Vec<_>>(),
+        vec![(3 * RB, RB + RB / 2, 0)]
+    );
+    h.settle_all(a);
+    assert!(h.hydrated(3) && h.hydrated(4));
+}
+
+#[test]
+fn write_that_got_there_first_makes_the_fill_be_dropped() {
+    let mut h = H::new(16);
+    // A write into region 1 starts its copy, and a full-region write of region 2 is in
+    // flight, while a read of regions 1..=3 returned the source's data.
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: RB + 512,
+            len: 512,
+            fua: false,
+        },
+    );
+    let copy = op_of(&a[0]).expect("copy");
+    let b = h.req(
+        2,
+        Request::Write {
+            offset: 2 * RB,
+            len: RB,
+            fua: false,
+        },
+    );
+    let f = h.req(
+        3,
+        Request::Fill {
+            offset: RB,
+            len: 3 * RB,
+        },
+    );
+    // Only region 3 is taken: 1 and 2 belong to the writes.
+    let w = writes_of(&f, 3);
+    assert_eq!(
+        w.iter().map(|&(_, o, l, _)| (o, l)).collect::<Vec<_>>(),
+        vec![(3 * RB, RB)]
+    );
+    let mut replies = h.settle_all(f);
+    replies.extend(h.settle_all(b));
+    let a = h.done(copy, IoStatus::Ok);
+    replies.extend(h.settle_all(a));
+    replies.sort_unstable_by_key(|&(r, _)| r);
+    assert_eq!(
+        replies,
+        vec![(1, IoStatus::Ok), (2, IoStatus::Ok), (3, IoStatus::Ok)]
+    );
+    assert_eq!(h.e.status().fills_refused, 2);
+    // Once hydrated by the writes, a later fill of the same regions takes nothing.
+    let f = h.req(
+        4,
+        Request::Fill {
+            offset: RB,
+            len: 2 * RB,
+        },
+    );
+    assert!(writes_of(&f, 4).is_empty(), "{f:?}");
+    assert_eq!(h.settle_all(f), vec![(4, IoStatus::Ok)]);
+}
+
+#[test]
+fn write_arriving_during_a_fill_waits_for_it_and_lands_after_it() {
+    let mut h = H::new(16);
+    let f = h.req(
+        1,
+        Request::Fill {
+            offset: 0,
+            len: 2 * RB,
+        },
+    );
+    let [(fill_op, 0, len, 0)] = writes_of(&f, 1)[..] else {
+        panic!("{f:?}")
+    };
+    assert_eq!(len, 2 * RB);
+    // A partial write and a full-region write arrive while the fill's write is in flight:
+    // both wait on the fill's record (no copy, no destination write yet).
+    let a = h.req(
+        2,
+        Request::Write {
+            offset: 512,
+            len: 512,
+            fua: false,
+        },
+    );
+    assert!(a.is_empty(), "{a:?}");
+    let a = h.req(
+        3,
+        Request::Write {
+            offset: RB,
+            len: RB,
+            fua: false,
+        },
+    );
+    assert!(a.is_empty(), "{a:?}");
+    // The fill's write completes: the regions are hydrated, and only now are the user
+    // writes issued, to the destination, after the fill's data (so they win).
+    let a = h.done(fill_op, IoStatus::Ok);
+    assert!(h.hydrated(0) && h.hydrated(1));
+    let mut w = writes_of(&a, 2);
+    w.extend(writes_of(&a, 3));
+    assert_eq!(
+        w.iter().map(|&(_, o, l, _)| (o, l)).collect::<Vec<_>>(),
+        vec![(512, 512), (RB, RB)]
+    );
+    assert!(!a.iter().any(|x| matches!(x, Action::Copy { .. })));
+    let mut replies = h.settle_all(a);
+    replies.sort_unstable_by_key(|&(r, _)| r);
+    assert_eq!(
+        replies,
+        vec![(1, IoStatus::Ok), (2, IoStatus::Ok), (3, IoStatus::Ok)]
+    );
+}
+
+#[test]
+fn failed_fill_write_leaves_regions_cold_and_waiting_writes_copy_afresh() {
+    let mut h = H::new(16);
+    let f = h.req(1, Request::Fill { offset: 0, len: RB });
+    let [(fill_op, ..)] = writes_of(&f, 1)[..] else {
+        panic!("{f:?}")
+    };
+    let a = h.req(
+        2,
+        Request::Write {
+            offset: 512,
+            len: 512,
+            fua: false,
+        },
+    );
+    assert!(a.is_empty());
+    let a = h.done(fill_op, IoStatus::Io);
+    assert!(!h.hydrated(0), "a failed fill marks nothing");
+    assert!(a.iter().any(|x| is_reply(x, 1, IoStatus::Io)), "{a:?}");
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Copy { owner: Some(2), .. })),
+        "the waiting write starts a copy: {a:?}"
+    );
+    let replies = h.settle_all(a);
+    assert!(replies.contains(&(2, IoStatus::Ok)));
+    assert!(h.hydrated(0));
+    assert_eq!(h.e.status().copy_errors, 1);
+}
+
+#[test]
+fn fill_in_read_only_mode_takes_nothing() {
+    let mut h = H::new(16);
+    let a = h.req(
+        1,
+        Request::Write {
+            offset: 0,
+            len: RB,
+            fua: false,
+        },
+    );
+    h.settle_all(a);
+    // A failed destination flush of a commit round switches to read-only.
+    let a = h.req(2, Request::Flush);
+    let flush = a
+        .iter()
+        .find_map(|x| match *x {
+            Action::FlushDest { op } => Some(op),
+            _ => None,
+        })
+        .expect("commit flush");
+    let a = h.done(flush, IoStatus::Io);
+    h.settle_all(a);
+    assert_eq!(h.e.mode(), Mode::ReadOnly);
+    let f = h.req(
+        3,
+        Request::Fill {
+            offset: RB,
+            len: 2 * RB,
+        },
+    );
+    assert!(writes_of(&f, 3).is_empty(), "{f:?}");
+    assert!(f.iter().any(|x| is_reply(x, 3, IoStatus::Ok)));
+    assert!(!h.hydrated(1) && !h.hydrated(2));
+}

@@ -16,6 +16,9 @@
 //!   write, never the destination's initial garbage (so a region wrongly recorded as hydrated
 //!   is caught);
 //! - the source is never written;
+//! - copy-on-read: a fast-path read may offer the source's data of the cold regions it
+//!   covered as fills, submitted at a later step (so writes, copies, commits and power cuts
+//!   race them); a fill taken over a region a write owns would show as older data;
 //! - the engine's invariants hold after every step.
 
 #![allow(dead_code)]
@@ -29,7 +32,7 @@ use clonebd_core::engine::{
 use clonebd_core::{AlignedBuf, BlockDev, Geometry, HydrationMap};
 use clonebd_driver::MetadataBackend;
 use clonebd_driver::exec::{
-    Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, read_routed,
+    Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, fill_runs, op_of, read_routed,
 };
 use clonebd_testkit::{CutStyle, FaultOp, Rng, SimDisk};
 
@@ -105,6 +108,7 @@ enum Kind {
     Flush,
     Discard,
     Hydrate,
+    Fill,
 }
 
 /// One step of a simulation.
@@ -122,6 +126,8 @@ pub enum SimOp {
     Fault { dev: u8, op: u8 },
     /// Cut the power and reopen.
     Crash { style: u8 },
+    /// Submit the copy-on-read fill offered by an earlier read, at index `i % offered`.
+    Fill { i: usize },
 }
 
 /// Simulation settings.
@@ -155,6 +161,8 @@ pub struct Sim<'f> {
     view: Arc<SharedView>,
     meta: Box<dyn MetadataBackend>,
     pending: Vec<Action>,
+    /// Fills offered by reads and not yet submitted: `(offset, the source's bytes)`.
+    fills: Vec<(u64, Vec<u8>)>,
     reqs: HashMap<ReqId, SimReq>,
     next_id: u64,
     blocks: Vec<Hist>,
@@ -218,6 +226,7 @@ impl<'f> Sim<'f> {
             view,
             meta,
             pending: Vec::new(),
+            fills: Vec::new(),
             reqs: HashMap::new(),
             next_id: 1,
             blocks: vec![Hist::fresh(Val::Src); nblocks],
@@ -268,7 +277,10 @@ impl<'f> Sim<'f> {
                 };
                 SimOp::Submit { k, b, n }
             }
-            35..=79 => SimOp::Complete {
+            35..=39 => SimOp::Fill {
+                i: r.below(1 << 16) as usize,
+            },
+            40..=79 => SimOp::Complete {
                 i: r.below(1 << 16) as usize,
             },
             80..=89 => SimOp::Tick {
@@ -361,6 +373,13 @@ impl<'f> Sim<'f> {
                 d.inject_fault(fop, None, Some(1), std::io::ErrorKind::Other);
                 Ok(())
             }
+            SimOp::Fill { i } => {
+                if self.fills.is_empty() {
+                    return Ok(());
+                }
+                let (offset, buf) = self.fills.swap_remove(i % self.fills.len());
+                self.submit_fill(offset, buf)
+            }
             SimOp::Crash { style } => {
                 let style = match style {
                     0 => CutStyle::LoseAll,
@@ -444,7 +463,7 @@ impl<'f> Sim<'f> {
             Some(req) => {
                 let mut buf = match req.kind {
                     Kind::Read => ReqBuf::Read(&mut req.buf),
-                    Kind::Write { .. } => ReqBuf::Write(&req.buf),
+                    Kind::Write { .. } | Kind::Fill => ReqBuf::Write(&req.buf),
                     _ => ReqBuf::None,
                 };
                 execute_data(&devs, &a, &mut buf, &mut self.scratch)
@@ -512,6 +531,9 @@ impl<'f> Sim<'f> {
                     let st = read_routed(&self.view, &self.g, &devs, offset, &mut buf);
                     if st.is_ok() {
                         self.check_read(offset, &buf, "fast-path read")?;
+                        if self.engine.mode() == Mode::ReadWrite {
+                            self.offer_fills(offset, &buf);
+                        }
                     } else {
                         self.note_error(st)?;
                     }
@@ -650,7 +672,37 @@ impl<'f> Sim<'f> {
                 );
                 self.input(Input::Request(id, Request::Hydrate { offset, len }))
             }
+            // Fills come from reads (`offer_fills`), never from a request kind.
+            Kind::Fill => Ok(()),
         }
+    }
+
+    /// Copy-on-read, as the driver does after a read: the source's bytes of the cold regions
+    /// the read covered wholly, one fill per run, kept to be submitted by a later step.
+    fn offer_fills(&mut self, offset: u64, buf: &[u8]) {
+        let runs: Vec<_> = fill_runs(self.view.map(), &self.g, offset, buf.len() as u64).collect();
+        for (s, e) in runs {
+            let (a, b) = ((s - offset) as usize, (e - offset) as usize);
+            self.fills.push((s, buf[a..b].to_vec()));
+        }
+    }
+
+    fn submit_fill(&mut self, offset: u64, buf: Vec<u8>) -> Result<(), String> {
+        self.stats.requests += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        let len = buf.len() as u64;
+        self.reqs.insert(
+            id,
+            SimReq {
+                kind: Kind::Fill,
+                offset,
+                len,
+                buf,
+                cover: vec![],
+            },
+        );
+        self.input(Input::Request(id, Request::Fill { offset, len }))
     }
 
     /// An error is fine only where faults are injected or the mode is not read-write.
@@ -692,7 +744,7 @@ impl<'f> Sim<'f> {
                     }
                 }
             }
-            Kind::Hydrate => {}
+            Kind::Hydrate | Kind::Fill => {}
         }
         Ok(())
     }
@@ -872,6 +924,7 @@ impl<'f> Sim<'f> {
     pub fn crash(&mut self, style: CutStyle) -> Result<(), String> {
         self.stats.crashes += 1;
         self.pending.clear();
+        self.fills.clear();
         self.reqs.clear();
         for h in &mut self.blocks {
             // Whatever was in flight may or may not have landed: its value stays in the

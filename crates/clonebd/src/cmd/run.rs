@@ -165,6 +165,28 @@ pub struct RunArgs {
     /// never wait for the file.
     #[arg(long, value_name = "FILE")]
     record_reads: Option<PathBuf>,
+    /// Copy-on-read: a read of regions not hydrated also hydrates them, from the data it
+    /// read. The client gets its data as soon as the source returns it (the read does not
+    /// wait for the destination); the data of each region the read covers wholly (the short
+    /// last region too, when the read reaches the end) is then written to DEST on a copy
+    /// thread, and the region is recorded hydrated only once that write completed, and
+    /// committed only after a flush made it durable, as for any copy. A region the read
+    /// covers only partly stays as it was (hydrating it would read the source again), so
+    /// with reads aligned to the region size exactly the regions read are hydrated. A write
+    /// that reaches a region first wins: the read's data is then dropped. Independent of
+    /// --no-hydration: background hydration may stay off while reads hydrate what they use.
+    #[arg(long)]
+    hydrate_on_read: bool,
+    /// With --hydrate-on-read, the most memory (suffixes k, m, g) held by read data waiting
+    /// to be written to DEST; a read whose data would go over it leaves its regions as they
+    /// were (counted as `fills_dropped` in status --json) rather than wait.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value = "64m",
+        requires = "hydrate_on_read"
+    )]
+    hydrate_on_read_budget: String,
     /// The clone in dm-clone's table language:
     /// "META DEST SOURCE REGION_SECTORS [#features FEATURES...] [#core KEY VALUE...]",
     /// optionally preceded by "<start> <len> clone" as `dmsetup table` prints it.
@@ -447,6 +469,13 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
             .transpose()
             .context("--hydration-rate-limit")?
             .unwrap_or(0),
+        hydrate_on_read: if a.hydrate_on_read {
+            parse_size(&a.hydrate_on_read_budget)
+                .context("--hydrate-on-read-budget")?
+                .max(1)
+        } else {
+            0
+        },
         nbd_workers: a.nbd_workers,
         nbd_io_uring: !a.no_nbd_io_uring,
         nbd_limits: nbd_limits(a)?,
