@@ -774,10 +774,16 @@ impl Shared {
         self.dest.flush().map_err(|e| status_of(&e))
     }
 
-    /// Feeds the engine and returns what it wants done; re-arms the timer if needed.
+    /// Feeds the engine and returns what it wants done; re-arms the timer if needed. The
+    /// foreground latency measured since the last call goes in first, so the copy window
+    /// decides on it.
     fn apply(&self, input: Input) -> Vec<Action> {
         let now = self.clock.now();
+        let (mean, requests) = self.metrics.take_foreground_latency();
         let mut e = lock(&self.engine);
+        if requests > 0 {
+            e.apply(now, Input::ForegroundLatency { mean, requests });
+        }
         e.apply(now, input);
         let mut out = Vec::new();
         while let Some(a) = e.poll_action() {

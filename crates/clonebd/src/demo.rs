@@ -201,6 +201,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         preallocate: true,
         copy_threads: 8,
         hydration_rate_limit: opts.rate_limit,
+        hydration_priority: clonebd_core::engine::HydrationPriority::default(),
         nbd_workers: None,
         nbd_io_uring: true,
         nbd_limits: crate::daemon::NbdLimits::default(),
