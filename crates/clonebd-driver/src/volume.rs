@@ -15,7 +15,9 @@
 //!
 //! Commit and abort actions run on whichever thread drained them; the engine never has two
 //! rounds in flight, so they never run concurrently. The engine lock is held only while the
-//! engine decides, never across I/O.
+//! engine decides, never across I/O. Each time the engine is fed, the mean latency of the
+//! reads and writes completed since (taken from the metrics, which timed them) goes in
+//! first, so background copies yield to what clients see.
 //!
 //! **Finalized** ([`Volume::finalize`], or [`Volume::start_finalized`] for a clone that was
 //! fully hydrated before it started): once every region is hydrated and committed, the

@@ -896,7 +896,8 @@ fn background_hydration_under_rising_latency_keeps_one_copy_d4() {
     // 100 us while idle-ish, then ten times that for good.
     let (_, early_jobs, _) = run_busy(&mut h, &mut a, 20, |_| 100_000);
     assert!(early_jobs >= 2, "{early_jobs}");
-    let (copied, jobs, _) = run_busy(&mut h, &mut a, 40, |_| 1_000_000);
+    // Long enough for the window to halve below one region.
+    let (copied, jobs, _) = run_busy(&mut h, &mut a, 200, |_| 1_000_000);
     let (copied_late, jobs_late, regions_late) = run_busy(&mut h, &mut a, 10, |_| 1_000_000);
     assert!(
         copied > 0 && copied_late > 0,
