@@ -5,7 +5,9 @@
 //!
 //! Every export reaches the volume through its request methods (and the routed writes of
 //! [`crate::Volume::route_write`], counted when the route is dropped), so this one place
-//! counts NBD, FUSE and ublk requests alike.
+//! counts NBD, FUSE and ublk requests alike. It is also where the foreground latency that
+//! background hydration yields to is taken from ([`IoMetrics::take_foreground_latency`]):
+//! the same measurement, no second clock read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -100,6 +102,10 @@ pub struct IoMetrics {
     commit_latency: Histogram,
     copied_bytes: AtomicU64,
     zeroed_bytes: AtomicU64,
+    /// Reads and writes completed, and their latency in nanoseconds, since the volume last
+    /// took them for its engine.
+    fg_requests: AtomicU64,
+    fg_nanos: AtomicU64,
 }
 
 impl IoMetrics {
@@ -112,6 +118,23 @@ impl IoMetrics {
             s.errors.fetch_add(1, Ordering::Relaxed);
         }
         s.latency.observe(took);
+        if matches!(op, Op::Read | Op::Write) {
+            let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+            self.fg_nanos.fetch_add(ns, Ordering::Relaxed);
+            self.fg_requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The reads and writes completed since the last call, and their mean latency in
+    /// nanoseconds: `(mean, requests)`, for the engine's copy window. A request recorded
+    /// while this runs may be counted in this call or the next, but never lost.
+    pub fn take_foreground_latency(&self) -> (u64, u64) {
+        let n = self.fg_requests.swap(0, Ordering::Relaxed);
+        if n == 0 {
+            return (0, 0);
+        }
+        let ns = self.fg_nanos.swap(0, Ordering::Relaxed);
+        (ns / n, n)
     }
 
     /// Records one metadata commit.
@@ -173,5 +196,15 @@ mod tests {
         assert_eq!(m.op(Op::Write).snapshot().requests, 0);
         m.commit(Duration::from_millis(3), true);
         assert_eq!(m.commits(), (1, 0));
+    }
+
+    #[test]
+    fn foreground_latency_is_the_mean_of_reads_and_writes_since_last_taken() {
+        let m = IoMetrics::default();
+        m.request(Op::Read, 4096, Duration::from_micros(100), true);
+        m.request(Op::Write, 4096, Duration::from_micros(300), true);
+        m.request(Op::Flush, 0, Duration::from_millis(20), true);
+        assert_eq!(m.take_foreground_latency(), (200_000, 2));
+        assert_eq!(m.take_foreground_latency(), (0, 0));
     }
 }

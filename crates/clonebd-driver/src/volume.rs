@@ -15,7 +15,9 @@
 //!
 //! Commit and abort actions run on whichever thread drained them; the engine never has two
 //! rounds in flight, so they never run concurrently. The engine lock is held only while the
-//! engine decides, never across I/O.
+//! engine decides, never across I/O. Each time the engine is fed, the mean latency of the
+//! reads and writes completed since (taken from the metrics, which timed them) goes in
+//! first, so background copies yield to what clients see.
 //!
 //! **Finalized** ([`Volume::finalize`], or [`Volume::start_finalized`] for a clone that was
 //! fully hydrated before it started): once every region is hydrated and committed, the
@@ -846,10 +848,16 @@ impl Shared {
         self.dest.flush().map_err(|e| status_of(&e))
     }
 
-    /// Feeds the engine and returns what it wants done; re-arms the timer if needed.
+    /// Feeds the engine and returns what it wants done; re-arms the timer if needed. The
+    /// foreground latency measured since the last call goes in first, so the copy window
+    /// decides on it.
     fn apply(&self, input: Input) -> Vec<Action> {
         let now = self.clock.now();
+        let (mean, requests) = self.metrics.take_foreground_latency();
         let mut e = lock(&self.engine);
+        if requests > 0 {
+            e.apply(now, Input::ForegroundLatency { mean, requests });
+        }
         e.apply(now, input);
         let mut out = Vec::new();
         while let Some(a) = e.poll_action() {

@@ -24,7 +24,7 @@ use clonebd_core::dmclone::{
     CloneTable, DeviceInfo, Message, OpenFailure, TableDevices, TableError, format_table_line,
     parse_message, parse_table, split_table_words,
 };
-use clonebd_core::engine::{Config, Control, IoStatus};
+use clonebd_core::engine::{Config, Control, HydrationPriority, IoStatus};
 use clonebd_core::errno::describe;
 use clonebd_core::{BlockDev, Geometry, SECTOR_SIZE};
 use clonebd_driver::{
@@ -131,6 +131,8 @@ pub struct RunOptions {
     /// Copy-on-read (`--hydrate-on-read`): the most bytes of read data waiting to be
     /// written to the destination (0: off).
     pub hydrate_on_read: u64,
+    /// How background copies and client I/O trade while clients are active.
+    pub hydration_priority: HydrationPriority,
     /// NBD worker threads (default: the server's).
     pub nbd_workers: Option<usize>,
     /// Serve NBD connections through io_uring (`ServerConfig::io_uring`).
@@ -994,6 +996,7 @@ impl Daemon {
         cfg.hydration_threshold = table.hydration_threshold;
         cfg.hydration_batch_size = table.hydration_batch_size;
         cfg.hydration_rate_limit = opts.hydration_rate_limit;
+        cfg.hydration_priority = opts.hydration_priority;
         let vopts = VolumeOptions {
             engine: cfg,
             copy_threads: opts.copy_threads.max(1),

@@ -203,6 +203,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         copy_threads: 8,
         hydration_rate_limit: opts.rate_limit,
         hydrate_on_read: 0,
+        hydration_priority: clonebd_core::engine::HydrationPriority::default(),
         nbd_workers: None,
         nbd_io_uring: true,
         nbd_limits: crate::daemon::NbdLimits::default(),

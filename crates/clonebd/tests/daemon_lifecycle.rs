@@ -39,6 +39,7 @@ fn options(dir: &Path, control: &Path) -> RunOptions {
         copy_threads: 2,
         hydration_rate_limit: 0,
         hydrate_on_read: 0,
+        hydration_priority: clonebd_core::engine::HydrationPriority::default(),
         nbd_workers: Some(2),
         nbd_io_uring: true,
         nbd_limits: clonebd::daemon::NbdLimits::default(),

@@ -8,7 +8,9 @@
 //! guarantee progress"):
 //! - the kernel stops the pass whenever any user I/O is in flight, which can starve
 //!   hydration under continuous I/O; here foreground activity only limits background copying
-//!   to one copy job in flight, so hydration always progresses;
+//!   to what the copy window allows (`window.rs`: bytes in flight steered by the foreground
+//!   latency, copies split into small pieces), and at least one copy job is always allowed,
+//!   so hydration always progresses;
 //! - a failed background copy backs the whole pass off (100 ms, doubling per consecutive
 //!   failure, up to 30 s; a success resets it) instead of retrying at once forever, and the
 //!   failures are counted;
@@ -93,14 +95,24 @@ impl Engine {
             if self.bg_regions >= threshold {
                 break;
             }
-            if busy && self.bg_jobs >= 1 {
+            let region = self.geometry().region_bytes();
+            let Some(most) = self.window.allow(
+                busy,
+                self.bg_jobs,
+                self.bg_regions.saturating_mul(region),
+                threshold.saturating_mul(region),
+                region,
+            ) else {
                 self.busy_limited = true;
                 break;
-            }
+            };
             if self.rate_limit > 0 && self.tokens < 0 {
                 break;
             }
-            let room = (threshold - self.bg_regions).min(batch_max);
+            // The copy window bounds the bytes in flight (window.rs).
+            let room = (threshold - self.bg_regions)
+                .min(batch_max)
+                .min((most / region).max(1));
             // The hydration order queue goes first (order.rs).
             if let Some((r, end)) = self.next_queued() {
                 let n = self.start_background(r, room, end);

@@ -30,6 +30,7 @@ mod hydrate;
 mod invariants;
 mod order;
 mod requests;
+mod window;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::bitmap::{DirtySet, HydrationMap};
 use crate::geometry::{Geometry, RegionId};
 
 pub use invariants::Violation;
+pub use window::{CopyWindow, HydrationPriority};
 
 /// Monotonic time in nanoseconds, from the driver's clock.
 pub type Tick = u64;
@@ -350,6 +352,15 @@ pub enum Input {
     Control(Control),
     /// Time passed (the driver calls this at [`Engine::next_deadline`] at the latest).
     Tick,
+    /// Client requests completed since the last report: `requests` of them, with a mean
+    /// latency of `mean` nanoseconds. Background copies yield to a rising latency
+    /// ([`HydrationPriority`]).
+    ForegroundLatency {
+        /// Mean latency of the requests, in nanoseconds.
+        mean: Tick,
+        /// How many requests.
+        requests: u64,
+    },
 }
 
 /// Engine settings.
@@ -374,8 +385,11 @@ pub struct Config {
     /// Commit at least this often while something changed (the kernel: 1 s).
     pub commit_interval: Tick,
     /// Foreground I/O within this window counts as "busy": background hydration then keeps
-    /// at most one copy in flight instead of stopping (progress is guaranteed).
+    /// in flight only what the copy window allows, instead of stopping (progress is
+    /// guaranteed).
     pub busy_window: Tick,
+    /// How background copies and client I/O trade while clients are active.
+    pub hydration_priority: HydrationPriority,
     /// First back-off after a failed background copy; doubles per consecutive failure.
     pub retry_backoff_min: Tick,
     /// Longest back-off.
@@ -400,6 +414,7 @@ impl Config {
             hydration_rate_limit: 0,
             commit_interval: SECOND,
             busy_window: 5 * MS,
+            hydration_priority: HydrationPriority::Balanced,
             retry_backoff_min: 100 * MS,
             retry_backoff_max: 30 * SECOND,
             priority_copy_bytes: 4 << 20,
@@ -455,8 +470,10 @@ impl SharedView {
     }
 
     fn foreground_busy(&self, now: Tick, window: Tick) -> bool {
+        // `fg_last` is 0 until the first foreground request: no request is not a recent one.
+        let last = self.fg_last.load(Ordering::Acquire);
         self.fg_in_flight.load(Ordering::Acquire) > 0
-            || now < self.fg_last.load(Ordering::Acquire).saturating_add(window)
+            || (last > 0 && now < last.saturating_add(window))
     }
 }
 
@@ -691,6 +708,7 @@ pub struct Engine {
     tokens: i128,
     tokens_at: Tick,
     busy_limited: bool,
+    window: CopyWindow,
     // Counters.
     copy_errors: u64,
     bytes_hydrated: u64,
@@ -741,6 +759,7 @@ impl Engine {
             tokens: 0,
             tokens_at: now,
             busy_limited: false,
+            window: CopyWindow::new(cfg.hydration_priority),
             copy_errors: 0,
             bytes_hydrated: 0,
             regions_filled: 0,
@@ -772,6 +791,9 @@ impl Engine {
             Input::Completed(op, status) => self.complete(op, status),
             Input::Control(c) => self.control(c),
             Input::Tick => {}
+            Input::ForegroundLatency { mean, requests } => {
+                self.window.observe(self.now, mean, requests);
+            }
         }
         self.tick();
     }

@@ -797,14 +797,16 @@ fn background_copy_failure_backs_off_and_is_counted() {
     assert!(matches!(a[..], [Action::Copy { .. }]), "{a:?}");
 }
 
-#[test]
-fn background_hydration_progresses_under_busy_foreground() {
-    let mut h = H::with(64 * 8, |c| {
+/// A harness with a foreground read in flight the whole time (so clients are active),
+/// 65536 regions, threshold 32 and batch 32, and `priority`.
+fn busy_harness(priority: HydrationPriority) -> (H, Vec<Action>) {
+    let mut h = H::with(65536 * 8, |c| {
         c.hydration_enabled = true;
-        c.hydration_threshold = 8;
+        c.hydration_threshold = 32;
+        c.hydration_batch_size = 32;
+        c.hydration_priority = priority;
     });
-    // A foreground request in flight the whole time.
-    let mut a = h.req(
+    let a = h.req(
         99,
         Request::Read {
             offset: 0,
@@ -815,25 +817,120 @@ fn background_hydration_progresses_under_busy_foreground() {
         a.iter().any(|x| matches!(x, Action::ReadSource { .. })),
         "{a:?}"
     );
-    let mut copied = 0;
-    for _ in 0..10 {
-        a.extend(h.advance(MS));
-        let copies: Vec<OpId> = a
+    // The copy issued at resume, before the read came, was full size; complete it.
+    let first: Vec<OpId> = a
+        .iter()
+        .filter(|x| matches!(x, Action::Copy { .. }))
+        .filter_map(op_of)
+        .collect();
+    assert_eq!(first.len(), 1, "{a:?}");
+    let a = h.done(first[0], IoStatus::Ok);
+    (h, a)
+}
+
+/// Runs `steps` steps of 1 ms, each reporting foreground latency `latency(step)` and then
+/// completing every background copy issued; returns the regions copied and the most
+/// background copies and regions in flight at once. `a` holds the actions not yet handled,
+/// before and after.
+fn run_busy(
+    h: &mut H,
+    a: &mut Vec<Action>,
+    steps: u64,
+    latency: impl Fn(u64) -> Tick,
+) -> (u64, usize, u64) {
+    let (mut copied, mut most_jobs, mut most_regions) = (0, 0, 0);
+    for step in 0..steps {
+        h.now += MS;
+        a.extend(h.apply(Input::ForegroundLatency {
+            mean: latency(step),
+            requests: 10,
+        }));
+        a.extend(h.advance(0));
+        let copies: Vec<(OpId, u64)> = a
             .iter()
-            .filter(|x| matches!(x, Action::Copy { .. }))
-            .filter_map(op_of)
+            .filter_map(|x| match *x {
+                Action::Copy { op, len, .. } => Some((op, len / RB)),
+                _ => None,
+            })
             .collect();
-        assert!(copies.len() <= 1, "one copy job at most while busy: {a:?}");
+        most_jobs = most_jobs.max(copies.len());
+        most_regions = most_regions.max(copies.iter().map(|c| c.1).sum());
         a.clear();
-        for op in copies {
+        for (op, n) in copies {
             a.extend(h.done(op, IoStatus::Ok));
-            copied += 1;
+            copied += n;
         }
     }
+    (copied, most_jobs, most_regions)
+}
+
+#[test]
+fn background_hydration_progresses_under_busy_foreground() {
+    let (mut h, mut a) = busy_harness(HydrationPriority::Balanced);
+    let (copied, _, _) = run_busy(&mut h, &mut a, 10, |_| 100_000);
     assert!(
         copied >= 5,
         "hydration must progress while busy, got {copied}"
     );
+}
+
+#[test]
+fn background_copies_split_into_pieces_while_clients_are_active() {
+    let (mut h, a) = busy_harness(HydrationPriority::Balanced);
+    let first: Vec<u64> = a
+        .iter()
+        .chain(h.advance(MS).iter())
+        .filter_map(|x| match *x {
+            Action::Copy { len, .. } => Some(len),
+            _ => None,
+        })
+        .collect();
+    // 64 KiB pieces (16 regions) instead of batches of 32 regions, several in flight.
+    assert!(first.len() >= 2, "{first:?}");
+    assert!(first.iter().all(|&l| l == 64 << 10), "{first:?}");
+}
+
+#[test]
+fn background_hydration_under_rising_latency_keeps_one_copy_d4() {
+    let (mut h, mut a) = busy_harness(HydrationPriority::Balanced);
+    // 100 us while idle-ish, then ten times that for good.
+    let (_, early_jobs, _) = run_busy(&mut h, &mut a, 20, |_| 100_000);
+    assert!(early_jobs >= 2, "{early_jobs}");
+    // Long enough for the window to halve below one region.
+    let (copied, jobs, _) = run_busy(&mut h, &mut a, 200, |_| 1_000_000);
+    let (copied_late, jobs_late, regions_late) = run_busy(&mut h, &mut a, 10, |_| 1_000_000);
+    assert!(
+        copied > 0 && copied_late > 0,
+        "never starved: {copied} {copied_late}"
+    );
+    assert!(jobs >= 1);
+    assert_eq!(jobs_late, 1, "one copy at a time under high latency");
+    assert!(
+        regions_late <= 2,
+        "copies as small as the window: {regions_late}"
+    );
+}
+
+#[test]
+fn background_window_grows_back_when_latency_falls() {
+    let (mut h, mut a) = busy_harness(HydrationPriority::Balanced);
+    run_busy(&mut h, &mut a, 20, |_| 100_000);
+    run_busy(&mut h, &mut a, 40, |_| 1_000_000);
+    let (_, jobs, _) = run_busy(&mut h, &mut a, 5, |_| 1_000_000);
+    assert_eq!(jobs, 1);
+    let (_, jobs, _) = run_busy(&mut h, &mut a, 200, |_| 100_000);
+    assert!(jobs >= 2, "{jobs}");
+}
+
+#[test]
+fn hydration_priority_keeps_full_copies_while_clients_are_active() {
+    let (mut h, mut a) = busy_harness(HydrationPriority::Hydration);
+    let (_, _, regions) = run_busy(&mut h, &mut a, 1, |_| 100_000);
+    assert_eq!(regions, 32, "one batch of 32 regions, not split");
+    // Latency doubled and more: one full copy stays in flight.
+    run_busy(&mut h, &mut a, 40, |_| 100_000);
+    let (copied, jobs, regions) = run_busy(&mut h, &mut a, 1, |_| 1_000_000);
+    assert_eq!((jobs, regions), (1, 32), "copied {copied}");
 }
 
 #[test]

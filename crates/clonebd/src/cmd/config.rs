@@ -190,6 +190,20 @@ mod tests {
     }
 
     #[test]
+    fn hydration_priority_is_a_setting_too() {
+        let out = with_config("hydration-priority = \"background\"\n", &[]).expect("expands");
+        assert!(
+            out.join(" ").contains("--hydration-priority background"),
+            "{out:?}"
+        );
+        let e = with_config("hydration_priority = \"fast\"\n", &[]).expect_err("value");
+        assert!(
+            e.contains("invalid value 'fast' for '--hydration-priority"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn other_commands_and_no_config_are_left_alone() {
         let a = argv(&["clonebd", "status", "--config", "x"]);
         assert_eq!(expand(a.clone()).expect("as is"), a);

@@ -15,6 +15,7 @@ use clonebd::notify::Notifier;
 use clonebd::order::OrderFiles;
 use clonebd::source::SourceOptions;
 use clonebd::units::parse_size;
+use clonebd_core::engine::HydrationPriority;
 use clonebd_nbd::ServerTls;
 
 /// Start a clone and serve it.
@@ -187,6 +188,15 @@ pub struct RunArgs {
         requires = "hydrate_on_read"
     )]
     hydrate_on_read_budget: String,
+    /// How background hydration and client I/O trade while clients are active. Background
+    /// copies are bounded by a window that shrinks when the clients' latency rises above its
+    /// idle level and grows back when it falls, and are split into small pieces; one copy
+    /// always goes on, so hydration never stops. `background`: yield at 10 % above the idle
+    /// latency, 16 KiB pieces; `balanced`: at 30 %, 64 KiB pieces; `hydration`: only when
+    /// the latency doubles, copies kept whole. With no client I/O hydration runs at full
+    /// speed whatever the setting; --hydration-rate-limit applies on top.
+    #[arg(long, value_name = "PRIORITY", value_enum, default_value_t = Priority::Balanced)]
+    hydration_priority: Priority,
     /// The clone in dm-clone's table language:
     /// "META DEST SOURCE REGION_SECTORS [#features FEATURES...] [#core KEY VALUE...]",
     /// optionally preceded by "<start> <len> clone" as `dmsetup table` prints it.
@@ -476,6 +486,7 @@ pub fn options(a: &RunArgs) -> anyhow::Result<RunOptions> {
         } else {
             0
         },
+        hydration_priority: a.hydration_priority.into(),
         nbd_workers: a.nbd_workers,
         nbd_io_uring: !a.no_nbd_io_uring,
         nbd_limits: nbd_limits(a)?,
@@ -561,6 +572,24 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--hydration-priority`'s values, one for each [`HydrationPriority`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Priority {
+    Background,
+    Balanced,
+    Hydration,
+}
+
+impl From<Priority> for HydrationPriority {
+    fn from(p: Priority) -> Self {
+        match p {
+            Priority::Background => HydrationPriority::Background,
+            Priority::Balanced => HydrationPriority::Balanced,
+            Priority::Hydration => HydrationPriority::Hydration,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -611,5 +640,41 @@ mod tests {
         assert_eq!(l.memory_budget, 1 << 30);
         assert_eq!(l.handshake_timeout, Duration::from_secs(3));
         assert_eq!(l.payload_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn hydration_priority_defaults_to_balanced_and_takes_each_setting() {
+        assert_eq!(
+            HydrationPriority::from(parse(&[]).hydration_priority),
+            HydrationPriority::Balanced
+        );
+        for p in HydrationPriority::ALL {
+            let a = parse(&["--hydration-priority", p.name()]);
+            assert_eq!(HydrationPriority::from(a.hydration_priority), p);
+        }
+    }
+
+    #[test]
+    fn hydration_priority_refuses_other_words() {
+        for bad in ["fast", "Balanced", ""] {
+            let r = Cli::try_parse_from([
+                "clonebd",
+                "run",
+                "--source",
+                "s",
+                "--dest",
+                "d",
+                "--metadata",
+                "m",
+                "--hydration-priority",
+                bad,
+            ]);
+            let e = r.err().unwrap().to_string();
+            assert!(e.contains("--hydration-priority"), "{bad:?}: {e}");
+            assert!(
+                e.contains("background, balanced, hydration"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 }
