@@ -89,6 +89,14 @@ pub trait BlockDev: Send + Sync {
         }
         Ok(())
     }
+
+    /// Makes `[offset, offset+len)` read as zeros and, where the device can, releases the
+    /// space it held (a hole punched in a regular file, which so stays sparse). Hydration
+    /// zeroes the holes and zeros of a source this way. Durable, like a write, only after a
+    /// later `flush`. The default is [`write_zeroes`](Self::write_zeroes).
+    fn punch_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
 }
 
 impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
@@ -124,5 +132,11 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn punch_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_zeroes(offset, len)
+    }
+    fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).known_zero(offset, len)
     }
 }

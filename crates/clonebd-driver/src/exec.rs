@@ -58,14 +58,17 @@ fn slice(len: u64, at: u64, total: usize) -> Option<std::ops::Range<usize>> {
 }
 
 /// Performs a data action (`ReadSource`, `ReadDest`, `WriteDest`, `Copy`, `DiscardDest`,
-/// `FlushDest`) and returns its outcome. `scratch` is the copy buffer. Other actions are
-/// not I/O on the data devices and return `None`.
+/// `FlushDest`) and returns its outcome. `scratch` is the copy buffer; copies are made as
+/// `copy` says, and what they did is added to `copied`. Other actions are not I/O on the
+/// data devices and return `None`.
 pub fn execute_data(
     devs: &Devices<'_>,
     action: &Action,
     buf: &mut ReqBuf<'_>,
+    copy: CopyMode,
     scratch: &mut AlignedBuf,
-) -> Option<IoStatus> {
+) -> Option<(IoStatus, CopyDone)> {
+    let mut done = CopyDone::default();
     let status = match *action {
         Action::ReadSource {
             offset, len, at, ..
@@ -109,12 +112,20 @@ pub fn execute_data(
                 r
             }
         }
-        Action::Copy { offset, len, .. } => copy_range(devs, offset, len, scratch),
+        Action::Copy { offset, len, .. } => {
+            match try_copy_range(devs, offset, len, copy, scratch) {
+                Ok(d) => {
+                    done = d;
+                    IoStatus::Ok
+                }
+                Err(f) => f.status(),
+            }
+        }
         Action::DiscardDest { offset, len, .. } => st(devs.dest.discard(offset, len)),
         Action::FlushDest { .. } => st(devs.dest.flush()),
         _ => return None,
     };
-    Some(status)
+    Some((status, done))
 }
 
 /// Largest piece a copy is done in: bounds the buffer a copy needs (regions may be 1 GiB)
@@ -122,18 +133,16 @@ pub fn execute_data(
 /// as the kernel's kcopyd splits a job into sub-jobs.
 pub const COPY_CHUNK: u64 = 1 << 20;
 
-/// Copies `[offset, offset+len)` from the source to the destination, in pieces of at most
-/// [`COPY_CHUNK`]; stops at the first error.
-pub fn copy_range(devs: &Devices<'_>, offset: u64, len: u64, scratch: &mut AlignedBuf) -> IoStatus {
-    let mode = CopyMode {
-        chunk: COPY_CHUNK,
-        sparse: false,
-    };
-    match try_copy_range(devs, offset, len, mode, scratch) {
-        Ok(_) => IoStatus::Ok,
-        Err(f) => f.status(),
-    }
-}
+/// The unit in which a sparse copy looks for zeros in what it read: runs of all-zero
+/// 4 KiB blocks are zeroed on the destination (a hole punched in a file), the rest written,
+/// so a destination file holds no more space than the source's data.
+pub const ZERO_GRAIN: u64 = 4096;
+
+/// The copy mode of production: sparse-aware, in pieces of [`COPY_CHUNK`].
+pub const SPARSE_COPY: CopyMode = CopyMode {
+    chunk: COPY_CHUNK,
+    sparse: true,
+};
 
 /// Which device a copy failed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,10 +194,11 @@ impl std::fmt::Display for CopyFailure {
 pub struct CopyMode {
     /// The largest piece read and written at once.
     pub chunk: u64,
-    /// Sparse-aware: a piece the source knows to be a hole is not read, and one that reads
-    /// back all zeros is not written; either becomes a zeroing request on the destination
-    /// (which then reads zeros whatever it held before). The map and the commit rules are
-    /// those of any copy: the zeroing is made durable by the same flush as a write.
+    /// Sparse-aware: a piece the source knows to be a hole is not read, and blocks that read
+    /// back all zeros are not written; either becomes a zeroing request on the destination
+    /// (which then reads zeros whatever it held before, and a file stays sparse). The map
+    /// and the commit rules are those of any copy: the zeroing is made durable by the same
+    /// flush as a write.
     pub sparse: bool,
 }
 
@@ -199,9 +209,32 @@ pub struct CopyDone {
     pub copied: u64,
     /// Holes or zeros of the source, zeroed on the destination instead.
     pub zeroed: u64,
+    /// Of `zeroed`, the bytes the source reported as holes ([`BlockDev::known_zero`]), which
+    /// were not even read.
+    pub unread: u64,
 }
 
-/// As [`copy_range`], as `mode` says, saying why a copy failed.
+impl CopyDone {
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: CopyDone) {
+        self.copied += other.copied;
+        self.zeroed += other.zeroed;
+        self.unread += other.unread;
+    }
+}
+
+/// Whether every byte of `b` is zero (in blocks the compiler can vectorise).
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(64).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// As [`execute_data`] does for a copy, as `mode` says, saying why a copy failed.
+///
+/// Sparse, each piece is first asked of the source ([`BlockDev::known_zero`]): a hole is
+/// zeroed on the destination ([`BlockDev::punch_zeroes`]) unread. A piece that holds data is
+/// read, and within it each run of all-zero [`ZERO_GRAIN`] blocks is zeroed the same way and
+/// only the rest written. The zeroing is I/O like a write: durable after the destination's
+/// next flush, which a commit round makes before it records the region (rule 1).
 pub fn try_copy_range(
     devs: &Devices<'_>,
     offset: u64,
@@ -214,34 +247,55 @@ pub fn try_copy_range(
     let mut at = offset;
     while at < offset + len {
         let n = chunk.min(offset + len - at);
-        let fail = |side, error| CopyFailure {
+        let fail = |side, offset, len, error| CopyFailure {
             side,
-            offset: at,
-            len: n,
+            offset,
+            len,
             error,
         };
         let hole = mode.sparse
             && devs
                 .source
                 .known_zero(at, n)
-                .map_err(|e| fail(CopySide::Source, e))?;
-        let zero = hole || {
-            scratch.resize(n as usize);
-            devs.source
-                .read_at(scratch, at)
-                .map_err(|e| fail(CopySide::Source, e))?;
-            mode.sparse && scratch.iter().all(|&b| b == 0)
-        };
-        if zero {
+                .map_err(|e| fail(CopySide::Source, at, n, e))?;
+        if hole {
             devs.dest
-                .write_zeroes(at, n)
-                .map_err(|e| fail(CopySide::Destination, e))?;
+                .punch_zeroes(at, n)
+                .map_err(|e| fail(CopySide::Destination, at, n, e))?;
             done.zeroed += n;
-        } else {
-            devs.dest
-                .write_at(scratch, at)
-                .map_err(|e| fail(CopySide::Destination, e))?;
-            done.copied += n;
+            done.unread += n;
+            at += n;
+            continue;
+        }
+        scratch.resize(n as usize);
+        devs.source
+            .read_at(scratch, at)
+            .map_err(|e| fail(CopySide::Source, at, n, e))?;
+        let grain = if mode.sparse { ZERO_GRAIN } else { n };
+        // Runs of blocks all zero or all not, each zeroed or written in one request.
+        let mut s = 0;
+        while s < n {
+            let zero_at = |p: u64| {
+                let e = (p + grain).min(n);
+                mode.sparse && is_zero(&scratch[p as usize..e as usize])
+            };
+            let zero = zero_at(s);
+            let mut e = (s + grain).min(n);
+            while e < n && zero_at(e) == zero {
+                e = (e + grain).min(n);
+            }
+            if zero {
+                devs.dest
+                    .punch_zeroes(at + s, e - s)
+                    .map_err(|err| fail(CopySide::Destination, at + s, e - s, err))?;
+                done.zeroed += e - s;
+            } else {
+                devs.dest
+                    .write_at(&scratch[s as usize..e as usize], at + s)
+                    .map_err(|err| fail(CopySide::Destination, at + s, e - s, err))?;
+                done.copied += e - s;
+            }
+            s = e;
         }
         at += n;
     }

@@ -12,6 +12,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::exec::CopyDone;
+
 pub use clonebd_core::histogram::{Histogram, HistogramSnapshot, LATENCY_BOUNDS};
 
 /// A client request's operation.
@@ -106,6 +108,7 @@ pub struct IoMetrics {
     /// took them for its engine.
     fg_requests: AtomicU64,
     fg_nanos: AtomicU64,
+    unread_bytes: AtomicU64,
 }
 
 impl IoMetrics {
@@ -147,18 +150,20 @@ impl IoMetrics {
     }
 
     /// Records what a completed copy did (sparse-aware hydration).
-    pub fn copy(&self, copied: u64, zeroed: u64) {
-        self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
-        self.zeroed_bytes.fetch_add(zeroed, Ordering::Relaxed);
+    pub fn copy(&self, done: CopyDone) {
+        self.copied_bytes.fetch_add(done.copied, Ordering::Relaxed);
+        self.zeroed_bytes.fetch_add(done.zeroed, Ordering::Relaxed);
+        self.unread_bytes.fetch_add(done.unread, Ordering::Relaxed);
     }
 
-    /// Bytes copies read from the source and wrote, and bytes they zeroed instead (holes
-    /// and zeros of the source).
-    pub fn copies(&self) -> (u64, u64) {
-        (
-            self.copied_bytes.load(Ordering::Relaxed),
-            self.zeroed_bytes.load(Ordering::Relaxed),
-        )
+    /// What copies did so far: bytes they read from the source and wrote, bytes they zeroed
+    /// instead (holes and zeros of the source), and of those the holes, never read.
+    pub fn copies(&self) -> CopyDone {
+        CopyDone {
+            copied: self.copied_bytes.load(Ordering::Relaxed),
+            zeroed: self.zeroed_bytes.load(Ordering::Relaxed),
+            unread: self.unread_bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// One operation's counters.

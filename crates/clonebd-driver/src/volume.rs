@@ -50,8 +50,8 @@ use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::exec::{
-    CopyMode, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of, owner_of,
-    read_routed, status_of, try_copy_range,
+    CopyDone, CopyMode, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of,
+    owner_of, read_routed, status_of, try_copy_range,
 };
 use crate::record::ReadRecorder;
 use crate::{MetadataBackend, MetadataUsage};
@@ -111,9 +111,9 @@ pub struct VolumeStatus {
     pub last_copy_error: Option<String>,
     /// Finalized: the source is detached and requests go straight to the destination.
     pub finalized: bool,
-    /// Bytes background copies read and wrote, and bytes they zeroed instead (holes and
-    /// zeros of the source, with sparse-aware hydration).
-    pub copies: (u64, u64),
+    /// What copies did: bytes read and written, and bytes zeroed instead (holes and zeros
+    /// of the source, with sparse-aware hydration).
+    pub copies: CopyDone,
     /// Copy-on-read ([`Volume::set_hydrate_on_read`]).
     pub fills: FillStats,
 }
@@ -1015,7 +1015,7 @@ impl Shared {
             .with(|s| try_copy_range(devs, offset, len, self.copy_mode, &mut s.borrow_mut()))
         {
             Ok(done) => {
-                self.metrics.copy(done.copied, done.zeroed);
+                self.metrics.copy(done);
                 IoStatus::Ok
             }
             Err(f) => {
@@ -1039,10 +1039,10 @@ impl Shared {
             }
             SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
-                execute_data(&devs, a, buf, &mut s)
+                execute_data(&devs, a, buf, self.copy_mode, &mut s)
             })
         };
-        if let Some(st) = data {
+        if let Some((st, _)) = data {
             return st;
         }
         let mut meta = lock(&self.meta);

@@ -68,6 +68,7 @@ fn power_cuts_never_lose_acknowledged_data_or_expose_unhydrated_regions() {
                 total.ro_transitions += s.ro_transitions;
                 total.reads_checked += s.reads_checked;
                 total.replies_err += s.replies_err;
+                total.copies.add(s.copies);
             }
             Err(e) => panic!(
                 "seed {seed} failed: {e}\nreplay: CLONEBD_SEED_BASE={seed} CLONEBD_SEEDS=1 cargo test -p clonebd-driver --test sim_power_cut"
@@ -81,5 +82,13 @@ fn power_cuts_never_lose_acknowledged_data_or_expose_unhydrated_regions() {
     assert!(
         total.crashes >= n,
         "every seed cuts the power at least once"
+    );
+    // The copies ran the sparse path: holes zeroed unread, zeros read and zeroed, data
+    // (checked over enough seeds that each must have come up).
+    let c = total.copies;
+    println!("copies: {c:?}");
+    assert!(
+        n < 100 || (c.unread > 0 && c.zeroed > c.unread && c.copied > 0),
+        "copies did not take every sparse path: {c:?}"
     );
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use clonebd_core::dmclone::{MetadataMode, StatusInfo, format_status};
 use clonebd_core::engine::{Action, Config, Control, Engine, Input, IoStatus, Request, SharedView};
 use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
-use clonebd_driver::exec::{Devices, ReqBuf, execute_data, execute_metadata, op_of};
+use clonebd_driver::exec::{Devices, ReqBuf, SPARSE_COPY, execute_data, execute_metadata, op_of};
 use clonebd_driver::{MetadataBackend, MonotonicClock, StoreBackend, Volume, VolumeOptions};
 use clonebd_io::{FileDevice, OpenOptions};
 use clonebd_metadata::{MetadataStore, StoreOptions};
@@ -96,8 +96,15 @@ fn f1_commit_writes_only_the_exact_regions_of_its_transaction() {
         ),
     );
     for a in drain(&mut e) {
-        let st =
-            execute_data(&devs, &a, &mut ReqBuf::Write(&data), &mut scratch).expect("data action");
+        let st = execute_data(
+            &devs,
+            &a,
+            &mut ReqBuf::Write(&data),
+            SPARSE_COPY,
+            &mut scratch,
+        )
+        .expect("data action")
+        .0;
         e.apply(0, Input::Completed(op_of(&a).expect("op"), st));
     }
     drain(&mut e);
@@ -119,7 +126,8 @@ fn f1_commit_writes_only_the_exact_regions_of_its_transaction() {
         ),
     );
     for a in drain(&mut e) {
-        if let Some(st) = execute_data(&devs, &a, &mut ReqBuf::None, &mut scratch) {
+        if let Some((st, _)) = execute_data(&devs, &a, &mut ReqBuf::None, SPARSE_COPY, &mut scratch)
+        {
             e.apply(0, Input::Completed(op_of(&a).expect("op"), st));
         }
     }
@@ -130,9 +138,10 @@ fn f1_commit_writes_only_the_exact_regions_of_its_transaction() {
         &devs,
         &Action::FlushDest { op: flush_op },
         &mut ReqBuf::None,
+        SPARSE_COPY,
         &mut scratch,
     );
-    e.apply(0, Input::Completed(flush_op, st.expect("flush")));
+    e.apply(0, Input::Completed(flush_op, st.expect("flush").0));
     let acts = drain(&mut e);
     let commit = acts
         .iter()

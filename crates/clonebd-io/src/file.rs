@@ -478,6 +478,28 @@ impl BlockDev for FileDevice {
             Err(e) => Err(e),
         }
     }
+
+    /// A regular file: a hole punched (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`), which
+    /// reads as zeros and keeps the file sparse; where the file system cannot punch holes,
+    /// [`write_zeroes`](BlockDev::write_zeroes). A block device: `BLKZEROOUT`, as
+    /// `write_zeroes` (a discard need not read back as zeros).
+    fn punch_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.ensure_writable()?;
+        self.check_range(offset, len)?;
+        if self.is_block {
+            return self.write_zeroes(offset, len);
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                self.write_zeroes(offset, len)
+            }
+            r => r,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -601,5 +623,28 @@ mod tests {
         assert!(b[32768..36864].iter().all(|&x| x == 0));
         assert_eq!(b[0], 0xab);
         assert_eq!(b[12288], 0xab);
+    }
+
+    #[test]
+    fn punch_zeroes_reads_back_zeros_and_releases_the_space() {
+        use std::os::unix::fs::MetadataExt;
+        let f = tmpfile(1 << 20);
+        let d = FileDevice::open(f.path(), OpenOptions::read_write()).expect("open");
+        d.write_at(&vec![0xab; 1 << 20], 0).expect("write");
+        d.flush().expect("flush");
+        let before = f.as_file().metadata().expect("stat").blocks();
+        d.punch_zeroes(4096, (1 << 20) - 8192).expect("punch");
+        d.flush().expect("flush");
+        let mut b = vec![0u8; 1 << 20];
+        d.read_at(&mut b, 0).expect("read");
+        assert!(b[4096..(1 << 20) - 4096].iter().all(|&x| x == 0));
+        assert!(b[..4096].iter().all(|&x| x == 0xab));
+        assert!(b[(1 << 20) - 4096..].iter().all(|&x| x == 0xab));
+        let after = f.as_file().metadata().expect("stat").blocks();
+        assert!(
+            after * 512 <= 16 * 4096 && after < before,
+            "{before} blocks before, {after} after: the hole holds no space"
+        );
+        assert!(d.known_zero(4096, (1 << 20) - 8192).expect("seek"));
     }
 }

@@ -1,4 +1,7 @@
-//! The simulated disk.
+//! The simulated disk: a byte image in memory with a volatile write cache (every sector
+//! written since the last flush keeps each version, and a power cut keeps any one of them
+//! or none), injected faults, a trace of operations, and holes: ranges set up as a sparse
+//! file's, which [`BlockDev::known_zero`] reports, as `SEEK_DATA` does on a file.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,7 +18,7 @@ const SECTOR: u64 = 512;
 pub enum FaultOp {
     /// `read_at`.
     Read,
-    /// `write_at`.
+    /// `write_at`, and `write_zeroes` (which writes zeros into the cache).
     Write,
     /// `flush`.
     Flush,
@@ -35,6 +38,13 @@ pub enum TraceOp {
     },
     /// A write of `len` bytes at `offset`.
     Write {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A zeroing (`write_zeroes` or `punch_zeroes`) of `len` bytes at `offset`.
+    WriteZeroes {
         /// Byte offset.
         offset: u64,
         /// Length.
@@ -108,6 +118,8 @@ struct Inner {
     durable: Vec<u8>,
     /// Unflushed writes, oldest first: for each sector, every version written since the flush.
     pending: BTreeMap<u64, Vec<[u8; SECTOR as usize]>>,
+    /// Per sector: a hole (set up by [`SimDisk::make_hole`], not written since).
+    holes: Vec<bool>,
     /// Per-op fault plans: fail the next `n` operations overlapping the range.
     faults: Vec<Fault>,
     caps: Caps,
@@ -154,6 +166,7 @@ impl SimDisk {
         Self {
             name: name.to_string(),
             inner: Arc::new(Mutex::new(Inner {
+                holes: vec![false; bytes.len() / SECTOR as usize],
                 current: bytes.clone(),
                 durable: bytes,
                 pending: BTreeMap::new(),
@@ -169,6 +182,24 @@ impl SimDisk {
             })),
             trace: None,
             logical_block_size: 512,
+        }
+    }
+
+    /// Makes `[offset, offset+len)` (sector-aligned) a hole, as in a sparse file: it reads
+    /// as zeros, durably at once, and [`BlockDev::known_zero`] reports it until something
+    /// is written there. For setting a disk up, not a simulated operation.
+    pub fn make_hole(&self, offset: u64, len: u64) {
+        assert!(
+            offset.is_multiple_of(SECTOR) && len.is_multiple_of(SECTOR),
+            "holes are whole sectors"
+        );
+        let mut g = lock(&self.inner);
+        let r = offset as usize..(offset + len) as usize;
+        g.current[r.clone()].fill(0);
+        g.durable[r].fill(0);
+        for s in offset / SECTOR..(offset + len) / SECTOR {
+            g.pending.remove(&s);
+            g.holes[s as usize] = true;
         }
     }
 
@@ -320,6 +351,7 @@ impl SimDisk {
         let first = offset / SECTOR;
         let last = (offset + buf.len() as u64).div_ceil(SECTOR);
         for s in first..last {
+            g.holes[s as usize] = false;
             let so = (s * SECTOR) as usize;
             let mut v = [0u8; SECTOR as usize];
             v.copy_from_slice(&g.current[so..so + SECTOR as usize]);
@@ -339,6 +371,14 @@ impl BlockDev for SimDisk {
 
     fn caps(&self) -> Caps {
         lock(&self.inner).caps
+    }
+
+    /// True when every sector the range touches is a hole ([`SimDisk::make_hole`]).
+    fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let g = lock(&self.inner);
+        Self::bounds(&g, offset, len)?;
+        let (first, last) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
+        Ok(len > 0 && g.holes[first as usize..last as usize].iter().all(|&h| h))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -366,6 +406,20 @@ impl BlockDev for SimDisk {
         }
         drop(g);
         self.record(TraceOp::Write { offset, len }, r.is_ok());
+        r
+    }
+
+    /// Zeros written into the cache, as a write of zeros is (faults as [`FaultOp::Write`]).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut g = lock(&self.inner);
+        let r = Self::bounds(&g, offset, len)
+            .and_then(|()| self.check_fault(&mut g, FaultOp::Write, offset, len));
+        if r.is_ok() {
+            Self::write_locked(&mut g, &vec![0u8; len as usize], offset);
+            g.writes += 1;
+        }
+        drop(g);
+        self.record(TraceOp::WriteZeroes { offset, len }, r.is_ok());
         r
     }
 
@@ -475,6 +529,31 @@ mod tests {
                 offset: 0,
                 len: 512
             }
+        );
+    }
+
+    #[test]
+    fn holes_are_known_zero_until_written_and_zeroing_is_volatile() {
+        let d = SimDisk::from_bytes("d", vec![9; 8192]);
+        d.make_hole(4096, 4096);
+        assert!(d.known_zero(4096, 4096).expect("in range"));
+        assert!(
+            !d.known_zero(0, 8192).expect("in range"),
+            "data before the hole"
+        );
+        assert!(d.snapshot()[4096..].iter().all(|&b| b == 0));
+        d.write_at(&[1; 512], 6144).expect("write");
+        assert!(
+            !d.known_zero(4096, 4096).expect("in range"),
+            "written since"
+        );
+        d.flush().expect("flush");
+        d.write_zeroes(0, 4096).expect("zero");
+        assert!(d.snapshot()[..4096].iter().all(|&b| b == 0));
+        d.power_cut(&mut Rng::new(1), CutStyle::LoseAll);
+        assert!(
+            d.snapshot()[..4096].iter().all(|&b| b == 9),
+            "unflushed zeroing lost"
         );
     }
 }

@@ -131,7 +131,7 @@ impl prometheus_client::collector::Collector for MetricsSources {
             "clonebd_hydrated_zero",
             "Bytes hydrated without copying them: holes and zeros of the source, zeroed on the destination.",
             Some(&Unit::Bytes),
-            s.copies.1,
+            s.copies.zeroed,
         )?;
         counter(
             &mut e,

@@ -90,6 +90,10 @@ pub struct StatusJson {
     /// Bytes background copies zeroed on the destination instead of copying them: holes
     /// and zeros of the source (this run).
     pub bytes_skipped_zero: u64,
+    /// Of them, the bytes the source reported as holes (`SEEK_DATA` on a file, NBD block
+    /// status `base:allocation`), which were never read (this run).
+    #[serde(default)]
+    pub bytes_skipped_hole: u64,
     /// Failed copies so far (this run).
     pub copy_errors: u64,
     /// Why the last failed copy failed: the device, the offset and the system's error.
@@ -226,8 +230,9 @@ pub fn status_json(
         hydration_rate: rate,
         eta_seconds: eta,
         bytes_hydrated: s.engine.bytes_hydrated,
-        bytes_copied: s.copies.0,
-        bytes_skipped_zero: s.copies.1,
+        bytes_copied: s.copies.copied,
+        bytes_skipped_zero: s.copies.zeroed,
+        bytes_skipped_hole: s.copies.unread,
         copy_errors: s.engine.copy_errors,
         last_copy_error: s.last_copy_error.clone(),
         regions_filled: s.engine.regions_filled,

@@ -32,7 +32,8 @@ use clonebd_core::engine::{
 use clonebd_core::{AlignedBuf, BlockDev, Geometry, HydrationMap};
 use clonebd_driver::MetadataBackend;
 use clonebd_driver::exec::{
-    Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, fill_runs, op_of, read_routed,
+    CopyDone, Devices, ReqBuf, SPARSE_COPY, execute_data, execute_metadata, fast_write_ok,
+    fill_runs, op_of, read_routed,
 };
 use clonebd_testkit::{CutStyle, FaultOp, Rng, SimDisk};
 
@@ -185,6 +186,8 @@ pub struct SimStats {
     pub crashes: u64,
     pub ro_transitions: u64,
     pub reads_checked: u64,
+    /// What copies did (bytes copied, zeroed, and zeroed unread).
+    pub copies: CopyDone,
 }
 
 fn data_of(id: u64, block: u64) -> [u8; BLOCK as usize] {
@@ -197,16 +200,41 @@ fn data_of(id: u64, block: u64) -> [u8; BLOCK as usize] {
 }
 
 impl<'f> Sim<'f> {
-    /// A new simulation; the destination starts full of garbage, the source of random data.
+    /// A new simulation; the destination starts full of garbage, the source of random data
+    /// with holes and zeros.
     pub fn new(seed: u64, cfg: SimConfig, factory: &'f dyn MetaFactory) -> Result<Self, String> {
         let mut rng = Rng::new(seed);
         let g = Geometry::new(cfg.target_sectors, cfg.region_sectors).map_err(|e| e.to_string())?;
         let size = g.target_bytes() as usize;
         let mut src = vec![0u8; size];
         rng.fill(&mut src);
+        // A sparse source, so that copies take every path of a sparse copy: regions that
+        // are holes (known zero, never read), regions of written zeros (read, then zeroed),
+        // regions half zeros (written and zeroed in runs), the rest data.
+        let rb = g.region_bytes() as usize;
+        let mut holes = Vec::new();
+        for (i, region) in src.chunks_mut(rb).enumerate() {
+            match rng.below(8) {
+                0 | 1 => holes.push(i),
+                2 => region.fill(0),
+                3 => {
+                    let half = region.len() / 2;
+                    region[half..].fill(0);
+                }
+                _ => {}
+            }
+        }
+        for &i in &holes {
+            let end = ((i + 1) * rb).min(size);
+            src[i * rb..end].fill(0);
+        }
         let mut garbage = vec![0u8; size];
         rng.fill(&mut garbage);
         let source = SimDisk::from_bytes("source", src.clone());
+        for &i in &holes {
+            let end = ((i + 1) * rb).min(size);
+            source.make_hole((i * rb) as u64, (end - i * rb) as u64);
+        }
         let dest = SimDisk::from_bytes("dest", garbage);
         let meta_disk = SimDisk::new("meta", cfg.meta_bytes);
         let (meta, map) = factory.open(&meta_disk, g)?;
@@ -466,12 +494,15 @@ impl<'f> Sim<'f> {
                     Kind::Write { .. } | Kind::Fill => ReqBuf::Write(&req.buf),
                     _ => ReqBuf::None,
                 };
-                execute_data(&devs, &a, &mut buf, &mut self.scratch)
+                execute_data(&devs, &a, &mut buf, SPARSE_COPY, &mut self.scratch)
             }
-            None => execute_data(&devs, &a, &mut ReqBuf::None, &mut self.scratch),
+            None => execute_data(&devs, &a, &mut ReqBuf::None, SPARSE_COPY, &mut self.scratch),
         };
         let status = match status {
-            Some(s) => s,
+            Some((s, done)) => {
+                self.stats.copies.add(done);
+                s
+            }
             None => {
                 execute_metadata(&mut *self.meta, self.view.map(), &a).unwrap_or(IoStatus::Invalid)
             }
