@@ -416,3 +416,139 @@ fn status_is_the_kernels_line_and_json_agrees_and_control_socket_is_0600() {
     c.disconnect().unwrap();
     assert!(d.terminate().success());
 }
+
+/// Waits until copy-on-read is quiet: no read data waiting for the destination and no
+/// hydration in flight (failing after 30 s); the status then.
+fn wait_fills_done(d: &Daemon) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let st = d.status_json();
+        if st["fill_bytes_pending"].as_u64() == Some(0) && st["hydrating"].as_u64() == Some(0) {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copy-on-read did not settle: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The map `nbdinfo --map` prints for exactly these 4 KiB regions hydrated.
+fn map_of(hydrated: &BTreeSet<u64>, size: u64, region: u64) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for r in 0..size.div_ceil(region) {
+        let t = u64::from(hydrated.contains(&r));
+        match out.last_mut() {
+            Some(last) if last.2 == t => last.1 += region,
+            _ => out.push((r * region, region, t)),
+        }
+    }
+    out
+}
+
+/// `--hydrate-on-read` with 4 KiB regions and background hydration off: random 4 KiB reads
+/// through qemu-io hydrate exactly the regions they read (the status counts, nbdinfo's
+/// `clonebd:hydrated` map and the bytes hydrated say so, so no more bytes are hydrated than
+/// were read), reads covering regions only partly hydrate nothing, and the destination
+/// holds the source's data there. Then reads raced by writes to the same regions, in one
+/// qemu-io session: the writes win, on the export and on the destination.
+#[test]
+fn hydrate_on_read_hydrates_exactly_the_regions_read_and_writes_win_races() {
+    if !have_all(&["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    const R: u64 = 4096;
+    let size = 8u64 << 20;
+    let files = Files::new(size, 11);
+    let source = files.source_bytes();
+    let source_sum = checksum(&files.source);
+    let d = Daemon::start_with_region(&files, "4k", &["--no-hydration", "--hydrate-on-read"]);
+    let nr = size / R;
+
+    // 300 random 4 KiB reads, aligned to the region size (some repeat a region).
+    let mut rng = common::daemon::Rng::new(5);
+    let mut want = BTreeSet::new();
+    let mut cmds = Vec::new();
+    for _ in 0..300 {
+        let r = rng.below(nr);
+        want.insert(r);
+        cmds.push(format!("read {} {R}", r * R));
+    }
+    // Reads that cover regions only partly: inside one region, and across a boundary.
+    let (inside, across) = (nr / 2 + 1, nr / 2 + 3);
+    for r in [inside, across, across + 1] {
+        assert!(!want.contains(&r));
+    }
+    cmds.push(format!("read {} 2048", inside * R + 1024));
+    cmds.push(format!("read {} {R}", across * R + R / 2));
+    qemu_io(&d.unix_uri(), &cmds);
+
+    let st = wait_fills_done(&d);
+    let n = want.len() as u64;
+    assert_eq!(st["nr_hydrated"].as_u64(), Some(n), "{st}");
+    assert_eq!(st["regions_filled"].as_u64(), Some(n), "{st}");
+    assert_eq!(st["bytes_hydrated"].as_u64(), Some(n * R), "{st}");
+    assert_eq!(st["fills_dropped"].as_u64(), Some(0), "{st}");
+    assert_eq!(hydrated_map(&d), map_of(&want, size, R));
+    let dest = files.dest_bytes();
+    for &r in &want {
+        let (a, b) = ((r * R) as usize, ((r + 1) * R) as usize);
+        assert_same(
+            &format!("destination region {r}"),
+            &dest[a..b],
+            &source[a..b],
+        );
+    }
+
+    // Races: each read of a cold region is followed at once by a write to it (a partial
+    // write, or a whole region), before its data can have reached the destination or not.
+    let mut race = Vec::new();
+    let mut written = Vec::new();
+    for k in 0..64u64 {
+        let r = 2 * k + 1; // Odd regions from 1: none read above (checked below).
+        if want.contains(&r) {
+            continue;
+        }
+        let (off, len) = if k % 2 == 0 {
+            (r * R + 512, 1024)
+        } else {
+            (r * R, R)
+        };
+        let byte = 0x40 + (k % 64) as u8;
+        race.push(format!("read {} {R}", r * R));
+        race.push(format!("write -P {byte} {off} {len}"));
+        written.push((r, off, len, byte));
+    }
+    assert!(written.len() > 40);
+    qemu_io(&d.unix_uri(), &race);
+    wait_fills_done(&d);
+    // Every written region is hydrated, and reads (which now come from the destination)
+    // return the written bytes, and the source's around them.
+    let mut check = Vec::new();
+    for &(r, off, len, byte) in &written {
+        want.insert(r);
+        check.push(format!("read -P {byte} {off} {len}"));
+    }
+    qemu_io(&d.unix_uri(), &check);
+    assert_eq!(hydrated_map(&d), map_of(&want, size, R));
+    let mut expected = source.clone();
+    for &(_, off, len, byte) in &written {
+        expected[off as usize..(off + len) as usize].fill(byte);
+    }
+    let dest = files.dest_bytes();
+    for &(r, ..) in &written {
+        let (a, b) = ((r * R) as usize, ((r + 1) * R) as usize);
+        assert_same(
+            &format!("destination region {r}"),
+            &dest[a..b],
+            &expected[a..b],
+        );
+    }
+    assert!(d.terminate().success());
+    assert_eq!(
+        checksum(&files.source),
+        source_sum,
+        "the source was written"
+    );
+}
