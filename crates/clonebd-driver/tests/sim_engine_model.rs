@@ -26,7 +26,7 @@ fn op_strategy() -> impl Strategy<Value = SimOp> {
         4 => (0u8..8, 0u64..200, 1u64..40).prop_map(|(k, b, n)| SimOp::Submit { k, b, n }),
         5 => any::<usize>().prop_map(|i| SimOp::Complete { i }),
         1 => (1u64..2000).prop_map(|ms| SimOp::Tick { dt: ms * 1_000_000 }),
-        1 => (0u8..5, 0u32..6).prop_map(|(c, v)| SimOp::Control { c, v }),
+        1 => (0u8..6, 0u32..7).prop_map(|(c, v)| SimOp::Control { c, v }),
         1 => (0u8..3, 0u8..4).prop_map(|(dev, op)| SimOp::Fault { dev, op }),
         1 => (0u8..3).prop_map(|style| SimOp::Crash { style }),
     ]
