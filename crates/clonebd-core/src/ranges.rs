@@ -154,6 +154,7 @@ pub fn format_range_line(range: ByteRange) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -7,7 +7,9 @@
 //!   a lock held across I/O or for background copies. Everything else enters the engine;
 //!   the request's thread then runs the I/O of its own request (it holds the buffer), and
 //!   receives any of its I/O that another thread's completion released (a write queued behind
-//!   a copy) through a per-request mailbox, until its reply arrives.
+//!   a copy) through a per-request mailbox, until its reply arrives. With a
+//!   [`ReadRecorder`] ([`Volume::record_reads`]) a read also notes its first cold regions,
+//!   lock-free; the recorder's own thread writes them out.
 //! - **copy threads** run background copies, so they proceed in parallel up to the
 //!   threshold.
 //! - **the timer thread** delivers [`Input::Tick`] at the engine's deadlines (periodic

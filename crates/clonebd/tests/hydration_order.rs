@@ -13,7 +13,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, Files, checksum, clonebd, have, run};
+use common::daemon::{CLONEBD, Daemon, Files, checksum, have, run, run_status};
 
 const SIZE: u64 = 8 << 20;
 const REGION: u64 = 64 << 10;
@@ -186,20 +186,24 @@ fn malformed_order_files_are_refused_with_their_line_numbers() {
     let order = files.path("order.txt");
     let record = files.path("reads.txt");
     let start = |flag: &str, path: &std::path::Path| {
-        let out = clonebd(&[
-            "run",
-            "--create",
-            "--source",
-            files.source.to_str().unwrap(),
-            "--dest",
-            files.dest.to_str().unwrap(),
-            "--metadata",
-            files.meta.to_str().unwrap(),
-            "--region-size",
-            "64k",
-            flag,
-            path.to_str().unwrap(),
-        ]);
+        // Under `timeout`: a start that wrongly went on would otherwise serve forever.
+        let out = run_status(
+            CLONEBD,
+            &[
+                "run",
+                "--create",
+                "--source",
+                files.source.to_str().unwrap(),
+                "--dest",
+                files.dest.to_str().unwrap(),
+                "--metadata",
+                files.meta.to_str().unwrap(),
+                "--region-size",
+                "64k",
+                flag,
+                path.to_str().unwrap(),
+            ],
+        );
         assert!(!out.status.success(), "{flag} started");
         assert!(!files.meta.exists(), "{flag}: metadata was created");
         String::from_utf8_lossy(&out.stderr).into_owned()

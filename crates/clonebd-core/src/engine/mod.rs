@@ -17,7 +17,8 @@
 //! - the dirty set of the open transaction and the commit rounds (swap, destination flush,
 //!   metadata commit), flush and FUA semantics, the periodic commit;
 //! - background hydration (a wrapping scan offset, threshold, batching, priority to
-//!   foreground I/O with guaranteed progress, a bandwidth limit, back-off on failures);
+//!   foreground I/O with guaranteed progress, a bandwidth limit, back-off on failures),
+//!   and the hydration order queue copied before the scan;
 //! - the metadata modes `rw`, `ro`, `fail` and their I/O matrix.
 //!
 //! The in-core hydration map lives in a [`SharedView`] so export threads can route reads and

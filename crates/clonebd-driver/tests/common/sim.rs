@@ -381,6 +381,13 @@ impl<'f> Sim<'f> {
                     1 => Control::DisableHydration,
                     2 => Control::SetHydrationThreshold(v),
                     3 => Control::SetHydrationBatchSize(v),
+                    // The hydration order queue: three regions from region 4v, at the front
+                    // for odd v (a range past the end is clipped).
+                    4 => Control::HydrateFirst {
+                        offset: u64::from(v) * 4 * self.g.region_bytes(),
+                        len: 3 * self.g.region_bytes(),
+                        front: v % 2 == 1,
+                    },
                     _ => Control::Commit { token: 0 },
                 };
                 self.input(Input::Control(ctl))
