@@ -9,7 +9,7 @@
 //!   receives any of its I/O that another thread's completion released (a write queued behind
 //!   a copy) through a per-request mailbox, until its reply arrives.
 //! - **copy threads** run background copies, so they proceed in parallel up to the
-//!   threshold.
+//!   threshold, and the destination writes of copy-on-read fills (the `fill` module).
 //! - **the timer thread** delivers [`Input::Tick`] at the engine's deadlines (periodic
 //!   commits, back-off, rate limit).
 //!
