@@ -11,7 +11,7 @@
 //!   [`ReadRecorder`] ([`Volume::record_reads`]) a read also notes its first cold regions,
 //!   lock-free; the recorder's own thread writes them out.
 //! - **copy threads** run background copies, so they proceed in parallel up to the
-//!   threshold.
+//!   threshold, and the destination writes of copy-on-read fills (the `fill` module).
 //! - **the timer thread** delivers [`Input::Tick`] at the engine's deadlines (periodic
 //!   commits, back-off, rate limit).
 //!

@@ -552,3 +552,35 @@ fn hydrate_on_read_hydrates_exactly_the_regions_read_and_writes_win_races() {
         "the source was written"
     );
 }
+
+/// Read data over `--hydrate-on-read-budget` is dropped, not waited for: with a 64 KiB
+/// budget, a 1 MiB read through qemu-io returns its data and hydrates nothing (one fill
+/// dropped), while a 64 KiB read still hydrates its 16 regions.
+#[test]
+fn hydrate_on_read_drops_read_data_over_its_budget() {
+    if !have_all(&["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let size = 4u64 << 20;
+    let files = Files::new(size, 12);
+    let d = Daemon::start_with_region(
+        &files,
+        "4k",
+        &[
+            "--no-hydration",
+            "--hydrate-on-read",
+            "--hydrate-on-read-budget",
+            "64k",
+        ],
+    );
+    qemu_io(&d.unix_uri(), &["read 0 1M".to_string()]);
+    let st = wait_fills_done(&d);
+    assert_eq!(st["fills_dropped"].as_u64(), Some(1), "{st}");
+    assert_eq!(st["nr_hydrated"].as_u64(), Some(0), "{st}");
+    qemu_io(&d.unix_uri(), &["read 2M 64k".to_string()]);
+    let st = wait_fills_done(&d);
+    assert_eq!(st["nr_hydrated"].as_u64(), Some(16), "{st}");
+    let want: BTreeSet<u64> = (512..528).collect();
+    assert_eq!(hydrated_map(&d), map_of(&want, size, 4096));
+    assert!(d.terminate().success());
+}
