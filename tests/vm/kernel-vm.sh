@@ -46,7 +46,7 @@
 # Needs: qemu-system-x86 busybox-static cpio xz-utils nbd-client dmsetup make gcc-12, apt-get
 # (the kernel packages are fetched with `apt-get download`, no root needed), cargo (clonebd
 # is built with --features ublk and its build needs libclang-dev). QEMU emulates the CPU
-# (TCG) by default: the VM runs about 2 minutes that way (the first run also downloads
+# (TCG) by default: the VM runs about 3 minutes that way (the first run also downloads
 # about 280 MB of packages and builds dm-clone.ko), and KVM is not usable everywhere (nested
 # under some hypervisors it cannot run the kernel's decompressor). Work files, the unpacked
 # kernel package and the built dm-clone.ko are kept under ${CARGO_TARGET_DIR:-target}/kernel-vm.
