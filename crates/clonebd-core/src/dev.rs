@@ -20,6 +20,15 @@ pub struct Caps {
     pub volatile_cache: bool,
 }
 
+/// A run of a device's bytes: [`BlockDev::extent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Its length in bytes.
+    pub len: u64,
+    /// Known to read as zeros (a hole); otherwise it may hold data.
+    pub zero: bool,
+}
+
 /// A positional block device.
 pub trait BlockDev: Send + Sync {
     /// Size in bytes.
@@ -52,12 +61,20 @@ pub trait BlockDev: Send + Sync {
         None
     }
 
-    /// Whether all of `[offset, offset+len)` is known to read as zeros without reading it (a
-    /// hole of a sparse file). `false` when it holds data or the device cannot tell (the
-    /// default); hydration then reads it.
+    /// The run of bytes from `offset` (at most `len`, at least one byte when `len > 0`)
+    /// that is all known to read as zeros without reading it (a hole of a sparse file), or
+    /// all may hold data. The default knows nothing: all of `len` may hold data. Hydration
+    /// zeroes the known zeros unread, and reads only the rest.
+    fn extent(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let _ = offset;
+        Ok(Extent { len, zero: false })
+    }
+
+    /// Whether all of `[offset, offset+len)` is known to read as zeros without reading it
+    /// (from [`extent`](Self::extent)). `false` for an empty range.
     fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
-        let _ = (offset, len);
-        Ok(false)
+        let e = self.extent(offset, len)?;
+        Ok(len > 0 && e.zero && e.len >= len)
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
@@ -136,7 +153,7 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     fn punch_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).punch_zeroes(offset, len)
     }
-    fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
-        (**self).known_zero(offset, len)
+    fn extent(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        (**self).extent(offset, len)
     }
 }

@@ -31,5 +31,5 @@ pub mod ranges;
 pub use bitmap::{DirtySet, HydrationMap};
 pub use buf::AlignedBuf;
 pub use clock::Clock;
-pub use dev::{BlockDev, Caps};
+pub use dev::{BlockDev, Caps, Extent};
 pub use geometry::{Geometry, GeometryError, RegionId, SECTOR_SIZE};

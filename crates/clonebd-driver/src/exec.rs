@@ -230,11 +230,12 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// As [`execute_data`] does for a copy, as `mode` says, saying why a copy failed.
 ///
-/// Sparse, each piece is first asked of the source ([`BlockDev::known_zero`]): a hole is
-/// zeroed on the destination ([`BlockDev::punch_zeroes`]) unread. A piece that holds data is
-/// read, and within it each run of all-zero [`ZERO_GRAIN`] blocks is zeroed the same way and
-/// only the rest written. The zeroing is I/O like a write: durable after the destination's
-/// next flush, which a commit round makes before it records the region (rule 1).
+/// Sparse, the source is asked what it knows of each piece ([`BlockDev::extent`]): a run of
+/// holes is zeroed on the destination ([`BlockDev::punch_zeroes`]) unread. A run that may
+/// hold data is read, and within it each run of all-zero [`ZERO_GRAIN`] blocks is zeroed the
+/// same way and only the rest written. The zeroing is I/O like a write: durable after the
+/// destination's next flush, which a commit round makes before it records the region
+/// (rule 1).
 pub fn try_copy_range(
     devs: &Devices<'_>,
     offset: u64,
@@ -244,28 +245,31 @@ pub fn try_copy_range(
 ) -> Result<CopyDone, CopyFailure> {
     let chunk = mode.chunk.max(1);
     let mut done = CopyDone::default();
+    let fail = |side, offset, len, error| CopyFailure {
+        side,
+        offset,
+        len,
+        error,
+    };
     let mut at = offset;
     while at < offset + len {
-        let n = chunk.min(offset + len - at);
-        let fail = |side, offset, len, error| CopyFailure {
-            side,
-            offset,
-            len,
-            error,
-        };
-        let hole = mode.sparse
-            && devs
+        let mut n = chunk.min(offset + len - at);
+        if mode.sparse {
+            let e = devs
                 .source
-                .known_zero(at, n)
+                .extent(at, n)
                 .map_err(|e| fail(CopySide::Source, at, n, e))?;
-        if hole {
-            devs.dest
-                .punch_zeroes(at, n)
-                .map_err(|e| fail(CopySide::Destination, at, n, e))?;
-            done.zeroed += n;
-            done.unread += n;
-            at += n;
-            continue;
+            // A device that answers with nothing is taken to know nothing.
+            n = if e.len == 0 { n } else { e.len.min(n) };
+            if e.zero && e.len > 0 {
+                devs.dest
+                    .punch_zeroes(at, n)
+                    .map_err(|e| fail(CopySide::Destination, at, n, e))?;
+                done.zeroed += n;
+                done.unread += n;
+                at += n;
+                continue;
+            }
         }
         scratch.resize(n as usize);
         devs.source
@@ -273,15 +277,18 @@ pub fn try_copy_range(
             .map_err(|e| fail(CopySide::Source, at, n, e))?;
         let grain = if mode.sparse { ZERO_GRAIN } else { n };
         // Runs of blocks all zero or all not, each zeroed or written in one request.
+        let zero_at =
+            |p: u64| mode.sparse && is_zero(&scratch[p as usize..(p + grain).min(n) as usize]);
         let mut s = 0;
+        let mut zero = zero_at(0);
         while s < n {
-            let zero_at = |p: u64| {
-                let e = (p + grain).min(n);
-                mode.sparse && is_zero(&scratch[p as usize..e as usize])
-            };
-            let zero = zero_at(s);
             let mut e = (s + grain).min(n);
-            while e < n && zero_at(e) == zero {
+            let mut next = zero;
+            while e < n {
+                next = zero_at(e);
+                if next != zero {
+                    break;
+                }
                 e = (e + grain).min(n);
             }
             if zero {
@@ -296,6 +303,7 @@ pub fn try_copy_range(
                 done.copied += e - s;
             }
             s = e;
+            zero = next;
         }
         at += n;
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clonebd_core::errno::describe;
-use clonebd_core::{BlockDev, Caps};
+use clonebd_core::{BlockDev, Caps, Extent};
 use thiserror::Error;
 
 /// How a device is opened.
@@ -340,6 +340,34 @@ impl FileDevice {
     }
 }
 
+/// Where an `lseek` for data or a hole landed.
+enum Landed {
+    /// At this offset.
+    At(u64),
+    /// Past the end (`ENXIO`: no data at or after the offset).
+    Beyond,
+    /// The file system cannot tell.
+    Unsupported,
+}
+
+impl FileDevice {
+    fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<Landed> {
+        let off = to_off(offset)?;
+        // SAFETY: lseek takes plain integers and moves only the descriptor's offset, which
+        // nothing here uses (every read and write is positioned); the fd stays open.
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if at >= 0 {
+            return Ok(Landed::At(at as u64));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(Landed::Beyond),
+            Some(libc::EINVAL | libc::EOPNOTSUPP) => Ok(Landed::Unsupported),
+            _ => Err(e),
+        }
+    }
+}
+
 fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
@@ -384,27 +412,32 @@ impl BlockDev for FileDevice {
         FileDevice::direct_file(self, offset, len, mem_align, write)
     }
 
-    /// A regular file's holes, by `SEEK_DATA`: the range is zero when the next data at or
-    /// after `offset` starts at or past its end. A block device cannot tell (`false`).
-    fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
+    /// A regular file's holes and data, by `SEEK_DATA` and `SEEK_HOLE`: a hole runs to the
+    /// next data, data to the next hole. A block device, or a file system without them,
+    /// cannot tell: all may hold data.
+    fn extent(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let data = Extent { len, zero: false };
         if self.is_block || len == 0 {
-            return Ok(false);
+            return Ok(data);
         }
         self.check_range(offset, len)?;
-        let off = to_off(offset)?;
-        // SAFETY: lseek takes plain integers and moves only the descriptor's offset, which
-        // nothing here uses (every read and write is positioned); the fd stays open.
-        let next = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
-        if next >= 0 {
-            return Ok(next as u64 >= offset + len);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
+        let end = offset + len;
+        match self.lseek(offset, libc::SEEK_DATA)? {
             // No data at or after `offset`: a hole to the end of the file.
-            Some(libc::ENXIO) => Ok(true),
-            // A file system without SEEK_DATA: it cannot tell.
-            Some(libc::EINVAL | libc::EOPNOTSUPP) => Ok(false),
-            _ => Err(e),
+            Landed::Beyond => Ok(Extent { len, zero: true }),
+            Landed::Unsupported => Ok(data),
+            Landed::At(next) if next > offset => Ok(Extent {
+                len: next.min(end) - offset,
+                zero: true,
+            }),
+            // Data at `offset`: up to the next hole (there is always one, at the end).
+            Landed::At(_) => match self.lseek(offset, libc::SEEK_HOLE)? {
+                Landed::At(hole) if hole > offset => Ok(Extent {
+                    len: hole.min(end) - offset,
+                    zero: false,
+                }),
+                _ => Ok(data),
+            },
         }
     }
 
@@ -552,6 +585,29 @@ mod tests {
         assert!(
             !d.known_zero(0, 0).expect("empty"),
             "nothing is not known zero"
+        );
+        // Runs: the hole up to the data, the data up to the next hole, the hole to the end.
+        let run = |o, l| d.extent(o, l).expect("seek");
+        assert_eq!(
+            run(0, 8 << 20),
+            Extent {
+                len: 2 << 20,
+                zero: true
+            }
+        );
+        assert_eq!(
+            run(2 << 20, 6 << 20),
+            Extent {
+                len: 4096,
+                zero: false
+            }
+        );
+        assert_eq!(
+            run((2 << 20) + 4096, 1 << 20),
+            Extent {
+                len: 1 << 20,
+                zero: true
+            }
         );
     }
 

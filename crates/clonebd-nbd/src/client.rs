@@ -233,6 +233,7 @@ pub(crate) struct Parts {
     pub(crate) size: u64,
     pub(crate) transmission_flags: u16,
     pub(crate) block_sizes: BlockSizes,
+    pub(crate) contexts: Vec<MetaContext>,
 }
 
 /// A connected NBD client in the transmission phase.
@@ -545,6 +546,7 @@ impl Client {
             size: self.size,
             transmission_flags: self.transmission_flags,
             block_sizes: self.block_sizes,
+            contexts: std::mem::take(&mut self.contexts),
         };
         // Dropping `self` now closes only its own descriptors, sending nothing.
         self.closed = true;

@@ -1,4 +1,5 @@
-//! A multiplexed NBD client: one connection carries the reads of many threads at once.
+//! A multiplexed NBD client: one connection carries the reads (and block status queries) of
+//! many threads at once.
 //!
 //! [`MuxClient`] takes over a connection [`Client`] has negotiated (so the handshake, the
 //! request encoding and the reply parsing are the client's, over the crate's codec: there is
@@ -21,21 +22,22 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::BlockSizes;
+use crate::backend::{BlockSizes, Extent};
 use crate::client::{Assembly, Client, ClientError, Pending, Sink, read_head};
 use crate::codec::RequestHeader;
+use crate::handshake::MetaContext;
 use crate::proto::{Command, EXTENDED_REQUEST_LEN, HeaderStyle, MAX_PAYLOAD};
 use crate::stream::Stream;
 
 /// Where one request's outcome is left for its caller.
 #[derive(Debug, Default)]
 struct Slot {
-    done: Mutex<Option<Result<Vec<u8>, ClientError>>>,
+    done: Mutex<Option<Result<Sink<'static>, ClientError>>>,
     cv: Condvar,
 }
 
 impl Slot {
-    fn complete(&self, r: Result<Vec<u8>, ClientError>) {
+    fn complete(&self, r: Result<Sink<'static>, ClientError>) {
         *lock(&self.done) = Some(r);
         self.cv.notify_one();
     }
@@ -90,6 +92,7 @@ pub struct MuxClient {
     size: u64,
     transmission_flags: u16,
     block_sizes: BlockSizes,
+    contexts: Vec<MetaContext>,
 }
 
 impl MuxClient {
@@ -119,7 +122,13 @@ impl MuxClient {
             size: parts.size,
             transmission_flags: parts.transmission_flags,
             block_sizes: parts.block_sizes,
+            contexts: parts.contexts,
         })
+    }
+
+    /// The metadata contexts selected, with the ids the server gave them.
+    pub fn meta_contexts(&self) -> &[MetaContext] {
+        &self.contexts
     }
 
     /// Size of the export in bytes.
@@ -158,9 +167,54 @@ impl MuxClient {
                 max: max as u32,
             });
         }
+        let sink = Sink::Owned(vec![0u8; buf.len()]);
+        match self.request(Command::Read, offset, len, sink, timeout)? {
+            Sink::Owned(data) => {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            _ => Err(ClientError::Protocol("read reply without data")),
+        }
+    }
+
+    /// The status of `[offset, offset+len)` in `context`, as [`Client::block_status`]:
+    /// extents from `offset` covering a prefix of the range. Waits as [`MuxClient::read`].
+    pub fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<Vec<Extent>, ClientError> {
+        let Some(id) = self
+            .contexts
+            .iter()
+            .find(|c| c.name == context)
+            .map(|c| c.id)
+        else {
+            return Err(ClientError::NoContext(context.to_owned()));
+        };
+        // The length is a hint; a compact header carries 32 bits of it.
+        let align = u64::from(self.block_sizes.minimum.max(1));
+        let len = len.min(u64::from(u32::MAX) / align * align);
+        let sink = Sink::OwnedStatus(id, Vec::new());
+        match self.request(Command::BlockStatus, offset, len, sink, timeout)? {
+            Sink::OwnedStatus(_, extents) => Ok(extents),
+            _ => Err(ClientError::Protocol("block status reply without extents")),
+        }
+    }
+
+    /// Sends one request whose reply goes to `sink`, and waits for it; returns the sink.
+    fn request(
+        &self,
+        command: Command,
+        offset: u64,
+        len: u64,
+        sink: Sink<'static>,
+        timeout: Duration,
+    ) -> Result<Sink<'static>, ClientError> {
         let deadline = Instant::now() + timeout;
         let slot = Arc::new(Slot::default());
-        let data = Sink::Owned(vec![0u8; buf.len()]);
         // Registered before it is sent: the reply may come before `send` returns.
         let cookie = {
             let mut t = lock(&self.shared.table);
@@ -171,17 +225,17 @@ impl MuxClient {
             t.next_cookie = t.next_cookie.wrapping_add(1).max(1);
             let pending = Pending {
                 cookie,
-                command: Command::Read,
+                command,
                 offset,
                 length: len,
             };
-            let a = Assembly::new(pending, data);
+            let a = Assembly::new(pending, sink);
             t.waiting.insert(cookie, (a, Arc::clone(&slot)));
             cookie
         };
         let header = RequestHeader {
             flags: 0,
-            command: Command::Read,
+            command,
             cookie,
             offset,
             length: len,
@@ -196,15 +250,13 @@ impl MuxClient {
         let mut done = lock(&slot.done);
         loop {
             if let Some(r) = done.take() {
-                let data = r?;
-                buf.copy_from_slice(&data);
-                return Ok(());
+                return r;
             }
             let now = Instant::now();
             if now >= deadline {
                 drop(done);
                 self.shared.break_all(format!(
-                    "no reply to a read of {len} bytes at {offset} within {timeout:?}"
+                    "no reply to a {command:?} of {len} bytes at {offset} within {timeout:?}"
                 ));
                 return Err(ClientError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -274,8 +326,7 @@ fn receive(shared: &Shared, mut r: BufReader<Stream>) {
                 }
             }
             Ok(true) => match a.outcome() {
-                (Ok(Ok(())), Sink::Owned(data)) => slot.complete(Ok(data)),
-                (Ok(Ok(())), _) => slot.complete(Ok(Vec::new())),
+                (Ok(Ok(())), sink) => slot.complete(Ok(sink)),
                 (Ok(Err(server)), _) => slot.complete(Err(server)),
                 (Err(e), _) => {
                     slot.complete(Err(ClientError::Broken));

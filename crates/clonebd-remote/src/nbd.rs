@@ -19,6 +19,14 @@
 //! other transmission flags, the source is marked changed, and this read and every later
 //! one fail.
 //!
+//! Every connection asks for the `base:allocation` metadata context. Where the server gives
+//! it, [`BlockDev::extent`] is answered from `NBD_CMD_BLOCK_STATUS`: runs the server marks
+//! `NBD_STATE_ZERO` are known zeros, which hydration zeroes on the destination without
+//! reading them. One query asks for [`STATUS_SPAN`] at once, and its answer is kept for the
+//! queries within it that follow (the copy threads ask piece after piece; the source does
+//! not change while a clone lasts, its identity pinned). A server that refuses a query is
+//! taken to know nothing there: the piece is read.
+//!
 //! With `nbds://`, every connection asks for TLS first (`NBD_OPT_STARTTLS`), verifies the
 //! server's certificate for the URI's host (`localhost` on a unix socket), and runs the
 //! rest through [`crate::tls::relay`].
@@ -28,9 +36,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
-use clonebd_core::{BlockDev, Caps};
+use clonebd_core::{BlockDev, Caps, Extent};
 use clonebd_nbd::proto::opt;
-use clonebd_nbd::proto::{errno, rep, transmission_flags as tf};
+use clonebd_nbd::proto::{
+    CONTEXT_BASE_ALLOCATION, STATE_ZERO, errno, rep, transmission_flags as tf,
+};
 use clonebd_nbd::{ClientError, ClientOptions, MuxClient, StartTls};
 use thiserror::Error;
 
@@ -66,6 +76,10 @@ impl Default for NbdOptions {
     }
 }
 
+/// How much one block status query asks about: runs beyond the piece asked for answer the
+/// pieces after it without another round trip.
+pub const STATUS_SPAN: u64 = 64 << 20;
+
 /// How long a connection beyond the first may take to be greeted when the source is opened.
 const EXTRA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -92,6 +106,10 @@ pub struct NbdSource {
     conns: Vec<Slot>,
     next: AtomicUsize,
     stats: Arc<SourceStats>,
+    /// The server gave `base:allocation` (on the first connection).
+    zero_status: bool,
+    /// The runs of the last block status answer: `(start, end, zero)`, in order.
+    status: Mutex<Vec<(u64, u64, bool)>>,
 }
 
 /// One connection's place: the connection while it works, and a lock held by the one
@@ -131,11 +149,17 @@ impl NbdSource {
             conns: Vec::new(),
             next: AtomicUsize::new(0),
             stats,
+            zero_status: false,
+            status: Mutex::new(Vec::new()),
         };
         let first = request(&src.opts.policy, &src.stats, |left| src.connect(left))
             .map_err(|why| NbdError { uri, why })?;
         src.size = first.size();
         src.flags = first.transmission_flags();
+        src.zero_status = first
+            .meta_contexts()
+            .iter()
+            .any(|c| c.name == CONTEXT_BASE_ALLOCATION);
         // At most 4 MiB per request: large enough for any copy, small enough to share.
         // "the client MUST ... use lengths and offsets that are a multiple of the minimum
         // block size": reads that are not are widened to it (`read_at`).
@@ -177,6 +201,7 @@ impl NbdSource {
             size = src.size,
             flags = format!("{:#x}", src.flags),
             connections = n,
+            block_status = src.zero_status,
             "NBD source connected"
         );
         Ok(src)
@@ -223,7 +248,7 @@ impl NbdSource {
     /// One connection, negotiated, checked against what the first one found.
     /// `left` is what the request has left of its deadline.
     fn connect(&self, left: Duration) -> Result<MuxClient, Failure> {
-        let mut o = ClientOptions::new(&self.export);
+        let mut o = ClientOptions::new(&self.export).meta_context(CONTEXT_BASE_ALLOCATION);
         let t = self.opts.connect_timeout.min(left);
         o.timeout = Some(t);
         o.connect_timeout = Some(t);
@@ -324,6 +349,66 @@ impl NbdSource {
     }
 }
 
+impl NbdSource {
+    /// One attempt at one block status query: the runs of `[offset, offset+len)` the
+    /// server describes, merged where alike; `None` when the server refuses to say.
+    fn status_attempt(
+        &self,
+        offset: u64,
+        len: u64,
+        left: Duration,
+    ) -> Result<Option<Vec<(u64, u64, bool)>>, Failure> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let c = self.conn(i, left)?;
+        let extents = match c.block_status(
+            CONTEXT_BASE_ALLOCATION,
+            offset,
+            len,
+            self.opts.attempt_timeout.min(left),
+        ) {
+            Ok(e) => e,
+            // An answer, not a failure: the server cannot tell here (or on this connection).
+            Err(ClientError::Server { .. } | ClientError::NoContext(_)) => return Ok(None),
+            Err(e) => {
+                if c.broken().is_some() {
+                    let mut slot = lock(&self.conns[i].conn);
+                    if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &c)) {
+                        *slot = None;
+                    }
+                }
+                return Err(classify(&e, "asking for block status"));
+            }
+        };
+        let end = offset + len;
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut at = offset;
+        for e in extents {
+            if at >= end {
+                break;
+            }
+            // "the final extent MAY exceed the requested length": clipped.
+            let stop = at.saturating_add(e.length).min(end);
+            let zero = e.flags & STATE_ZERO != 0;
+            match runs.last_mut() {
+                Some(last) if last.2 == zero => last.1 = stop,
+                _ => runs.push((at, stop, zero)),
+            }
+            at = stop;
+        }
+        Ok((!runs.is_empty()).then_some(runs))
+    }
+}
+
+/// The run of `runs` holding `offset`, clipped to `end`.
+fn run_at(runs: &[(u64, u64, bool)], offset: u64, end: u64) -> Option<Extent> {
+    runs.iter()
+        .find(|&&(s, e, _)| s <= offset && offset < e)
+        .map(|&(_, e, zero)| Extent {
+            len: e.min(end) - offset,
+            zero,
+        })
+}
+
 /// What a failed connect or read means for retrying.
 fn classify(e: &ClientError, doing: &str) -> Failure {
     match e {
@@ -409,6 +494,45 @@ impl BlockDev for NbdSource {
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&wide[skip..skip + buf.len()]);
         Ok(())
+    }
+
+    /// From `NBD_CMD_BLOCK_STATUS` in `base:allocation`, where the server gave it: a run it
+    /// marks `NBD_STATE_ZERO` reads as zeros. Otherwise, or at an offset not aligned to the
+    /// server's minimum block size, all may hold data.
+    fn extent(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let unknown = Extent { len, zero: false };
+        if !self.zero_status || len == 0 || !offset.is_multiple_of(self.min_block) {
+            return Ok(unknown);
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("block status at {offset}+{len} past the end of the source"),
+                )
+            })?;
+        if let Some(e) = run_at(&lock(&self.status), offset, end) {
+            return Ok(e);
+        }
+        // Ask for a span, aligned to the minimum block size unless it reaches the end.
+        let span = STATUS_SPAN.max(len).min(self.size - offset);
+        let span = if offset + span == self.size {
+            span
+        } else {
+            (span / self.min_block * self.min_block).max(self.min_block)
+        };
+        let runs = request(&self.opts.policy, &self.stats, |left| {
+            self.status_attempt(offset, span, left)
+        })
+        .map_err(|why| io::Error::other(format!("source {}: {why}", self.stats.uri())))?;
+        let Some(runs) = runs else {
+            return Ok(unknown);
+        };
+        let e = run_at(&runs, offset, end).unwrap_or(unknown);
+        *lock(&self.status) = runs;
+        Ok(e)
     }
 
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use clonebd_core::{BlockDev, Caps};
+use clonebd_core::{BlockDev, Caps, Extent};
 
 use crate::Rng;
 
@@ -373,12 +373,26 @@ impl BlockDev for SimDisk {
         lock(&self.inner).caps
     }
 
-    /// True when every sector the range touches is a hole ([`SimDisk::make_hole`]).
-    fn known_zero(&self, offset: u64, len: u64) -> io::Result<bool> {
+    /// The run of whole holes ([`SimDisk::make_hole`]) or of other sectors from `offset`.
+    fn extent(&self, offset: u64, len: u64) -> io::Result<Extent> {
         let g = lock(&self.inner);
         Self::bounds(&g, offset, len)?;
-        let (first, last) = (offset / SECTOR, (offset + len).div_ceil(SECTOR));
-        Ok(len > 0 && g.holes[first as usize..last as usize].iter().all(|&h| h))
+        let end = offset + len;
+        if len == 0 {
+            return Ok(Extent { len, zero: false });
+        }
+        // A partial sector counts as a hole only if the whole sector is one.
+        let hole = |s: u64| g.holes[s as usize];
+        let first = offset / SECTOR;
+        let zero = hole(first);
+        let mut s = first + 1;
+        while s * SECTOR < end && hole(s) == zero {
+            s += 1;
+        }
+        Ok(Extent {
+            len: (s * SECTOR).min(end) - offset,
+            zero,
+        })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -30,6 +30,8 @@ pub(crate) enum Sink<'a> {
     Owned(Vec<u8>),
     /// Block status extents, kept for one context id.
     Status(u32, &'a mut Vec<Extent>),
+    /// Block status extents for one context id, into a list the assembly owns.
+    OwnedStatus(u32, Vec<Extent>),
 }
 
 impl Sink<'_> {
@@ -37,6 +39,15 @@ impl Sink<'_> {
         match self {
             Sink::Read(b) => Some(b),
             Sink::Owned(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The context id and the list of a block status request.
+    fn status(&mut self) -> Option<(u32, &mut Vec<Extent>)> {
+        match self {
+            Sink::Status(id, out) => Some((*id, out)),
+            Sink::OwnedStatus(id, out) => Some((*id, out)),
             _ => None,
         }
     }
@@ -139,7 +150,7 @@ impl<'a> Assembly<'a> {
                 }
                 let structured = style.structured();
                 match &mut self.sink {
-                    Sink::Status(..) => {
+                    Sink::Status(..) | Sink::OwnedStatus(..) => {
                         return Err(ClientError::Protocol("simple reply to block status"));
                     }
                     Sink::None => {}
@@ -230,13 +241,13 @@ impl<'a> Assembly<'a> {
                 context_id,
                 extents,
             } => {
-                let Sink::Status(want, out) = &mut self.sink else {
+                let Some((want, out)) = self.sink.status() else {
                     return Err(ClientError::Protocol("block status for another command"));
                 };
                 if extents.is_empty() || extents.iter().any(|&(l, _)| l == 0) {
                     return Err(ClientError::Protocol("empty block status extent"));
                 }
-                if context_id == *want {
+                if context_id == want {
                     out.extend(extents.into_iter().map(|(length, flags)| Extent {
                         length,
                         flags: flags as u32,
@@ -281,7 +292,7 @@ impl<'a> Assembly<'a> {
                 "read reply does not cover the request",
             ));
         }
-        if let Sink::Status(_, out) = &self.sink
+        if let Some((_, out)) = self.sink.status()
             && out.is_empty()
         {
             return Err(ClientError::Protocol("no block status for the context"));
