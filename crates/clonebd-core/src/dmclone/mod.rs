@@ -5,7 +5,7 @@
 //! - [`table`]: the constructor ([`parse_table`], checked in the kernel's order through the
 //!   [`TableDevices`] seam) and the TABLE status ([`format_table`]);
 //! - [`status`]: the INFO status line ([`format_status`]) and its reader ([`parse_status`]);
-//! - [`message`]: the four messages ([`parse_message`]);
+//! - [`message`]: the four messages, and clonebd's `hydrate_range` ([`parse_message`]);
 //! - [`words`]: splitting a table line into words as the kernel does;
 //! - [`number`]: the kernel's two number readers (`%u` and `kstrtouint`).
 //!
