@@ -349,6 +349,10 @@ impl NbdSource {
     }
 }
 
+/// Runs of a range as a server's `base:allocation` describes them: `(start, end, zero)`,
+/// byte offsets, adjacent runs alike merged.
+type ZeroRuns = Vec<(u64, u64, bool)>;
+
 impl NbdSource {
     /// One attempt at one block status query: the runs of `[offset, offset+len)` the
     /// server describes, merged where alike; `None` when the server refuses to say.
@@ -357,7 +361,7 @@ impl NbdSource {
         offset: u64,
         len: u64,
         left: Duration,
-    ) -> Result<Option<Vec<(u64, u64, bool)>>, Failure> {
+    ) -> Result<Option<ZeroRuns>, Failure> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let c = self.conn(i, left)?;
         let extents = match c.block_status(
@@ -380,7 +384,7 @@ impl NbdSource {
             }
         };
         let end = offset + len;
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut runs: ZeroRuns = Vec::new();
         let mut at = offset;
         for e in extents {
             if at >= end {
