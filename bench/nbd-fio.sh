@@ -9,6 +9,10 @@
 #              a cold region; one pass, fresh files per run): clonebd vs qemu-nbd on a fresh
 #              sparse DEST (clonebd reserves its destination's space at start, so a second
 #              row compares with qemu-nbd on a DEST reserved the same way, `fallocate -l`)
+#   cor        (not in the default CASES) copy-on-read: one pass of 4 KiB random reads over
+#              cold regions with --hydrate-on-read against the same without it (the "qemu-nbd"
+#              column is then clonebd without copy-on-read), both --no-hydration, fresh files
+#              per run; also prints the bytes hydrated against the bytes read
 #
 # Both servers bypass the page cache: clonebd opens its devices with O_DIRECT (the default),
 # qemu-nbd runs with --cache=none --aio=native (O_DIRECT, Linux AIO).
@@ -131,6 +135,34 @@ for rw in randread randwrite; do
 done
 qstop
 stop
+fi
+
+# Copy-on-read against plain cold reads: one pass each, fresh files for every run.
+if want cor; then
+for qd in 1 32; do
+    fresh_dest
+    start --no-hydration
+    base=$(iops "$CB" randread "$qd" once)
+    stop
+    fresh_dest
+    start --no-hydration --hydrate-on-read
+    # shellcheck disable=SC2086
+    fio --name=bench --ioengine=nbd --uri="$CB" --direct=1 --rw=randread --bs=4k \
+        --iodepth="$qd" --numjobs=1 --size="$SIZE" --randrepeat=0 --runtime="$RUNTIME" \
+        --output-format=terse --terse-version=3 >"$dir/cor.terse"
+    c=$(awk -F';' 'END { printf "%d", $8 }' "$dir/cor.terse")
+    read_kb=$(awk -F';' 'END { printf "%d", $6 }' "$dir/cor.terse")
+    field() { "$bin" status --control "$dir/ctl" --json --noflush |
+        python3 -c "import json, sys; print(json.load(sys.stdin)['$1'])"; }
+    # The last reads' data may still be on its way to the destination.
+    while [ "$(field fill_bytes_pending)" != 0 ]; do sleep 0.1; done
+    hydrated=$(field bytes_hydrated)
+    stop
+    row cor-vs-cold randread "$qd" "$c" "$base"
+    awk -v h="$hydrated" -v r="$read_kb" -v qd="$qd" 'BEGIN {
+        printf "cor qd %s: %d bytes hydrated for %d bytes read (%.3f)\n", qd, h, r * 1024, h / (r * 1024) }' |
+        tee -a "$results"
+done
 fi
 
 # Writes overwriting cold 4 KiB regions: fresh files for every run, one pass.
