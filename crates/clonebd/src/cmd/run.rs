@@ -242,9 +242,10 @@ pub struct RunArgs {
     #[arg(long)]
     no_direct_io: bool,
     /// Do not reserve the clone's space in a regular-file destination at start. By default
-    /// the space is reserved (fallocate, size and content unchanged): hydration fills it
-    /// anyway, a full filesystem is then found at start rather than in the middle of a
-    /// hydration, and writes no longer allocate one by one.
+    /// the space is reserved (fallocate, size and content unchanged), so a full filesystem
+    /// is found at start rather than in the middle of a hydration, and writes no longer
+    /// allocate one by one. With sparse-aware hydration only a local source's data is
+    /// reserved (its holes stay holes in the destination), and nothing for a remote source.
     #[arg(long)]
     no_preallocate: bool,
     /// Threads running background copies.
