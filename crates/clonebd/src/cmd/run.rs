@@ -599,7 +599,8 @@ mod tests {
     use super::*;
     use crate::cmd::{Cli, Command};
 
-    fn parse(extra: &[&str]) -> Box<RunArgs> {
+    /// `clonebd run` with its three roles and `extra`, as clap parses it.
+    fn try_parse(extra: &[&str]) -> Result<Cli, clap::Error> {
         let mut args = vec![
             "clonebd",
             "run",
@@ -611,7 +612,11 @@ mod tests {
             "m",
         ];
         args.extend_from_slice(extra);
-        match Cli::try_parse_from(args).unwrap().command {
+        Cli::try_parse_from(args)
+    }
+
+    fn parse(extra: &[&str]) -> Box<RunArgs> {
+        match try_parse(extra).unwrap().command {
             Command::Run(a) => a,
             other => panic!("parsed as {other:?}"),
         }
@@ -658,18 +663,7 @@ mod tests {
     #[test]
     fn hydration_priority_refuses_other_words() {
         for bad in ["fast", "Balanced", ""] {
-            let r = Cli::try_parse_from([
-                "clonebd",
-                "run",
-                "--source",
-                "s",
-                "--dest",
-                "d",
-                "--metadata",
-                "m",
-                "--hydration-priority",
-                bad,
-            ]);
+            let r = try_parse(&["--hydration-priority", bad]);
             let e = r.err().unwrap().to_string();
             assert!(e.contains("--hydration-priority"), "{bad:?}: {e}");
             assert!(
