@@ -139,11 +139,15 @@ pub enum FinalizeError {
         /// `read-only` or `fail`.
         mode: &'static str,
     },
-    /// The final commit failed, or left regions uncommitted.
-    #[error("the final metadata commit failed ({status:?}, {dirty} regions not committed)")]
+    /// The final commit failed.
+    #[error("the final metadata commit failed: {error}")]
     Commit {
-        /// The commit's outcome.
-        status: IoStatus,
+        /// Why.
+        error: IoError,
+    },
+    /// The final commit left regions uncommitted.
+    #[error("the final metadata commit left {dirty} regions not committed")]
+    Uncommitted {
         /// Regions hydrated but still not committed after it.
         dirty: u64,
     },
@@ -493,16 +497,18 @@ impl Volume {
         }
         // Every region is marked in core, so the commit covers every mark there will ever
         // be: nothing marks a region again.
-        let status = self.commit();
+        let committed = self.commit();
         let engine = lock(&sh.engine).status();
         match engine.mode {
             Mode::ReadWrite => {}
             Mode::ReadOnly => return Err(FinalizeError::Mode { mode: "read-only" }),
             Mode::Fail => return Err(FinalizeError::Mode { mode: "fail" }),
         }
-        if !status.is_ok() || engine.nr_dirty > 0 {
-            return Err(FinalizeError::Commit {
-                status,
+        if let Err(error) = committed {
+            return Err(FinalizeError::Commit { error });
+        }
+        if engine.nr_dirty > 0 {
+            return Err(FinalizeError::Uncommitted {
                 dirty: engine.nr_dirty,
             });
         }
@@ -621,8 +627,8 @@ impl Volume {
     }
 
     /// Commits the metadata if anything changed (what a dm-clone status request does first).
-    pub fn commit(&self) -> IoStatus {
-        self.sh.control_wait(|token| Control::Commit { token })
+    pub fn commit(&self) -> Result<(), IoError> {
+        IoError::check(self.sh.control_wait(|token| Control::Commit { token }))
     }
 
     /// The status: engine counters and metadata usage.
@@ -657,7 +663,7 @@ impl Volume {
     /// The suspend sequence (SPEC 4.5, and H3: shutdown commits): stops background
     /// hydration, waits for hydrations in flight, commits, then stops the threads. Callers
     /// stop their exports first so no request is in flight. Returns the commit's outcome.
-    pub fn shutdown(&self) -> IoStatus {
+    pub fn shutdown(&self) -> Result<(), IoError> {
         self.sh.stopped.store(true, Ordering::Release);
         let status = self.sh.control_wait(|token| Control::Suspend { token });
         {
@@ -672,7 +678,7 @@ impl Volume {
         for t in threads {
             let _ = t.join();
         }
-        status
+        IoError::check(status)
     }
 }
 
