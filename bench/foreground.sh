@@ -81,6 +81,7 @@ fio_job() { # iodepth
     fio --name=fg --ioengine=nbd --uri="nbd+unix:///?socket=$dir/clonebd.sock" --direct=1 \
         --rw=randread --bs=4k --iodepth="$1" --numjobs=1 --size="$SIZE" --randrepeat=0 \
         --norandommap --runtime="$RUNTIME" --time_based --output-format=json |
+        sed -n '/^{/,$p' | # fio's nbd engine prints "fio: connected to NBD server" first
         jq -r '.jobs[0].read | "\(.iops) \(.clat_ns.percentile["50.000000"] / 1000) \(.clat_ns.percentile["99.000000"] / 1000)"'
 }
 
