@@ -8,7 +8,7 @@ use super::{
     Action, CommitWaiter, CopyOrigin, Engine, Event, IoStatus, Mode, Op, OpId, Part, ReqId,
     ReqKind, ReqState, Request, Waiter, WriteData,
 };
-use crate::geometry::RegionId;
+use crate::geometry::{RegionId, logical_block_bytes};
 
 /// A piece ready to go to the destination at once, before merging.
 #[derive(Debug, Clone, Copy)]
@@ -42,8 +42,10 @@ impl Engine {
             // A discard is advisory: only its range must lie in the device; what is not
             // aligned to the logical block size is ignored below (as dm-clone ignores what
             // does not cover whole regions), and QEMU passes unaligned heads and tails down.
-            Request::Discard { offset, len } => self.in_device(offset, len),
-            _ => range.is_none_or(|(offset, len)| self.valid_range(offset, len)),
+            Request::Discard { offset, len } => self.geometry().contains_range(offset, len),
+            _ => range.is_none_or(|(offset, len)| {
+                self.geometry().is_valid_request(self.lbs(), offset, len)
+            }),
         };
         if !valid {
             self.emit(Action::Reply {
@@ -109,21 +111,7 @@ impl Engine {
     }
 
     fn lbs(&self) -> u64 {
-        u64::from(self.cfg.logical_block_size.max(1))
-    }
-
-    /// Whether `[offset, offset+len)` is non-empty and inside the device.
-    fn in_device(&self, offset: u64, len: u64) -> bool {
-        len > 0
-            && offset
-                .checked_add(len)
-                .is_some_and(|end| end <= self.geometry().target_bytes())
-    }
-
-    /// Whether the range is inside the device and aligned to the logical block size.
-    fn valid_range(&self, offset: u64, len: u64) -> bool {
-        let lbs = self.lbs();
-        self.in_device(offset, len) && offset.is_multiple_of(lbs) && len.is_multiple_of(lbs)
+        logical_block_bytes(u64::from(self.cfg.logical_block_size))
     }
 
     /// The whole logical blocks inside an in-device range, if there are any.
