@@ -7,23 +7,30 @@
 //! therefore reproducible from the sequence of inputs, which is what the model-based and
 //! power-cut tests exploit.
 //!
-//! What the engine owns (SPEC sections 3, 4 and 5):
-//! - request routing: reads of unhydrated regions go to the source, writes to an unhydrated
-//!   region wait for its copy, a full-region write skips the copy, discards fast-hydrate the
-//!   regions they cover wholly;
-//! - one record per region with a hydration in flight, with the writes, discards and
-//!   hydrate requests waiting on it (so a region is never copied twice at once, no user write
-//!   reaches it before its copy, and a discard never races a copy: H1);
-//! - the dirty set of the open transaction and the commit rounds (swap, destination flush,
-//!   metadata commit), flush and FUA semantics, the periodic commit;
-//! - background hydration (a wrapping scan offset, threshold, batching, priority to
-//!   foreground I/O with guaranteed progress, a bandwidth limit, back-off on failures),
-//!   and the hydration order queue copied before the scan;
-//! - the metadata modes `rw`, `ro`, `fail` and their I/O matrix.
+//! What the engine owns (SPEC sections 3, 4 and 5), part by part, each in its own file with
+//! private state that the others change only through its methods:
+//! - the regions (`regions.rs`): each region's state (cold, copying, filling, overwrite
+//!   routed, overwriting, hydrated) behind one transition table, and the writes, discards and
+//!   hydrate requests waiting on a busy region (so a region is never copied twice at once,
+//!   no user write reaches it before its copy, and a discard never races a copy: H1); the
+//!   only writer of the hydration map's bits;
+//! - the hydrator (`hydrate.rs`, with `order.rs` and `window.rs`): background hydration (a
+//!   wrapping scan offset, threshold, batching, priority to foreground I/O with guaranteed
+//!   progress, a bandwidth limit, back-off on failures), the hydration order queue copied
+//!   before the scan, and the queue of hydrate requests;
+//! - the commit state (`commit.rs`): the metadata modes `rw`, `ro`, `fail`, the dirty set of
+//!   the open transaction, the commit rounds (swap, destination flush, metadata commit) and
+//!   who waits on them;
+//! - the glue (this file, `requests.rs`, `fill.rs`): the requests in flight, routing (writes
+//!   to an unhydrated region wait for its copy, a full-region write skips the copy, discards
+//!   fast-hydrate the regions they cover wholly, fills hydrate from a read's data), flush
+//!   and FUA semantics, the periodic commit, suspend, and the I/O matrix of the modes.
 //!
-//! The in-core hydration map lives in a [`SharedView`] so export threads can route reads and
-//! plain writes of hydrated regions without entering the engine (the driver's fast path);
-//! only the engine sets bits in it.
+//! Reads are not requests of the engine: they never wait (SPEC 3.1), so the driver routes
+//! each run of regions lock-free from the shared map, hydrated runs from the destination and
+//! the others from the source. The in-core hydration map lives in a [`SharedView`] so export
+//! threads can route reads and plain writes of hydrated regions without entering the engine
+//! (the driver's fast path); only the engine sets bits in it.
 
 mod commit;
 mod fill;
@@ -106,16 +113,11 @@ impl Mode {
 }
 
 /// A request from a user of the clone. Offsets and lengths are in bytes and must be
-/// multiples of the clone's logical block size, inside the clone.
+/// multiples of the clone's logical block size, inside the clone
+/// ([`Geometry::is_valid_request`]). Reads are not among them: they never wait, and the
+/// driver routes them from the [`SharedView`]'s map without the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    /// Read `len` bytes at `offset` into the request's buffer.
-    Read {
-        /// Byte offset.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
     /// Write the request's buffer (`len` bytes) at `offset`.
     Write {
         /// Byte offset.
@@ -224,32 +226,6 @@ pub enum WriteData {
 /// [`Input::Completed`] exactly once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Read `len` bytes of the source at `offset` into request `req`'s buffer at `at`.
-    ReadSource {
-        /// Operation id.
-        op: OpId,
-        /// The request whose buffer receives the data.
-        req: ReqId,
-        /// Byte offset on the source.
-        offset: u64,
-        /// Length.
-        len: u64,
-        /// Offset into the request's buffer.
-        at: u64,
-    },
-    /// Read `len` bytes of the destination at `offset` into request `req`'s buffer at `at`.
-    ReadDest {
-        /// Operation id.
-        op: OpId,
-        /// The request whose buffer receives the data.
-        req: ReqId,
-        /// Byte offset on the destination.
-        offset: u64,
-        /// Length.
-        len: u64,
-        /// Offset into the request's buffer.
-        at: u64,
-    },
     /// Write `len` bytes to the destination at `offset`.
     WriteDest {
         /// Operation id.
@@ -546,7 +522,6 @@ enum Waiter {
 /// What a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReqKind {
-    Read,
     Write,
     Flush,
     Discard { offset: u64, len: u64 },
@@ -568,8 +543,6 @@ struct ReqState {
 /// An operation in flight.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    /// Reads for a read request.
-    Read { req: ReqId },
     /// Destination writes of a request covering `parts` pieces, none of which hydrates.
     Write { req: ReqId, parts: u64 },
     /// Destination writes that hydrate regions `[first, first+n)` (full-region writes).
@@ -672,10 +645,9 @@ struct Counters {
 /// The clone engine. See the module documentation.
 ///
 /// A composition of owned parts, each with its own state behind its own methods: the
-/// regions ([`regions::Regions`]: each region's state and waiters, one transition table),
-/// the hydrator ([`hydrate::Hydrator`]: scan, queues, limits, copy window) and the commit
-/// state ([`commit::Commit`]: mode, dirty set, rounds, waiters), plus the requests in flight
-/// and the glue that routes inputs between them.
+/// regions (each region's state and waiters, one transition table), the hydrator (scan,
+/// queues, limits, copy window) and the commit state (mode, dirty set, rounds, waiters),
+/// plus the requests in flight and the glue that routes inputs between them.
 #[derive(Debug)]
 pub struct Engine {
     cfg: Config,

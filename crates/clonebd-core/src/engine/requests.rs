@@ -30,8 +30,7 @@ impl Engine {
             return;
         }
         let range = match r {
-            Request::Read { offset, len }
-            | Request::Write { offset, len, .. }
+            Request::Write { offset, len, .. }
             | Request::WriteZeroes { offset, len, .. }
             | Request::Discard { offset, len }
             | Request::Hydrate { offset, len }
@@ -69,7 +68,6 @@ impl Engine {
             r => r,
         };
         let kind = match r {
-            Request::Read { .. } => ReqKind::Read,
             Request::Write { .. } | Request::WriteZeroes { .. } => ReqKind::Write,
             Request::Flush => ReqKind::Flush,
             Request::Discard { offset, len } => ReqKind::Discard { offset, len },
@@ -94,7 +92,6 @@ impl Engine {
             },
         );
         match r {
-            Request::Read { offset, len } => self.submit_read(req, offset, len),
             Request::Write { offset, len, fua } => {
                 self.submit_write(req, offset, len, WriteData::Buffer { at: 0 }, fua)
             }
@@ -156,43 +153,6 @@ impl Engine {
         let status = s.status;
         self.reqs.remove(&req);
         self.emit(Action::Reply { req, status });
-    }
-
-    // ----- reads -----
-
-    fn submit_read(&mut self, req: ReqId, offset: u64, len: u64) {
-        // Runs of regions with the same routing become one read each (SPEC 3.1: hydrated
-        // regions from the destination, the others from the source; reads never wait).
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let r = self.geometry().region_of_byte(pos);
-            let (hydrated, run_end_region) =
-                self.view.map().run_from(r, self.geometry().nr_regions());
-            let run_end = self.geometry().region_start_byte(run_end_region).min(end);
-            let op = self.io.start(Op::Read { req });
-            self.hold(req, 1);
-            let (o, l, at) = (pos, run_end - pos, pos - offset);
-            let a = if hydrated {
-                Action::ReadDest {
-                    op,
-                    req,
-                    offset: o,
-                    len: l,
-                    at,
-                }
-            } else {
-                Action::ReadSource {
-                    op,
-                    req,
-                    offset: o,
-                    len: l,
-                    at,
-                }
-            };
-            self.emit(a);
-            pos = run_end;
-        }
     }
 
     // ----- writes -----
@@ -420,7 +380,6 @@ impl Engine {
             return;
         };
         match o {
-            Op::Read { req } => self.settle(req, 1, status),
             Op::Write { req, parts } => self.settle(req, parts, status),
             Op::Overwrite { req, first, n, fua } => {
                 self.complete_overwrite(req, first, n, fua, status)
