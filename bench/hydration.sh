@@ -5,12 +5,18 @@
 #   bench/hydration.sh [SIZE_MIB] [DIR]     (default 1024 MiB, in a new directory under /var/tmp)
 #
 # Environment: DATA_PERCENT (below), ONLY_DEFAULTS=1 (only clonebd's defaults, with and
-# without sparse-aware hydration).
+# without sparse-aware hydration), REPEAT (default 3: each time is the best of that many).
+#
+# With nbdcopy and qemu-nbd installed it also times `nbdcopy --flush` from qemu-nbd serving
+# the source (`--cache=none`, read-only, over a unix socket) into the same kind of
+# destination, the copy that skips holes by NBD block status: the ratio is nbdcopy's time
+# over clonebd's defaults.
 #
 # For each clonebd configuration it starts `clonebd run` with hydration enabled, waits for
 # `clonebd wait` to report every region hydrated and committed, and stops it; the time is
 # from the start of `clonebd run` to the return of `wait`. The ratio is qemu-img's time over
-# clonebd's (>= 1 means clonebd is as fast or faster). Each measurement is the best of 3.
+# clonebd's (>= 1 means clonebd is as fast or faster). Each measurement is the best of
+# REPEAT.
 set -euo pipefail
 size_mib="${1:-1024}"
 dir="${2:-$(mktemp -d /var/tmp/clonebd-bench.XXXXXX)}"
@@ -38,13 +44,14 @@ if [ ! -f "$src" ] || [ "$(stat -c %s "$src")" != $((size_mib << 20)) ]; then
 fi
 sync
 
+repeat="${REPEAT:-3}"
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 now() { date +%s.%N; }
 
 best=""
 time_qemu() {
     local t0 t1 best_q=""
-    for _ in 1 2 3; do
+    for _ in $(seq "$repeat"); do
         rm -f "$dir/q.img"; truncate -s "$((size_mib << 20))" "$dir/q.img"
         drop_caches
         t0=$(now)
@@ -58,7 +65,7 @@ time_qemu() {
 
 time_clonebd() {
     local t0 t1 pid best_c=""
-    for _ in 1 2 3; do
+    for _ in $(seq "$repeat"); do
         rm -f "$dir/d.img" "$dir/meta" "$dir/ctl"; truncate -s "$((size_mib << 20))" "$dir/d.img"
         drop_caches
         t0=$(now)
@@ -82,8 +89,32 @@ report() {
     local c; c=$(time_clonebd "$@")
     printf "%-58s %8.3f s  %7.1f MiB/s  ratio %.3f\n" "$label" "$c" "$(echo "$size_mib / $c" | bc -l)" "$(echo "$q / $c" | bc -l)"
 }
+time_nbdcopy() {
+    local t0 t1 qpid best_n=""
+    for _ in $(seq "$repeat"); do
+        rm -f "$dir/n.img" "$dir/qnbd.sock"; truncate -s "$((size_mib << 20))" "$dir/n.img"
+        drop_caches
+        qemu-nbd -r -f raw -t --cache=none -k "$dir/qnbd.sock" "$src" 2>"$dir/qemu-nbd.log" &
+        qpid=$!
+        while [ ! -S "$dir/qnbd.sock" ]; do sleep 0.005; kill -0 "$qpid" || { cat "$dir/qemu-nbd.log" >&2; exit 1; }; done
+        t0=$(now)
+        nbdcopy --flush "nbd+unix:///?socket=$dir/qnbd.sock" "$dir/n.img"
+        t1=$(now)
+        kill -TERM "$qpid"; wait "$qpid" || true
+        best_n=$(echo "$t1 - $t0" | bc -l | awk -v b="$best_n" '{ if (b == "" || $1 < b) print $1; else print b }')
+    done
+    cmp -s "$src" "$dir/n.img" || { echo "nbdcopy copy differs!" >&2; exit 1; }
+    echo "$best_n"
+}
+n=""
+if command -v nbdcopy >/dev/null && command -v qemu-nbd >/dev/null; then
+    n=$(time_nbdcopy)
+    printf "%-58s %8.3f s  %7.1f MiB/s\n" "nbdcopy --flush from qemu-nbd --cache=none" "$n" "$(echo "$size_mib / $n" | bc -l)"
+fi
 if [ -n "${ONLY_DEFAULTS:-}" ]; then
-    report "clonebd defaults (4k regions, threshold 2048, batch 256)"
+    c=$(time_clonebd)
+    printf "%-58s %8.3f s  %7.1f MiB/s  ratio %.3f\n" "clonebd defaults (4k regions, threshold 2048, batch 256)" "$c" "$(echo "$size_mib / $c" | bc -l)" "$(echo "$q / $c" | bc -l)"
+    [ -n "$n" ] && printf "%-58s %19s  ratio %.3f\n" "  the same against nbdcopy" "" "$(echo "$n / $c" | bc -l)"
     report "clonebd defaults, --no-sparse-hydration" --no-sparse-hydration
     exit 0
 fi

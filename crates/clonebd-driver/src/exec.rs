@@ -207,6 +207,31 @@ fn is_zero(b: &[u8]) -> bool {
     b.chunks(64).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
+/// Makes `[offset, offset+len)` of the destination read as zeros: nothing to do in the runs
+/// the destination already knows read as zeros ([`BlockDev::extent`]: a hole of a file, or
+/// an unwritten extent reserved at start), [`BlockDev::punch_zeroes`] on the others. Skipping is as durable as punching: what a
+/// file reports now is made durable by the destination's next flush (the same file's
+/// `fdatasync`), which a commit round makes before it records the region (rule 1). A
+/// block device knows nothing of its zeros, so it is always zeroed.
+fn zero_dest(dest: &dyn BlockDev, offset: u64, len: u64) -> io::Result<()> {
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let e = dest.extent(at, end - at)?;
+        // A device that answers with nothing is taken to know nothing.
+        let n = if e.len == 0 {
+            end - at
+        } else {
+            e.len.min(end - at)
+        };
+        if !e.zero || e.len == 0 {
+            dest.punch_zeroes(at, n)?;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
 /// As [`execute_data`] does for a copy, as `mode` says, saying why a copy failed.
 ///
 /// Sparse, the source is asked what it knows of each piece ([`BlockDev::extent`]): a run of
@@ -241,9 +266,7 @@ pub fn try_copy_range(
             // A device that answers with nothing is taken to know nothing.
             n = if e.len == 0 { n } else { e.len.min(n) };
             if e.zero && e.len > 0 {
-                devs.dest
-                    .punch_zeroes(at, n)
-                    .map_err(|e| fail(CopySide::Destination, at, n, e))?;
+                zero_dest(devs.dest, at, n).map_err(|e| fail(CopySide::Destination, at, n, e))?;
                 done.zeroed += n;
                 done.unread += n;
                 at += n;
@@ -271,8 +294,7 @@ pub fn try_copy_range(
                 e = (e + grain).min(n);
             }
             if zero {
-                devs.dest
-                    .punch_zeroes(at + s, e - s)
+                zero_dest(devs.dest, at + s, e - s)
                     .map_err(|err| fail(CopySide::Destination, at + s, e - s, err))?;
                 done.zeroed += e - s;
             } else {

@@ -187,3 +187,65 @@ fn zeroed_region_committed_after_the_flush_survives_a_power_cut_as_zeros() {
         "regions not hydrated are untouched"
     );
 }
+
+/// Where the destination already knows it reads zeros (a hole, or space reserved at start),
+/// a zero run of the source needs no zeroing at all; where it may hold data, it is zeroed.
+/// Either way the region is committed only after the destination's flush, and reads zeros.
+#[test]
+fn zeros_over_a_destination_hole_are_not_zeroed_again() {
+    let trace = Trace::new();
+    let (g, src, dst, meta) = disks(&trace);
+    // Regions 2-3 of the destination are a hole; 4-5 keep their 0xee.
+    dst.make_hole(2 * REGION, 2 * REGION);
+    let (store, map) = open_store(&meta, g);
+    let mut backend = StoreBackend::new(store);
+    let view = Arc::new(SharedView::new(map));
+    let devs = Devices {
+        source: &src,
+        dest: &dst,
+    };
+    let (mut e, flush, done) = hydrate_then_flush(g, &devs, &view);
+    assert_eq!(
+        done.zeroed,
+        4 * REGION,
+        "zeros are counted as zeroed: {done:?}"
+    );
+    let zeroed: Vec<(u64, u64)> = trace
+        .events()
+        .iter()
+        .filter_map(|t| match t.op {
+            TraceOp::WriteZeroes { offset, len } => Some((offset, len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        zeroed,
+        vec![(4 * REGION, REGION), (5 * REGION, REGION)],
+        "only the regions that held garbage are zeroed"
+    );
+    let mut scratch = AlignedBuf::new(0);
+    let (st, _) = execute_data(&devs, &flush, &mut ReqBuf::None, SPARSE_COPY, &mut scratch)
+        .expect("a data action");
+    assert_eq!(st, IoStatus::Ok);
+    e.apply(0, Input::Completed(op_of(&flush).expect("op"), st));
+    let acts = drain(&mut e);
+    let commit = acts
+        .iter()
+        .find(|a| matches!(a, Action::CommitMetadata { .. }))
+        .expect("the commit follows the flush");
+    assert_eq!(
+        execute_metadata(&mut backend, view.map(), commit),
+        Some(IoStatus::Ok)
+    );
+    drop(backend);
+    dst.power_cut(&mut Rng::new(3), CutStyle::Random);
+    meta.power_cut(&mut Rng::new(3), CutStyle::Random);
+    let (_, map) = open_store(&meta, g);
+    assert!(map.is_range_hydrated(2, 4), "regions 2-5 committed");
+    assert!(
+        dst.snapshot()[(2 * REGION) as usize..(6 * REGION) as usize]
+            .iter()
+            .all(|&b| b == 0),
+        "the destination reads zeros in every committed region"
+    );
+}

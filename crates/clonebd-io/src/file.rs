@@ -244,14 +244,20 @@ impl FileDevice {
     /// writes into holes the filesystem's allocation path (ext4 serialises direct writes that
     /// allocate). Block devices need nothing: returns `Ok(false)`; `Ok(true)` when done.
     pub fn preallocate(&self, len: u64) -> io::Result<bool> {
-        if self.is_block || self.read_only {
+        self.preallocate_range(0, len)
+    }
+
+    /// As [`preallocate`](Self::preallocate), for `[offset, offset+len)` only (clipped to
+    /// the file): what a sparse-aware clone reserves, the source's data and not its holes.
+    pub fn preallocate_range(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.is_block || self.read_only || offset >= self.size {
             return Ok(false);
         }
-        let len = len.min(self.size);
+        let len = len.min(self.size - offset);
         if len == 0 {
             return Ok(false);
         }
-        self.fallocate(libc::FALLOC_FL_KEEP_SIZE, 0, len)
+        self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)
             .map(|()| true)
     }
 

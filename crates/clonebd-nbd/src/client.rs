@@ -224,6 +224,25 @@ pub struct Pending {
     pub length: u64,
 }
 
+/// The two checks of a block status request, shared by [`Client::block_status`] and the
+/// multiplexed client's: the id `context` was negotiated with among `contexts`, and `len`
+/// clipped to what a compact header carries (32 bits; the length is a hint), aligned to the
+/// minimum block size.
+pub(crate) fn status_query(
+    contexts: &[MetaContext],
+    sizes: &BlockSizes,
+    context: &str,
+    len: u64,
+) -> Result<(u32, u64), ClientError> {
+    let id = contexts
+        .iter()
+        .find(|c| c.name == context)
+        .map(|c| c.id)
+        .ok_or_else(|| ClientError::NoContext(context.to_owned()))?;
+    let align = u64::from(sizes.minimum.max(1));
+    Ok((id, len.min(u64::from(u32::MAX) / align * align)))
+}
+
 /// A connection taken over by the multiplexed client.
 #[derive(Debug)]
 pub(crate) struct Parts {
@@ -747,17 +766,7 @@ impl Client {
         offset: u64,
         len: u64,
     ) -> Result<Vec<Extent>, ClientError> {
-        let Some(id) = self
-            .contexts
-            .iter()
-            .find(|c| c.name == context)
-            .map(|c| c.id)
-        else {
-            return Err(ClientError::NoContext(context.to_owned()));
-        };
-        // The length is a hint; a compact header carries 32 bits of it.
-        let align = u64::from(self.block_sizes.minimum.max(1));
-        let len = len.min(u64::from(u32::MAX) / align * align);
+        let (id, len) = status_query(&self.contexts, &self.block_sizes, context, len)?;
         let p = self.send(Command::BlockStatus, 0, offset, len, &[])?;
         let mut extents = Vec::new();
         self.finish(&p, Sink::Status(id, &mut extents))?;

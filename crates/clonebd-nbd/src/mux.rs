@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::{BlockSizes, Extent};
-use crate::client::{Assembly, Client, ClientError, Pending, Sink, read_head};
+use crate::client::{Assembly, Client, ClientError, Pending, Sink, read_head, status_query};
 use crate::codec::RequestHeader;
 use crate::handshake::MetaContext;
 use crate::proto::{Command, EXTENDED_REQUEST_LEN, HeaderStyle, MAX_PAYLOAD};
@@ -186,17 +186,7 @@ impl MuxClient {
         len: u64,
         timeout: Duration,
     ) -> Result<Vec<Extent>, ClientError> {
-        let Some(id) = self
-            .contexts
-            .iter()
-            .find(|c| c.name == context)
-            .map(|c| c.id)
-        else {
-            return Err(ClientError::NoContext(context.to_owned()));
-        };
-        // The length is a hint; a compact header carries 32 bits of it.
-        let align = u64::from(self.block_sizes.minimum.max(1));
-        let len = len.min(u64::from(u32::MAX) / align * align);
+        let (id, len) = status_query(&self.contexts, &self.block_sizes, context, len)?;
         let sink = Sink::OwnedStatus(id, Vec::new());
         match self.request(Command::BlockStatus, offset, len, sink, timeout)? {
             Sink::OwnedStatus(_, extents) => Ok(extents),

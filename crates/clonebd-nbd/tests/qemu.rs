@@ -101,7 +101,7 @@ fn qemu_io_negotiates_extended_headers() {
     let log = std::fs::read_to_string(&trace).unwrap();
     let has = |needle: &str| log.contains(needle);
     if !has("nbd_send_option_request") {
-        println!("SKIPPED: this qemu-io was built without a usable trace backend");
+        clonebd_testkit::machine::skip("this qemu-io was built without a usable trace backend");
         return;
     }
     assert!(

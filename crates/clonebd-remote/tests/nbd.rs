@@ -17,12 +17,7 @@ use clonebd_remote::retry::Policy;
 use clonebd_remote::uri::{NbdAddr, SourceUri};
 
 fn have(program: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()));
-    if !found {
-        println!("SKIPPED: {program} is not installed");
-    }
-    found
+    clonebd_testkit::machine::have(program, "apt-get install qemu-utils")
 }
 
 /// qemu-nbd serving `image` read-only as `g` on `socket`; killed on drop.

@@ -7,10 +7,13 @@
 //!   operation can be recorded in a [`Trace`] shared between disks, so tests can check the order
 //!   of writes and flushes across devices.
 //! - [`Rng`]: a small seeded generator (SplitMix64), so every simulation replays from its seed.
+//! - [`machine`]: what a test needs from the machine (programs, root), skipping without it on
+//!   a developer's machine and failing under CI.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod machine;
 mod rng;
 mod sim;
 

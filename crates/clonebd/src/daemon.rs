@@ -122,7 +122,8 @@ pub struct RunOptions {
     pub sparse_hydration: bool,
     /// Use O_DIRECT on the data devices where they allow it.
     pub direct_io: bool,
-    /// Reserve the clone's space in a regular-file destination at start.
+    /// Reserve the clone's space in a regular-file destination at start (with sparse-aware
+    /// hydration, a local source's data only: `reserve_ranges`).
     pub preallocate: bool,
     /// Threads running background copies.
     pub copy_threads: usize,
@@ -558,6 +559,7 @@ fn check_present_roles<'a>(
             let first = format!("{ra} {}", a.path.display());
             let second = format!("{rb} {}", b.path.display());
             let harm = match (*ra, *rb) {
+                (_, "record-reads file") => "the reads recorded would be appended to it",
                 ("source", "metadata") => "the source would be formatted as metadata",
                 ("source", _) => "the source would be written",
                 _ => "the metadata and the clone's data would overwrite each other",
@@ -814,11 +816,19 @@ impl Daemon {
                 ("destination", Path::new(dest)),
                 ("metadata", Path::new(meta)),
             ];
-            check_present_roles(source.into_iter().chain(rest))?;
+            // The record file is appended to: it must not be any of the clone's storage.
+            let record = opts
+                .order
+                .record_reads
+                .as_deref()
+                .map(|p| ("record-reads file", p));
+            check_present_roles(source.into_iter().chain(rest).chain(record))?;
         }
         // The order's files, checked against the clone's size before anything is opened
         // for writing (the record file is opened for appending only once it passed).
         let (first, record) = Self::order_files(&opts.order, target_sectors * SECTOR_SIZE)?;
+        // A record file this start created goes again if the start fails.
+        let mut created_record = CreatedFile(record.as_ref().and_then(|r| r.2.clone()));
         if no_source {
             let meta = PathBuf::from(words.first().map_or("", String::as_str));
             if opts.create_metadata {
@@ -961,8 +971,21 @@ impl Daemon {
             }
         }
         if opts.preallocate {
-            match dest.preallocate(geometry.target_bytes()) {
-                Ok(_) => {}
+            let ranges = reserve_ranges(
+                source.as_ref().map(|s| (&*s.dev, s.remote.is_some())),
+                opts.sparse_hydration,
+                geometry.target_bytes(),
+            );
+            let bytes = ranges.iter().map(|r| r.1).sum::<u64>();
+            let reserved = ranges
+                .iter()
+                .try_for_each(|&(at, len)| dest.preallocate_range(at, len).map(drop));
+            match reserved {
+                Ok(()) => tracing::debug!(
+                    "{}: reserved {bytes} bytes in {} ranges",
+                    table.destination_path,
+                    ranges.len()
+                ),
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                     tracing::info!(
                         "{}: cannot reserve space ({e}); continuing",
@@ -975,7 +998,7 @@ impl Daemon {
                     }
                     return Err(DaemonError::Preallocate {
                         path: PathBuf::from(&table.destination_path),
-                        bytes: geometry.target_bytes(),
+                        bytes,
                         error,
                     });
                 }
@@ -1058,7 +1081,7 @@ impl Daemon {
         // closes it.
         drop(source);
         let recorder = match record {
-            Some((path, file)) => {
+            Some((path, file, _)) => {
                 let r = ReadRecorder::new(geometry, file).map_err(|error| DaemonError::Thread {
                     name: "clonebd-record".to_string(),
                     error,
@@ -1097,7 +1120,10 @@ impl Daemon {
         };
         // From here on, a failure must still shut the volume down cleanly.
         match daemon.start_services(opts) {
-            Ok(()) => Ok(daemon),
+            Ok(()) => {
+                created_record.keep();
+                Ok(daemon)
+            }
             Err(e) => {
                 let _ = daemon.shutdown();
                 Err(e)
@@ -1391,21 +1417,28 @@ impl Daemon {
     }
 
     /// Reads and checks the order's files for a clone of `size` bytes: the ranges to
-    /// hydrate first, and the record file opened for appending.
+    /// hydrate first, and the record file opened for appending (with its path again if
+    /// this created it).
     #[allow(clippy::type_complexity)]
     fn order_files(
         files: &OrderFiles,
         size: u64,
-    ) -> Result<(Vec<ByteRange>, Option<(PathBuf, std::fs::File)>), DaemonError> {
+    ) -> Result<
+        (
+            Vec<ByteRange>,
+            Option<(PathBuf, std::fs::File, Option<PathBuf>)>,
+        ),
+        DaemonError,
+    > {
         let first = match &files.hydrate_first {
             Some(p) => order::hydrate_first(p, size).map_err(DaemonError::Order)?,
             None => Vec::new(),
         };
         let record = match &files.record_reads {
-            Some(p) => Some((
-                p.clone(),
-                order::record_reads(p, size).map_err(DaemonError::Order)?,
-            )),
+            Some(p) => {
+                let (file, created) = order::record_reads(p, size).map_err(DaemonError::Order)?;
+                Some((p.clone(), file, created.then(|| p.clone())))
+            }
             None => None,
         };
         if !first.is_empty() {
@@ -1506,6 +1539,66 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
             name: name.to_string(),
             error,
         })
+}
+
+/// A file a start created, removed again unless the start succeeds
+/// ([`CreatedFile::keep`]): a failed start leaves nothing behind.
+struct CreatedFile(Option<PathBuf>);
+
+impl CreatedFile {
+    /// The start succeeded: the file stays.
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CreatedFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// What a clone reserves in a regular-file destination at start (`--no-preallocate` aside),
+/// as `(offset, length)` ranges: everything, unless hydration is sparse-aware. Then a local
+/// source's data only, as its extents tell ([`BlockDev::extent`]: `SEEK_DATA` on a file), so
+/// the destination ends as sparse as the source and the holes it keeps are known to read as
+/// zeros (a copy then has nothing to zero there); and nothing for a remote source, whose
+/// extents would cost round trips before the clone could start (its data is allocated as
+/// it arrives). A local source that cannot tell its extents is reserved whole.
+fn reserve_ranges(
+    source: Option<(&dyn BlockDev, bool)>,
+    sparse: bool,
+    size: u64,
+) -> Vec<(u64, u64)> {
+    let whole = vec![(0, size)];
+    let Some((src, remote)) = source.filter(|_| sparse) else {
+        return whole;
+    };
+    if remote {
+        return Vec::new();
+    }
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let e = match src.extent(at, size - at) {
+            Ok(e) if e.len > 0 => e,
+            Ok(_) => return whole,
+            Err(error) => {
+                tracing::warn!("source extents unknown ({error}): reserving the whole clone");
+                return whole;
+            }
+        };
+        if !e.zero {
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 == at => last.1 += e.len,
+                _ => ranges.push((at, e.len)),
+            }
+        }
+        at += e.len;
+    }
+    ranges
 }
 
 #[cfg(test)]

@@ -66,14 +66,16 @@ pub fn hydrate_first(path: &Path, size: u64) -> Result<Vec<ByteRange>, OrderFile
 }
 
 /// Checks what the `--record-reads` file holds already (if it exists) for a clone of `size`
-/// bytes, then opens it for appending, creating it if needed.
-pub fn record_reads(path: &Path, size: u64) -> Result<File, OrderFileError> {
+/// bytes, then opens it for appending, creating it if needed: the file, and whether this
+/// created it.
+pub fn record_reads(path: &Path, size: u64) -> Result<(File, bool), OrderFileError> {
     let role = "record-reads";
-    read_checked(role, path, size)?;
+    let existed = read_checked(role, path, size)?.is_some();
     File::options()
         .create(true)
         .append(true)
         .open(path)
+        .map(|f| (f, !existed))
         .map_err(|error| OrderFileError::Io {
             role,
             path: path.to_path_buf(),
@@ -136,8 +138,9 @@ mod tests {
     fn a_missing_record_file_is_created_and_a_missing_order_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("reads");
-        record_reads(&p, 1 << 20).unwrap();
+        assert!(record_reads(&p, 1 << 20).unwrap().1, "created");
         assert_eq!(std::fs::read(&p).unwrap(), b"");
+        assert!(!record_reads(&p, 1 << 20).unwrap().1, "there already");
         let e = hydrate_first(&dir.path().join("none"), 1 << 20).unwrap_err();
         assert!(e.to_string().contains("cannot read it: "), "{e}");
     }

@@ -249,3 +249,65 @@ fn malformed_order_files_are_refused_with_their_line_numbers() {
     let err = start("--hydrate-first", &files.path("missing.txt"));
     assert!(err.contains("missing.txt: cannot read it: "), "{err}");
 }
+
+/// The record file is appended to, so it may not be any of the clone's storage; and a start
+/// that fails after creating it leaves no empty record file behind.
+#[test]
+fn the_record_file_is_never_the_clone_s_storage_nor_left_by_a_failed_start() {
+    let files = Files::new(SIZE, 15);
+    let run = |record: &std::path::Path, create: bool| {
+        let mut args = vec![
+            "run",
+            "--source",
+            files.source.to_str().unwrap(),
+            "--dest",
+            files.dest.to_str().unwrap(),
+            "--metadata",
+            files.meta.to_str().unwrap(),
+            "--region-size",
+            "64k",
+            "--record-reads",
+            record.to_str().unwrap(),
+        ];
+        if create {
+            args.push("--create");
+        }
+        let out = run_status(CLONEBD, &args);
+        assert!(
+            !out.status.success(),
+            "started with --record-reads {record:?}"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let dest_before = files.dest_bytes();
+    let source_before = files.source_bytes();
+    for (path, role) in [(&files.dest, "destination"), (&files.source, "source")] {
+        let err = run(path, true);
+        assert!(
+            err.contains(&format!("{role} {}", path.display()))
+                && err.contains("record-reads file")
+                && err.contains("the reads recorded would be appended to it"),
+            "{err}"
+        );
+    }
+    assert!(!files.meta.exists(), "metadata was created");
+    assert_eq!(
+        files.dest_bytes(),
+        dest_before,
+        "the destination was written"
+    );
+    assert_eq!(
+        files.source_bytes(),
+        source_before,
+        "the source was written"
+    );
+    // Without --create the metadata is missing: the start fails after the record file was
+    // opened, and the file it created goes again.
+    let record = files.path("new-reads.txt");
+    let err = run(&record, false);
+    assert!(
+        err.contains("not found. To start a new clone, add --create"),
+        "{err}"
+    );
+    assert!(!record.exists(), "a failed start left {record:?}");
+}

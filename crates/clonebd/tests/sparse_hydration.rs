@@ -96,6 +96,21 @@ fn holes_and_zeros_are_zeroed_not_copied_and_the_clone_equals_the_source() {
 }
 
 #[test]
+fn a_fresh_destination_stays_as_sparse_as_the_source() {
+    // The default reserves space at start: the source's data only, not its holes.
+    let f = Files::new(16 * MIB, 53);
+    write_sparse_source(&f.source);
+    assert_eq!(
+        allocated(&f.dest),
+        0,
+        "Files::new makes a sparse destination"
+    );
+    let st = hydrate(&f, &[]);
+    check_equal_and_sparse(&f.dest, &f.source);
+    check_counts(&st);
+}
+
+#[test]
 fn an_nbd_source_s_holes_come_from_block_status_and_are_never_read() {
     if !need("qemu-nbd") {
         return;

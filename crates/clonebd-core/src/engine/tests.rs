@@ -755,8 +755,8 @@ fn background_copy_failure_backs_off_and_is_counted() {
 fn busy_harness(priority: HydrationPriority) -> (H, Vec<Action>) {
     let mut h = H::with(65536 * 8, |c| {
         c.hydration_enabled = true;
-        c.hydration_threshold = 32;
-        c.hydration_batch_size = 32;
+        c.hydration_threshold = 128;
+        c.hydration_batch_size = 128;
         c.hydration_priority = priority;
     });
     h.e.view().foreground_started(h.now);
@@ -829,9 +829,9 @@ fn background_copies_split_into_pieces_while_clients_are_active() {
             _ => None,
         })
         .collect();
-    // 64 KiB pieces (16 regions) instead of batches of 32 regions, several in flight.
+    // 256 KiB pieces (64 regions) instead of batches of 128 regions, several in flight.
     assert!(first.len() >= 2, "{first:?}");
-    assert!(first.iter().all(|&l| l == 64 << 10), "{first:?}");
+    assert!(first.iter().all(|&l| l == 256 << 10), "{first:?}");
 }
 
 #[test]
@@ -849,9 +849,9 @@ fn background_hydration_under_rising_latency_keeps_one_copy_d4() {
     );
     assert!(jobs >= 1);
     assert_eq!(jobs_late, 1, "one copy at a time under high latency");
-    assert!(
-        regions_late <= 2,
-        "copies as small as the window: {regions_late}"
+    assert_eq!(
+        regions_late, 64,
+        "one piece (256 KiB) always allowed, no more"
     );
 }
 
@@ -870,11 +870,11 @@ fn background_window_grows_back_when_latency_falls() {
 fn hydration_priority_keeps_full_copies_while_clients_are_active() {
     let (mut h, mut a) = busy_harness(HydrationPriority::Hydration);
     let (_, _, regions) = run_busy(&mut h, &mut a, 1, |_| 100_000);
-    assert_eq!(regions, 32, "one batch of 32 regions, not split");
+    assert_eq!(regions, 128, "one batch of 128 regions, not split");
     // Latency doubled and more: one full copy stays in flight.
     run_busy(&mut h, &mut a, 40, |_| 100_000);
     let (copied, jobs, regions) = run_busy(&mut h, &mut a, 1, |_| 1_000_000);
-    assert_eq!((jobs, regions), (1, 32), "copied {copied}");
+    assert_eq!((jobs, regions), (1, 128), "copied {copied}");
 }
 
 #[test]

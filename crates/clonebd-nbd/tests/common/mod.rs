@@ -460,13 +460,7 @@ impl Drop for TestServer {
 
 /// Whether a client program is installed; prints why a test is skipped when it is not.
 pub fn have(program: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
-        .unwrap_or(false);
-    if !found {
-        println!("SKIPPED: {program} is not installed (apt-get install qemu-utils libnbd-bin fio)");
-    }
-    found
+    clonebd_testkit::machine::have(program, "apt-get install qemu-utils libnbd-bin fio")
 }
 
 /// Run a program with a timeout; panics with its output if it fails.

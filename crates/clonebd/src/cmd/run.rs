@@ -242,9 +242,10 @@ pub struct RunArgs {
     #[arg(long)]
     no_direct_io: bool,
     /// Do not reserve the clone's space in a regular-file destination at start. By default
-    /// the space is reserved (fallocate, size and content unchanged): hydration fills it
-    /// anyway, a full filesystem is then found at start rather than in the middle of a
-    /// hydration, and writes no longer allocate one by one.
+    /// the space is reserved (fallocate, size and content unchanged), so a full filesystem
+    /// is found at start rather than in the middle of a hydration, and writes no longer
+    /// allocate one by one. With sparse-aware hydration only a local source's data is
+    /// reserved (its holes stay holes in the destination), and nothing for a remote source.
     #[arg(long)]
     no_preallocate: bool,
     /// Threads running background copies.
@@ -598,7 +599,8 @@ mod tests {
     use super::*;
     use crate::cmd::{Cli, Command};
 
-    fn parse(extra: &[&str]) -> Box<RunArgs> {
+    /// `clonebd run` with its three roles and `extra`, as clap parses it.
+    fn try_parse(extra: &[&str]) -> Result<Cli, clap::Error> {
         let mut args = vec![
             "clonebd",
             "run",
@@ -610,7 +612,11 @@ mod tests {
             "m",
         ];
         args.extend_from_slice(extra);
-        match Cli::try_parse_from(args).unwrap().command {
+        Cli::try_parse_from(args)
+    }
+
+    fn parse(extra: &[&str]) -> Box<RunArgs> {
+        match try_parse(extra).unwrap().command {
             Command::Run(a) => a,
             other => panic!("parsed as {other:?}"),
         }
@@ -657,18 +663,7 @@ mod tests {
     #[test]
     fn hydration_priority_refuses_other_words() {
         for bad in ["fast", "Balanced", ""] {
-            let r = Cli::try_parse_from([
-                "clonebd",
-                "run",
-                "--source",
-                "s",
-                "--dest",
-                "d",
-                "--metadata",
-                "m",
-                "--hydration-priority",
-                bad,
-            ]);
+            let r = try_parse(&["--hydration-priority", bad]);
             let e = r.err().unwrap().to_string();
             assert!(e.contains("--hydration-priority"), "{bad:?}: {e}");
             assert!(

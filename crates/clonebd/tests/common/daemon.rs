@@ -430,19 +430,7 @@ pub fn clonebd_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Whether a client program is installed; prints why a test is skipped when it is not.
 pub fn have(program: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
-        .unwrap_or(false);
-    if !found {
-        // CI installs every client the tests use: there a missing one is a failure, never
-        // a silent skip.
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{program} is not installed, and under CI no test may skip for it"
-        );
-        println!("SKIPPED: {program} is not installed (apt-get install qemu-utils libnbd-bin fio)");
-    }
-    found
+    clonebd_testkit::machine::have(program, "apt-get install qemu-utils libnbd-bin fio")
 }
 
 /// Run a program (under `timeout 300`); it must succeed. Returns its standard output.

@@ -364,13 +364,7 @@ impl Moto {
 }
 
 /// The first `program` on PATH.
-pub fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(program))
-            .find(|p| p.is_file())
-    })
-}
+pub use clonebd_testkit::machine::which;
 
 /// The moto server program: `CLONEBD_MOTO_SERVER`, else `moto_server` on PATH. Under CI it
 /// must be there.
@@ -380,12 +374,8 @@ pub fn moto_server() -> Option<PathBuf> {
         .filter(|p| p.is_file())
         .or_else(|| which("moto_server"));
     if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "moto_server is not installed (CLONEBD_MOTO_SERVER, PATH), and under CI no test may skip for it"
-        );
-        println!(
-            "SKIPPED: moto_server is not installed (pip install 'moto[server]' in a virtualenv)"
+        clonebd_testkit::machine::skip(
+            "moto_server is not installed (CLONEBD_MOTO_SERVER, PATH; pip install 'moto[server]' in a virtualenv)",
         );
     }
     found

@@ -1,0 +1,58 @@
+//! What a test needs from the machine: programs on `PATH` (qemu-nbd, nbdinfo, fio, nginx,
+//! ...), root, loop devices. Where one is missing, a test skips, saying why, on a
+//! developer's machine; under CI (`CI=true`), which installs everything the tests use, it
+//! fails instead, so that nothing CI reports green was silently left out.
+
+use std::path::PathBuf;
+
+/// Whether the tests run under CI (`CI=true`).
+pub fn under_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// A test cannot run here, for `why`: panics under CI; otherwise prints
+/// `SKIPPED: why` and returns `false`, for the test to return early
+/// (`if !can_run { return skip(...) }`).
+pub fn skip(why: &str) -> bool {
+    assert!(!under_ci(), "{why}, and under CI no test may skip for it");
+    println!("SKIPPED: {why}");
+    false
+}
+
+/// The path of `program` on `PATH`, if it is there (without skipping).
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Whether `program` is on `PATH`; if not, [`skip`] naming it and `hint` (how to install
+/// it).
+pub fn have(program: &str, hint: &str) -> bool {
+    which(program).is_some() || skip(&format!("{program} is not installed ({hint})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_program_on_path_is_found_and_one_that_is_not_is_not() {
+        assert!(which("sh").is_some(), "sh is on every PATH");
+        assert!(which("clonebd-no-such-program").is_none());
+        if !under_ci() {
+            assert!(!have("clonebd-no-such-program", "nowhere"));
+        }
+    }
+
+    #[test]
+    fn under_ci_a_missing_program_fails_the_test() {
+        if !under_ci() {
+            return;
+        }
+        let r = std::panic::catch_unwind(|| have("clonebd-no-such-program", "nowhere"));
+        assert!(r.is_err(), "a skip under CI must fail");
+    }
+}
