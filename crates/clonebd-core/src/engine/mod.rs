@@ -962,7 +962,8 @@ impl Engine {
             self.start_copy(next, n, CopyOrigin::Priority, None);
             self.hydrator.request_copy_started(next + n);
             for r in next..next + n {
-                let _ = self.regions.wait(r, Waiter::Hydrate(req));
+                let queued = self.regions.wait(r, Waiter::Hydrate(req));
+                debug_assert!(queued.is_ok(), "the region is busy");
             }
             self.hold(req, n);
         }

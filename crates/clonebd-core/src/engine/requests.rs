@@ -203,7 +203,8 @@ impl Engine {
             }
         } else if self.regions.is_busy(r) {
             // Queue behind the region's hydration (SPEC 3.2 step 1).
-            let _ = self.regions.wait(r, Waiter::Write(part));
+            let queued = self.regions.wait(r, Waiter::Write(part));
+            debug_assert!(queued.is_ok(), "the region is busy");
             self.hold(part.req, 1);
         } else if self.mode() != Mode::ReadWrite {
             self.fail_part(part, IoStatus::Io);
@@ -216,7 +217,8 @@ impl Engine {
         } else {
             self.hold(part.req, 1);
             self.start_copy(r, 1, CopyOrigin::Write, Some(part.req));
-            let _ = self.regions.wait(r, Waiter::Write(part));
+            let queued = self.regions.wait(r, Waiter::Write(part));
+            debug_assert!(queued.is_ok(), "the region is busy");
         }
     }
 
@@ -336,7 +338,8 @@ impl Engine {
         if let Some(r) = self.regions.first_busy_in(rs, n) {
             // H1: marking now would let new writes race the copy's destination write.
             self.hold(req, 1);
-            let _ = self.regions.wait(r, Waiter::Discard(req));
+            let queued = self.regions.wait(r, Waiter::Discard(req));
+            debug_assert!(queued.is_ok(), "the region is busy");
             return;
         }
         let commit = &mut self.commit;
