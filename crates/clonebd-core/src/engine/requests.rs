@@ -1,4 +1,6 @@
-//! Request routing (SPEC 3) and the completion of the operations it starts.
+//! Request routing (SPEC 3.2 to 3.8) and the completion of the operations it starts: glue
+//! between the parts, which it changes only through their methods. Reads (SPEC 3.1) are not
+//! routed here: the driver serves them from the shared map.
 //!
 //! Requests are split at region boundaries (a device-mapper core duty, SPEC 1.3), but
 //! adjacent pieces that go the same way are issued as one operation, so a 1 MiB write over
