@@ -12,7 +12,7 @@ use clonebd_core::dmclone::{
 const LEN: u64 = 262_144;
 const MIB: u64 = 1 << 20;
 /// Permission denied (Linux), for an open failure that is not ENODEV.
-const EACCES: i32 = 13;
+const EACCES: i32 = libc::EACCES;
 
 /// A fake set of devices: each path maps to a size and logical block size, and every open is
 /// recorded so tests can check which devices the constructor reached.

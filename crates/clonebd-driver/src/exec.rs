@@ -10,6 +10,7 @@ use clonebd_core::engine::{Action, IoStatus, Mode, SharedView, WriteData};
 use clonebd_core::{AlignedBuf, BlockDev, Geometry, HydrationMap};
 
 use crate::MetadataBackend;
+use crate::export::IoError;
 
 /// The data devices of a clone.
 pub struct Devices<'a> {
@@ -28,18 +29,9 @@ pub enum ReqBuf<'a> {
     Write(&'a [u8]),
 }
 
-/// Maps a device error to the status the engine understands.
+/// Maps a device error to the status the engine understands (as [`IoError::of_io`]).
 pub fn status_of(e: &io::Error) -> IoStatus {
-    match e.kind() {
-        io::ErrorKind::InvalidInput => IoStatus::Invalid,
-        io::ErrorKind::Unsupported => IoStatus::NotSupported,
-        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => IoStatus::ReadOnly,
-        io::ErrorKind::StorageFull => IoStatus::NoSpace,
-        _ => match e.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT) => IoStatus::NoSpace,
-            _ => IoStatus::Io,
-        },
-    }
+    IoError::of_io(e).into()
 }
 
 fn st(r: io::Result<()>) -> IoStatus {

@@ -7,7 +7,10 @@
 //!   straight to the destination.
 //! - [`exec`] performs one engine action on the devices; the threaded driver and the
 //!   deterministic simulator share it, so what is simulated is what runs.
-//! - [`MetadataBackend`] is the seam to the metadata store.
+//! - [`export`]: [`BlockExport`], what NBD, FUSE and ublk serve, implemented once by
+//!   [`Volume`], and [`IoError`], the one error of its requests, with its errno.
+//! - [`MetadataBackend`] is the seam to the metadata store; its failures are
+//!   [`BackendError`]s.
 //! - [`metrics`]: lock-free counters and latency histograms of requests and commits.
 //! - [`record`]: the order in which clients first read cold regions, written to a file
 //!   off the read path (`--record-reads`).
@@ -16,11 +19,13 @@
 #![deny(missing_docs)]
 
 pub mod exec;
+pub mod export;
 mod meta;
 pub mod metrics;
 pub mod record;
 mod volume;
 
+pub use export::{BlockExport, ExportCaps, IoError};
 pub use meta::{BackendError, MetadataBackend, MetadataUsage, StoreBackend};
 pub use volume::{
     FillStats, FinalizeError, Finalized, MonotonicClock, Routed, Volume, VolumeOptions,

@@ -1,10 +1,32 @@
-//! The metadata seam: what the driver needs from a metadata store.
+//! The metadata seam: what the driver needs from a metadata store, and how it fails.
 
-use clonebd_core::{BlockDev, DirtySet, HydrationMap};
-use clonebd_metadata::MetadataStore;
+use std::io;
 
-/// A metadata error, kept for the log line and the status.
-pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+use clonebd_core::{BlockDev, DirtySet, HydrationMap, errno};
+use clonebd_metadata::{MetadataError, MetadataStore};
+use thiserror::Error;
+
+/// Why a commit or an abort failed, for the log line (the engine sees only that it did).
+///
+/// Each variant shows its cause once: the store's own error as it is (its `source()` is the
+/// store error's), a device error in words with its errno's name and no `source()`, so a
+/// printed chain never repeats it.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The dm-clone metadata store refused or failed.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The metadata device failed under a backend that does its own I/O.
+    #[error("metadata device: {}", errno::describe(.0))]
+    Io(io::Error),
+}
+
+impl From<io::Error> for BackendError {
+    fn from(e: io::Error) -> Self {
+        BackendError::Io(e)
+    }
+}
 
 /// Metadata blocks in use and in total (the status line's `<md used>/<md total>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

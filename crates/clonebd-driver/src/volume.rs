@@ -54,8 +54,9 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::exec::{
     CopyDone, CopyMode, Devices, ReqBuf, execute_data, execute_metadata, fast_write_ok, op_of,
-    owner_of, read_routed, status_of, try_copy_range,
+    owner_of, read_routed, try_copy_range,
 };
+use crate::export::{BlockExport, ExportCaps, IoError};
 use crate::record::ReadRecorder;
 use crate::{MetadataBackend, MetadataUsage};
 
@@ -139,11 +140,15 @@ pub enum FinalizeError {
         /// `read-only` or `fail`.
         mode: &'static str,
     },
-    /// The final commit failed, or left regions uncommitted.
-    #[error("the final metadata commit failed ({status:?}, {dirty} regions not committed)")]
+    /// The final commit failed.
+    #[error("the final metadata commit failed: {error}")]
     Commit {
-        /// The commit's outcome.
-        status: IoStatus,
+        /// Why.
+        error: IoError,
+    },
+    /// The final commit left regions uncommitted.
+    #[error("the final metadata commit left {dirty} regions not committed")]
+    Uncommitted {
         /// Regions hydrated but still not committed after it.
         dirty: u64,
     },
@@ -493,16 +498,18 @@ impl Volume {
         }
         // Every region is marked in core, so the commit covers every mark there will ever
         // be: nothing marks a region again.
-        let status = self.commit();
+        let committed = self.commit();
         let engine = lock(&sh.engine).status();
         match engine.mode {
             Mode::ReadWrite => {}
             Mode::ReadOnly => return Err(FinalizeError::Mode { mode: "read-only" }),
             Mode::Fail => return Err(FinalizeError::Mode { mode: "fail" }),
         }
-        if !status.is_ok() || engine.nr_dirty > 0 {
-            return Err(FinalizeError::Commit {
-                status,
+        if let Err(error) = committed {
+            return Err(FinalizeError::Commit { error });
+        }
+        if engine.nr_dirty > 0 {
+            return Err(FinalizeError::Uncommitted {
                 dirty: engine.nr_dirty,
             });
         }
@@ -554,34 +561,6 @@ impl Volume {
         self.sh.dest.caps().discard
     }
 
-    /// Reads `buf.len()` bytes at `offset`. Never waits for hydration: unhydrated regions are
-    /// read from the source.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus> {
-        let sh = &self.sh;
-        let len = buf.len() as u64;
-        self.timed(Op::Read, len, || {
-            sh.check_range(offset, len)?;
-            if sh.finalized.load(Ordering::Acquire) {
-                return sh.dest.read_at(buf, offset).map_err(|e| status_of(&e));
-            }
-            sh.view.foreground_started(sh.clock.now());
-            sh.note_read(offset, len);
-            let source = read_lock(&sh.source);
-            let devs = Devices {
-                source: &**source,
-                dest: &*sh.dest,
-            };
-            let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
-            drop(source);
-            sh.view.foreground_finished(sh.clock.now());
-            if !r.is_ok() {
-                return Err(r);
-            }
-            sh.offer_fills(offset, buf);
-            Ok(())
-        })
-    }
-
     /// Routes a plain (not FUA) write of `len` bytes at `offset` from memory aligned to
     /// `mem_align` bytes, if [`write`](Self::write) would take its fast path: not in fail
     /// mode, every region it touches already hydrated (so the destination owns those bytes
@@ -602,78 +581,9 @@ impl Volume {
         })
     }
 
-    /// Writes `data` at `offset`; with `fua`, completes only once the data and the metadata
-    /// recording its region are durable.
-    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoStatus> {
-        let sh = &self.sh;
-        let len = data.len() as u64;
-        self.timed(Op::Write, len, || {
-            sh.check_range(offset, len)?;
-            if sh.finalized.load(Ordering::Acquire) {
-                sh.dest.write_at(data, offset).map_err(|e| status_of(&e))?;
-                return if fua { sh.flush_dest() } else { Ok(()) };
-            }
-            if fast_write_ok(&sh.view, &sh.geometry, offset, len, fua) {
-                // Hot path: a hydrated region is the destination's, nothing to decide.
-                sh.view.foreground_started(sh.clock.now());
-                let r = sh
-                    .dest
-                    .write_at(data, offset)
-                    .map_err(|e| crate::exec::status_of(&e));
-                sh.view.foreground_finished(sh.clock.now());
-                return r;
-            }
-            sh.submit(Request::Write { offset, len, fua }, ReqBuf::Write(data))
-        })
-    }
-
-    /// Flushes: every write completed before this call is durable, and so is the metadata
-    /// that routes it.
-    pub fn flush(&self) -> Result<(), IoStatus> {
-        self.timed(Op::Flush, 0, || {
-            if self.sh.finalized.load(Ordering::Acquire) {
-                // Finalized, nothing is ever marked again: the destination's flush is all.
-                return self.sh.flush_dest();
-            }
-            self.sh.submit(Request::Flush, ReqBuf::None)
-        })
-    }
-
-    /// Discards `[offset, offset+len)`. Once finalized, the whole range is passed down to
-    /// the destination (as dm-linear does) if the clone passes discards down, and otherwise
-    /// it completes at once.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
-        let sh = &self.sh;
-        self.timed(Op::Discard, len, || {
-            if sh.finalized.load(Ordering::Acquire) {
-                sh.check_range(offset, len)?;
-                if !sh.discard_passdown {
-                    return Ok(());
-                }
-                return sh.dest.discard(offset, len).map_err(|e| status_of(&e));
-            }
-            sh.submit(Request::Discard { offset, len }, ReqBuf::None)
-        })
-    }
-
-    /// Makes `[offset, offset+len)` read as zeros.
-    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoStatus> {
-        let sh = &self.sh;
-        self.timed(Op::WriteZeroes, len, || {
-            if sh.finalized.load(Ordering::Acquire) {
-                sh.check_range(offset, len)?;
-                sh.dest
-                    .write_zeroes(offset, len)
-                    .map_err(|e| status_of(&e))?;
-                return if fua { sh.flush_dest() } else { Ok(()) };
-            }
-            sh.submit(Request::WriteZeroes { offset, len, fua }, ReqBuf::None)
-        })
-    }
-
     /// Hydrates every region `[offset, offset+len)` touches, and returns once they are.
     /// Once finalized every region is, and this returns at once.
-    pub fn hydrate(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
+    pub fn hydrate(&self, offset: u64, len: u64) -> Result<(), IoError> {
         let sh = &self.sh;
         self.timed(Op::Cache, len, || {
             if sh.finalized.load(Ordering::Acquire) {
@@ -688,8 +598,8 @@ impl Volume {
         &self,
         op: Op,
         bytes: u64,
-        f: impl FnOnce() -> Result<(), IoStatus>,
-    ) -> Result<(), IoStatus> {
+        f: impl FnOnce() -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
         let t = Instant::now();
         let r = f();
         self.sh.metrics.request(op, bytes, t.elapsed(), r.is_ok());
@@ -718,8 +628,8 @@ impl Volume {
     }
 
     /// Commits the metadata if anything changed (what a dm-clone status request does first).
-    pub fn commit(&self) -> IoStatus {
-        self.sh.control_wait(|token| Control::Commit { token })
+    pub fn commit(&self) -> Result<(), IoError> {
+        IoError::check(self.sh.control_wait(|token| Control::Commit { token }))
     }
 
     /// The status: engine counters and metadata usage.
@@ -754,7 +664,7 @@ impl Volume {
     /// The suspend sequence (SPEC 4.5, and H3: shutdown commits): stops background
     /// hydration, waits for hydrations in flight, commits, then stops the threads. Callers
     /// stop their exports first so no request is in flight. Returns the commit's outcome.
-    pub fn shutdown(&self) -> IoStatus {
+    pub fn shutdown(&self) -> Result<(), IoError> {
         self.sh.stopped.store(true, Ordering::Release);
         let status = self.sh.control_wait(|token| Control::Suspend { token });
         {
@@ -769,7 +679,7 @@ impl Volume {
         for t in threads {
             let _ = t.join();
         }
-        status
+        IoError::check(status)
     }
 }
 
@@ -829,12 +739,128 @@ fn timer_loop(sh: &Shared) {
     }
 }
 
+/// The one forwarding from an export to the clone: NBD, FUSE and ublk all call these.
+impl BlockExport for Volume {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes()
+    }
+
+    fn caps(&self) -> ExportCaps {
+        ExportCaps {
+            logical_block_size: self.logical_block_size(),
+            granularity: self.sh.geometry.region_bytes(),
+            flush: true,
+            fua: true,
+            // Discard is always accepted, as the kernel target does (SPEC 1.3).
+            discard: true,
+            write_zeroes: true,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Never waits for hydration: unhydrated regions are
+    /// read from the source.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let sh = &self.sh;
+        let len = buf.len() as u64;
+        self.timed(Op::Read, len, || {
+            sh.check_range(offset, len)?;
+            if sh.finalized.load(Ordering::Acquire) {
+                return sh.dest.read_at(buf, offset).map_err(|e| IoError::of_io(&e));
+            }
+            sh.view.foreground_started(sh.clock.now());
+            sh.note_read(offset, len);
+            let source = read_lock(&sh.source);
+            let devs = Devices {
+                source: &**source,
+                dest: &*sh.dest,
+            };
+            let r = read_routed(&sh.view, &sh.geometry, &devs, offset, buf);
+            drop(source);
+            sh.view.foreground_finished(sh.clock.now());
+            IoError::check(r)?;
+            sh.offer_fills(offset, buf);
+            Ok(())
+        })
+    }
+
+    /// Writes `data` at `offset`; with `fua`, completes only once the data and the metadata
+    /// recording its region are durable.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        let sh = &self.sh;
+        let len = data.len() as u64;
+        self.timed(Op::Write, len, || {
+            sh.check_range(offset, len)?;
+            if sh.finalized.load(Ordering::Acquire) {
+                sh.dest
+                    .write_at(data, offset)
+                    .map_err(|e| IoError::of_io(&e))?;
+                return if fua { sh.flush_dest() } else { Ok(()) };
+            }
+            if fast_write_ok(&sh.view, &sh.geometry, offset, len, fua) {
+                // Hot path: a hydrated region is the destination's, nothing to decide.
+                sh.view.foreground_started(sh.clock.now());
+                let r = sh
+                    .dest
+                    .write_at(data, offset)
+                    .map_err(|e| IoError::of_io(&e));
+                sh.view.foreground_finished(sh.clock.now());
+                return r;
+            }
+            sh.submit(Request::Write { offset, len, fua }, ReqBuf::Write(data))
+        })
+    }
+
+    /// Flushes: every write completed before this call is durable, and so is the metadata
+    /// that routes it.
+    fn flush(&self) -> Result<(), IoError> {
+        self.timed(Op::Flush, 0, || {
+            if self.sh.finalized.load(Ordering::Acquire) {
+                // Finalized, nothing is ever marked again: the destination's flush is all.
+                return self.sh.flush_dest();
+            }
+            self.sh.submit(Request::Flush, ReqBuf::None)
+        })
+    }
+
+    /// Discards `[offset, offset+len)`. Once finalized, the whole range is passed down to
+    /// the destination (as dm-linear does) if the clone passes discards down, and otherwise
+    /// it completes at once.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let sh = &self.sh;
+        self.timed(Op::Discard, len, || {
+            if sh.finalized.load(Ordering::Acquire) {
+                sh.check_range(offset, len)?;
+                if !sh.discard_passdown {
+                    return Ok(());
+                }
+                return sh.dest.discard(offset, len).map_err(|e| IoError::of_io(&e));
+            }
+            sh.submit(Request::Discard { offset, len }, ReqBuf::None)
+        })
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        let sh = &self.sh;
+        self.timed(Op::WriteZeroes, len, || {
+            if sh.finalized.load(Ordering::Acquire) {
+                sh.check_range(offset, len)?;
+                sh.dest
+                    .write_zeroes(offset, len)
+                    .map_err(|e| IoError::of_io(&e))?;
+                return if fua { sh.flush_dest() } else { Ok(()) };
+            }
+            sh.submit(Request::WriteZeroes { offset, len, fua }, ReqBuf::None)
+        })
+    }
+}
+
 impl Shared {
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
         if self.geometry.is_valid_request(self.lbs, offset, len) {
             Ok(())
         } else {
-            Err(IoStatus::Invalid)
+            Err(IoError::Invalid)
         }
     }
 
@@ -845,8 +871,8 @@ impl Shared {
         }
     }
 
-    fn flush_dest(&self) -> Result<(), IoStatus> {
-        self.dest.flush().map_err(|e| status_of(&e))
+    fn flush_dest(&self) -> Result<(), IoError> {
+        self.dest.flush().map_err(|e| IoError::of_io(&e))
     }
 
     /// Feeds the engine and returns what it wants done; re-arms the timer if needed. The
@@ -878,7 +904,7 @@ impl Shared {
     }
 
     /// Submits a request from the calling thread and runs it to its reply.
-    fn submit(&self, req: Request, mut buf: ReqBuf<'_>) -> Result<(), IoStatus> {
+    fn submit(&self, req: Request, mut buf: ReqBuf<'_>) -> Result<(), IoError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = MAILBOX.with(|(tx, rx)| {
             lock(&self.mailboxes).insert(id, tx.clone());
@@ -894,11 +920,7 @@ impl Shared {
             };
         }
         lock(&self.mailboxes).remove(&id);
-        match status {
-            Some(IoStatus::Ok) => Ok(()),
-            Some(s) => Err(s),
-            None => Err(IoStatus::Io),
-        }
+        IoError::check(status.unwrap_or(IoStatus::Io))
     }
 
     fn control_wait(&self, make: impl FnOnce(u64) -> Control) -> IoStatus {

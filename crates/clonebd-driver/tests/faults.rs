@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clonebd_core::Geometry;
-use clonebd_core::engine::{Config, Control, IoStatus, MS, Mode};
-use clonebd_driver::{MonotonicClock, StoreBackend, Volume, VolumeOptions};
+use clonebd_core::engine::{Config, Control, MS, Mode};
+use clonebd_driver::{BlockExport, IoError, MonotonicClock, StoreBackend, Volume, VolumeOptions};
 use clonebd_metadata::{MetadataStore, StoreOptions};
 use clonebd_testkit::{FaultOp, Rng, SimDisk};
 
@@ -80,12 +80,12 @@ fn source_read_error_fails_only_the_requests_that_need_it_and_hydration_retries(
     let mut b = vec![0u8; 512];
     assert_eq!(
         c.vol.read(5 * R, &mut b),
-        Err(IoStatus::Io),
+        Err(IoError::Io),
         "a read of region 5 needs the source"
     );
     assert_eq!(
         c.vol.write(5 * R + 512, &[2u8; 512], false),
-        Err(IoStatus::Io),
+        Err(IoError::Io),
         "its copy fails"
     );
     c.vol
@@ -131,7 +131,7 @@ fn destination_write_error_fails_that_write_only() {
     let c = clone(16, |_| {});
     c.dst
         .inject_fault(FaultOp::Write, Some((3 * R, R)), Some(1), ErrorKind::Other);
-    assert_eq!(c.vol.write(3 * R, &[3u8; 4096], false), Err(IoStatus::Io));
+    assert_eq!(c.vol.write(3 * R, &[3u8; 4096], false), Err(IoError::Io));
     assert!(
         !c.vol.view().map().is_hydrated(3),
         "a failed overwrite hydrates nothing"
@@ -153,14 +153,14 @@ fn failed_destination_flush_goes_read_only() {
     c.vol.write(0, &[1u8; 4096], false).expect("write");
     c.dst
         .inject_fault(FaultOp::Flush, None, Some(1), ErrorKind::Other);
-    assert_eq!(c.vol.flush(), Err(IoStatus::Io));
+    assert_eq!(c.vol.flush(), Err(IoError::Io));
     assert_eq!(c.vol.status().engine.mode, Mode::ReadOnly);
     // Read-only: hydrated regions still read and write; unhydrated ones cannot be written;
     // every flush fails (the failed transaction stays "changed", SPEC 3.8).
     let mut b = vec![0u8; 512];
     c.vol.read(2 * R, &mut b).expect("reads still work");
-    assert_eq!(c.vol.write(2 * R, &[9u8; 512], false), Err(IoStatus::Io));
-    assert_eq!(c.vol.flush(), Err(IoStatus::Io));
+    assert_eq!(c.vol.write(2 * R, &[9u8; 512], false), Err(IoError::Io));
+    assert_eq!(c.vol.flush(), Err(IoError::Io));
     // The metadata holds the last committed state (nothing), untouched.
     let _ = c.vol.shutdown();
     let (_, map) = MetadataStore::open(
@@ -179,7 +179,7 @@ fn metadata_write_error_goes_read_only() {
     c.vol.write(0, &[1u8; 4096], false).expect("write");
     c.meta
         .inject_fault(FaultOp::Write, None, Some(1), ErrorKind::Other);
-    assert_eq!(c.vol.flush(), Err(IoStatus::Io));
+    assert_eq!(c.vol.flush(), Err(IoError::Io));
     assert_eq!(c.vol.status().engine.mode, Mode::ReadOnly);
     // The reload put the bitmap back to the committed state: region 0 reads from the source.
     assert!(!c.vol.view().map().is_hydrated(0));
@@ -197,13 +197,13 @@ fn failed_abort_goes_fail_and_every_request_fails() {
         .inject_fault(FaultOp::Write, None, Some(1), ErrorKind::Other);
     c.meta
         .inject_fault(FaultOp::Read, None, None, ErrorKind::Other);
-    assert_eq!(c.vol.flush(), Err(IoStatus::Io));
+    assert_eq!(c.vol.flush(), Err(IoError::Io));
     assert_eq!(c.vol.status().engine.mode, Mode::Fail);
     let mut b = vec![0u8; 512];
-    assert_eq!(c.vol.read(0, &mut b), Err(IoStatus::Io));
-    assert_eq!(c.vol.read(5 * R, &mut b), Err(IoStatus::Io));
-    assert_eq!(c.vol.write(0, &[1u8; 512], false), Err(IoStatus::Io));
-    assert_eq!(c.vol.flush(), Err(IoStatus::Io));
+    assert_eq!(c.vol.read(0, &mut b), Err(IoError::Io));
+    assert_eq!(c.vol.read(5 * R, &mut b), Err(IoError::Io));
+    assert_eq!(c.vol.write(0, &[1u8; 512], false), Err(IoError::Io));
+    assert_eq!(c.vol.flush(), Err(IoError::Io));
     let _ = c.vol.shutdown();
     c.meta.clear_faults();
     assert!(

@@ -6,10 +6,11 @@
 
 use std::sync::{Arc, Weak};
 
-use clonebd_core::engine::{Config, IoStatus};
+use clonebd_core::engine::Config;
 use clonebd_core::{BlockDev, Caps, Geometry};
 use clonebd_driver::{
-    FinalizeError, Finalized, MonotonicClock, StoreBackend, Volume, VolumeOptions,
+    BlockExport, FinalizeError, Finalized, IoError, MonotonicClock, StoreBackend, Volume,
+    VolumeOptions,
 };
 use clonebd_metadata::{MetadataStore, StoreOptions};
 use clonebd_testkit::{Rng, SimDisk, Trace, TraceEvent, TraceOp};
@@ -196,7 +197,7 @@ fn finalized_discards_pass_down_whole_unless_passdown_is_off() {
     );
     assert_eq!(
         c.vol.discard(0, c.g.target_bytes() + R),
-        Err(IoStatus::Invalid)
+        Err(IoError::Invalid)
     );
     let off = finalized(false);
     off.vol.discard(0, 4 * R).expect("discard without passdown");

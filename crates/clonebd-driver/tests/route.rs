@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clonebd_core::engine::Config;
 use clonebd_core::{AlignedBuf, Geometry};
-use clonebd_driver::{MonotonicClock, StoreBackend, Volume, VolumeOptions};
+use clonebd_driver::{BlockExport, MonotonicClock, StoreBackend, Volume, VolumeOptions};
 use clonebd_io::{FileDevice, OpenOptions};
 use clonebd_metadata::{MetadataStore, StoreOptions};
 

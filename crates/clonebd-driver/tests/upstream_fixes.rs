@@ -12,7 +12,9 @@ use clonebd_core::dmclone::{MetadataMode, StatusInfo, format_status};
 use clonebd_core::engine::{Action, Config, Control, Engine, Input, IoStatus, Request, SharedView};
 use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
 use clonebd_driver::exec::{Devices, ReqBuf, SPARSE_COPY, execute_data, execute_metadata, op_of};
-use clonebd_driver::{MetadataBackend, MonotonicClock, StoreBackend, Volume, VolumeOptions};
+use clonebd_driver::{
+    BlockExport, IoError, MetadataBackend, MonotonicClock, StoreBackend, Volume, VolumeOptions,
+};
 use clonebd_io::{FileDevice, OpenOptions};
 use clonebd_metadata::{MetadataStore, StoreOptions};
 use clonebd_testkit::{CutStyle, Rng, SimDisk, Trace, TraceOp};
@@ -621,7 +623,7 @@ fn h4_discard_errors_are_reported() {
         Some(1),
         std::io::ErrorKind::Other,
     );
-    assert_eq!(vol.discard(0, 4096), Err(IoStatus::Io));
+    assert_eq!(vol.discard(0, 4096), Err(IoError::Io));
     assert_eq!(vol.discard(0, 4096), Ok(()));
     assert!(vol.shutdown().is_ok());
 }

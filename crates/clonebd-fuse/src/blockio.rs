@@ -13,9 +13,9 @@
 
 use clonebd_core::AlignedBuf;
 use clonebd_core::buf::BUF_ALIGN;
+use clonebd_driver::{BlockExport, IoError};
 use fuser::Errno;
 
-use crate::backend::{BlockBackend, errno_of};
 use crate::rangelock::RangeLock;
 
 /// How [`BlockFile::zero`] treats the range.
@@ -46,15 +46,20 @@ fn up(x: u64, a: u64) -> u64 {
     x.div_ceil(a).saturating_mul(a)
 }
 
+/// The errno a FUSE reply carries for a failed request.
+fn errno_of(e: IoError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
 /// `usize` of a length known to fit (it is at most a request's length).
 fn len_of(x: u64) -> Result<usize, Errno> {
     usize::try_from(x).map_err(|_| Errno::EINVAL)
 }
 
-impl<B: BlockBackend> BlockFile<B> {
+impl<B: BlockExport> BlockFile<B> {
     /// A file over `dev`.
     pub(crate) fn new(dev: B) -> Self {
-        let lbs = u64::from(dev.logical_block_size().max(512));
+        let lbs = u64::from(dev.caps().logical_block_size.max(512));
         let size = down(dev.size_bytes(), lbs);
         Self {
             dev,
@@ -215,7 +220,7 @@ impl<B: BlockBackend> BlockFile<B> {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use clonebd_core::engine::IoStatus;
+    use clonebd_driver::ExportCaps;
     use proptest::prelude::*;
 
     use super::*;
@@ -238,7 +243,7 @@ mod tests {
             }
         }
 
-        fn check(&self, offset: u64, len: u64) -> Result<(usize, usize), IoStatus> {
+        fn check(&self, offset: u64, len: u64) -> Result<(usize, usize), IoError> {
             let lbs = u64::from(self.lbs);
             let size = self.data.lock().expect("disk").len() as u64;
             if len == 0
@@ -246,7 +251,7 @@ mod tests {
                 || !len.is_multiple_of(lbs)
                 || offset + len > size
             {
-                return Err(IoStatus::Invalid);
+                return Err(IoError::Invalid);
             }
             Ok((offset as usize, (offset + len) as usize))
         }
@@ -256,37 +261,55 @@ mod tests {
         }
     }
 
-    impl BlockBackend for Arc<MemDisk> {
+    /// The disk as the file's backend, shared with the test that inspects it.
+    #[derive(Debug)]
+    struct Shared(Arc<MemDisk>);
+
+    impl std::ops::Deref for Shared {
+        type Target = MemDisk;
+        fn deref(&self) -> &MemDisk {
+            &self.0
+        }
+    }
+
+    impl BlockExport for Shared {
         fn size_bytes(&self) -> u64 {
             self.data.lock().expect("disk").len() as u64
         }
-        fn logical_block_size(&self) -> u32 {
-            self.lbs
+        fn caps(&self) -> ExportCaps {
+            ExportCaps {
+                logical_block_size: self.lbs,
+                granularity: u64::from(self.lbs),
+                flush: true,
+                fua: true,
+                discard: true,
+                write_zeroes: true,
+            }
         }
-        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus> {
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
             let (s, e) = self.check(offset, buf.len() as u64)?;
             buf.copy_from_slice(&self.data.lock().expect("disk")[s..e]);
             Ok(())
         }
-        fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), IoStatus> {
+        fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), IoError> {
             let (s, e) = self.check(offset, data.len() as u64)?;
             // Widen the window between a read-modify-write's read and write.
             std::thread::yield_now();
             self.data.lock().expect("disk")[s..e].copy_from_slice(data);
             Ok(())
         }
-        fn flush(&self) -> Result<(), IoStatus> {
+        fn flush(&self) -> Result<(), IoError> {
             self.log.lock().expect("log").push("flush");
             Ok(())
         }
-        fn discard(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
+        fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
             let (s, e) = self.check(offset, len)?;
             self.log.lock().expect("log").push("discard");
             // Discarded blocks read as garbage, not zeros.
             self.data.lock().expect("disk")[s..e].fill(0xdd);
             Ok(())
         }
-        fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), IoStatus> {
+        fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), IoError> {
             let (s, e) = self.check(offset, len)?;
             self.log.lock().expect("log").push("zeroes");
             self.data.lock().expect("disk")[s..e].fill(0);
@@ -294,9 +317,9 @@ mod tests {
         }
     }
 
-    fn file(size: usize, lbs: u32) -> (BlockFile<Arc<MemDisk>>, Arc<MemDisk>) {
+    fn file(size: usize, lbs: u32) -> (BlockFile<Shared>, Arc<MemDisk>) {
         let d = Arc::new(MemDisk::new(size, lbs));
-        (BlockFile::new(Arc::clone(&d)), d)
+        (BlockFile::new(Shared(Arc::clone(&d))), d)
     }
 
     #[test]

@@ -24,13 +24,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use clonebd_core::AlignedBuf;
+use clonebd_driver::BlockExport;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::backend::BlockBackend;
 use crate::blockio::{BlockFile, ZeroMode};
 
 /// Attributes never change (the size is fixed), so the kernel may keep them long.
@@ -173,7 +173,7 @@ pub(crate) struct CloneFs<B> {
     tuning: Tuning,
 }
 
-impl<B: BlockBackend> CloneFs<B> {
+impl<B: BlockExport + 'static> CloneFs<B> {
     pub(crate) fn new(backend: B, gate: Arc<Gate>, stats: Arc<Stats>, tuning: Tuning) -> Self {
         let file = BlockFile::new(backend);
         let now = SystemTime::now();
@@ -216,7 +216,7 @@ fn wants_fua(flags: OpenFlags) -> bool {
     flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0
 }
 
-impl<B: BlockBackend> Filesystem for CloneFs<B> {
+impl<B: BlockExport + 'static> Filesystem for CloneFs<B> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let io = self.tuning.max_io_bytes.max(4096);
         if let Err(max) = config.set_max_write(io) {
@@ -414,7 +414,7 @@ impl<B: BlockBackend> Filesystem for CloneFs<B> {
 }
 
 /// `fallocate(2)` on the file: what each mode means for a file that cannot change size.
-pub(crate) fn fallocate<B: BlockBackend>(
+pub(crate) fn fallocate<B: BlockExport>(
     file: &BlockFile<B>,
     offset: u64,
     length: u64,

@@ -7,8 +7,8 @@
 //! size is the clone's, and its bytes are the clone's bytes.
 //!
 //! Modules:
-//! - [`backend`]: the block device behind the file ([`BlockBackend`], implemented by the
-//!   clone's `Volume`) and the one `IoStatus` → errno mapping;
+//! - the block device behind the file is any [`BlockExport`] (the clone's `Volume`), whose
+//!   errors become a reply's errno through [`IoError::errno`](clonebd_driver::IoError::errno);
 //! - `blockio`: byte-addressed reads and writes over whole logical blocks (read-modify-write
 //!   of partial blocks, serialised by a range lock);
 //! - `fs`: the FUSE requests;
@@ -21,7 +21,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod backend;
 mod blockio;
 mod fs;
 pub mod mountpoint;
@@ -33,7 +32,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use backend::{BlockBackend, errno_of};
+pub use clonebd_driver::BlockExport;
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 pub use mountpoint::Prepared;
 use thiserror::Error;
@@ -172,7 +171,7 @@ pub struct FuseExport {
 impl FuseExport {
     /// Mounts `backend` as the regular file `path` (created if missing; a stale mount a dead
     /// daemon left there is cleaned up when safe) and serves it on `opts.threads` threads.
-    pub fn start<B: BlockBackend>(
+    pub fn start<B: BlockExport + 'static>(
         backend: B,
         path: &Path,
         opts: &FuseOptions,

@@ -291,7 +291,7 @@ fn read_only_export_refuses_writes() {
     assert_eq!(flags & 2, 2, "READ_ONLY");
     assert_eq!(flags & (1 << 5), 0, "no SEND_TRIM");
     c.request(0, CMD_WRITE, 1, 0, 512, &[1; 512]);
-    assert_eq!(c.reply(no_data).error, 1);
+    assert_eq!(c.reply(no_data).error, EPERM);
     c.request(0, CMD_WRITE_ZEROES, 2, 0, 512, &[]);
     assert_eq!(c.reply(no_data).error, EINVAL);
     c.request(0, CMD_READ, 3, 0, 512, &[]);

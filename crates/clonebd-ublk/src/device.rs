@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use clonebd_driver::Volume;
+use clonebd_driver::{BlockExport, Volume};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, BufDescList, UblkFlags, UblkIORes, sys};
@@ -157,8 +157,9 @@ fn run(
         }
     };
     let size = vol.size_bytes();
-    let lbs = vol.logical_block_size().max(512);
-    let region = vol.geometry().region_bytes();
+    let caps = vol.caps();
+    let lbs = caps.logical_block_size.max(512);
+    let region = caps.granularity;
     let qvol = vol.clone();
     let started = Arc::clone(&ctrl);
     let tx2 = tx.clone();
@@ -166,18 +167,26 @@ fn run(
         move |dev: &mut UblkDev| {
             dev.set_default_params(size);
             let p = &mut dev.tgt.params;
-            p.basic.attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+            p.basic.attrs = 0;
+            if caps.flush {
+                p.basic.attrs |= sys::UBLK_ATTR_VOLATILE_CACHE;
+            }
+            if caps.fua {
+                p.basic.attrs |= sys::UBLK_ATTR_FUA;
+            }
             p.basic.logical_bs_shift = u8::try_from(lbs.trailing_zeros()).unwrap_or(9);
             p.basic.physical_bs_shift = p.basic.logical_bs_shift.max(12);
             let region_shift = u8::try_from(region.trailing_zeros()).unwrap_or(12);
             p.basic.io_min_shift = region_shift;
             p.basic.io_opt_shift = region_shift;
-            p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
-            p.discard.discard_granularity = u32::try_from(region).unwrap_or(u32::MAX);
-            let max = (u32::MAX >> 9) / 8 * 8;
-            p.discard.max_discard_sectors = max;
-            p.discard.max_write_zeroes_sectors = max;
-            p.discard.max_discard_segments = 1;
+            if caps.discard || caps.write_zeroes {
+                p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+                p.discard.discard_granularity = u32::try_from(region).unwrap_or(u32::MAX);
+                let max = (u32::MAX >> 9) / 8 * 8;
+                p.discard.max_discard_sectors = if caps.discard { max } else { 0 };
+                p.discard.max_write_zeroes_sectors = if caps.write_zeroes { max } else { 0 };
+                p.discard.max_discard_segments = 1;
+            }
             Ok(())
         },
         move |qid: u16, dev: &UblkDev| serve_queue(&qvol, qid, dev),

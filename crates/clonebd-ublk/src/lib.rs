@@ -23,8 +23,7 @@ mod device;
 
 use std::path::{Path, PathBuf};
 
-use clonebd_core::engine::IoStatus;
-use clonebd_driver::Volume;
+use clonebd_driver::{BlockExport, IoError, Volume};
 use thiserror::Error;
 
 /// The ublk control device, present when the kernel has ublk.
@@ -90,52 +89,10 @@ impl Default for UblkOptions {
     }
 }
 
-/// The one mapping from engine statuses to the (positive) errno ublk completes with.
-pub fn errno_of(s: IoStatus) -> i32 {
-    match s {
-        IoStatus::Ok | IoStatus::Io => libc::EIO,
-        IoStatus::NoSpace => libc::ENOSPC,
-        IoStatus::Invalid => libc::EINVAL,
-        IoStatus::ReadOnly => libc::EROFS,
-        IoStatus::NotSupported => libc::EOPNOTSUPP,
-    }
-}
-
-/// What a ublk request runs on: the clone's [`Volume`], or a stand-in in tests.
-pub trait Target {
-    /// Reads `buf.len()` bytes at `offset`.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus>;
-    /// Writes `data` at `offset`.
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoStatus>;
-    /// Flushes.
-    fn flush(&self) -> Result<(), IoStatus>;
-    /// Discards.
-    fn discard(&self, offset: u64, len: u64) -> Result<(), IoStatus>;
-    /// Writes zeroes.
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoStatus>;
-}
-
-impl Target for Volume {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus> {
-        Volume::read(self, offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoStatus> {
-        Volume::write(self, offset, data, fua)
-    }
-    fn flush(&self) -> Result<(), IoStatus> {
-        Volume::flush(self)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), IoStatus> {
-        Volume::discard(self, offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoStatus> {
-        Volume::write_zeroes(self, offset, len, fua)
-    }
-}
-
-/// Runs one ublk request on `t` with the tag's buffer `buf`, and returns what completes
-/// it: the bytes moved for reads and writes, 0 for the others, or `-errno`.
-pub fn serve<T: Target + ?Sized>(
+/// Runs one ublk request on `t` (the clone's [`Volume`], or a stand-in in tests) with the
+/// tag's buffer `buf`, and returns what completes it: the bytes moved for reads and writes,
+/// 0 for the others, or `-errno` ([`IoError::errno`]).
+pub fn serve<T: BlockExport + ?Sized>(
     t: &T,
     op_flags: u32,
     start_sector: u64,
@@ -146,7 +103,7 @@ pub fn serve<T: Target + ?Sized>(
     // A flush has no range: the kernel's flush request carries start sector u64::MAX
     // (blk_rq_pos of a flush), so it must not go through the offset arithmetic below.
     if op_flags & 0xff == op::FLUSH {
-        return t.flush().map_or_else(|s| -errno_of(s), |()| 0);
+        return t.flush().map_or_else(|e| -e.errno(), |()| 0);
     }
     let (Some(offset), len) = (start_sector.checked_mul(512), u64::from(nr_sectors) * 512) else {
         return -libc::EINVAL;
@@ -156,17 +113,17 @@ pub fn serve<T: Target + ?Sized>(
     let r = match op_flags & 0xff {
         op::READ => match data_len {
             Some(l) => t.read(offset, &mut buf[..l]).map(|()| moved),
-            None => Err(IoStatus::Invalid),
+            None => Err(IoError::Invalid),
         },
         op::WRITE => match data_len {
             Some(l) => t.write(offset, &buf[..l], fua).map(|()| moved),
-            None => Err(IoStatus::Invalid),
+            None => Err(IoError::Invalid),
         },
         op::DISCARD => t.discard(offset, len).map(|()| 0),
         op::WRITE_ZEROES => t.write_zeroes(offset, len, fua).map(|()| 0),
-        _ => Err(IoStatus::NotSupported),
+        _ => Err(IoError::NotSupported),
     };
-    r.unwrap_or_else(|s| -errno_of(s))
+    r.unwrap_or_else(|e| -e.errno())
 }
 
 /// A running ublk device serving the clone.
@@ -214,13 +171,28 @@ impl UblkExport {
 mod tests {
     use std::sync::Mutex;
 
+    use clonebd_driver::ExportCaps;
+
     use super::*;
 
     #[derive(Default)]
     struct Log(Mutex<Vec<String>>);
 
-    impl Target for Log {
-        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoStatus> {
+    impl BlockExport for Log {
+        fn size_bytes(&self) -> u64 {
+            1 << 20
+        }
+        fn caps(&self) -> ExportCaps {
+            ExportCaps {
+                logical_block_size: 512,
+                granularity: 4096,
+                flush: true,
+                fua: true,
+                discard: true,
+                write_zeroes: true,
+            }
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
             buf.fill(0xab);
             self.0
                 .lock()
@@ -228,21 +200,21 @@ mod tests {
                 .push(format!("read {offset}+{}", buf.len()));
             Ok(())
         }
-        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoStatus> {
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
             self.0
                 .lock()
                 .expect("log")
                 .push(format!("write {offset}+{} fua={fua}", data.len()));
             Ok(())
         }
-        fn flush(&self) -> Result<(), IoStatus> {
+        fn flush(&self) -> Result<(), IoError> {
             self.0.lock().expect("log").push("flush".into());
             Ok(())
         }
-        fn discard(&self, _offset: u64, _len: u64) -> Result<(), IoStatus> {
-            Err(IoStatus::NoSpace)
+        fn discard(&self, _offset: u64, _len: u64) -> Result<(), IoError> {
+            Err(IoError::NoSpace)
         }
-        fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoStatus> {
+        fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
             self.0
                 .lock()
                 .expect("log")

@@ -24,11 +24,11 @@ use clonebd_core::dmclone::{
     CloneTable, DeviceInfo, Message, OpenFailure, TableDevices, TableError, format_table_line,
     parse_message, parse_table, split_table_words,
 };
-use clonebd_core::engine::{Config, Control, HydrationPriority, IoStatus};
+use clonebd_core::engine::{Config, Control, HydrationPriority};
 use clonebd_core::errno::describe;
 use clonebd_core::{BlockDev, Geometry, SECTOR_SIZE};
 use clonebd_driver::{
-    FinalizeError, Finalized, MonotonicClock, StoreBackend, Volume, VolumeOptions,
+    FinalizeError, Finalized, IoError, MonotonicClock, StoreBackend, Volume, VolumeOptions,
 };
 use clonebd_io::identity::Identity;
 use clonebd_io::socket::{BindError, SocketFile, bind_unix};
@@ -312,8 +312,8 @@ pub enum DaemonError {
     #[error("cannot wait for signals: {}", describe(.0))]
     Signals(io::Error),
     /// The final commit failed: the metadata may not hold the last hydrations.
-    #[error("the final metadata commit failed ({0:?}); the next start re-copies what was lost")]
-    FinalCommit(IoStatus),
+    #[error("the final metadata commit failed ({0}); the next start re-copies what was lost")]
+    FinalCommit(IoError),
     /// No source was given, but the metadata does not say every region is hydrated.
     #[error(
         "metadata {}: {remaining} of {total} regions are not hydrated, so the clone still needs its source: give --source (or the table's source device) to go on hydrating it",
@@ -1511,7 +1511,7 @@ impl Daemon {
         if let Some(t) = self.sampler.take() {
             let _ = t.join();
         }
-        let st = self.volume.shutdown();
+        let committed = self.volume.shutdown();
         if let Some(r) = self.recorder.take()
             && let Err(e) = r.finish()
         {
@@ -1523,11 +1523,7 @@ impl Daemon {
             s.engine.nr_hydrated,
             s.engine.nr_regions
         );
-        if st.is_ok() {
-            Ok(())
-        } else {
-            Err(DaemonError::FinalCommit(st))
-        }
+        committed.map_err(DaemonError::FinalCommit)
     }
 }
 

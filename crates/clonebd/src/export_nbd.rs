@@ -1,14 +1,14 @@
 //! The clone as an NBD export: [`CloneExport`] implements the NBD server's
-//! [`clonebd_nbd::Backend`] over a [`Volume`].
+//! [`clonebd_nbd::Backend`] over a [`Volume`], its requests through the volume's
+//! [`BlockExport`] (as FUSE and ublk call it), its errors through [`nbd_error`].
 //!
 //! Besides `base:allocation`, the export reports our own metadata context
 //! `clonebd:hydrated`: bit 0 (value 1) of an extent's flags is set where the regions are
 //! hydrated, so `nbdinfo --map=clonebd:hydrated` shows hydration progress. `NBD_CMD_CACHE`
 //! hydrates the range now (SPEC D6).
 
-use clonebd_core::engine::IoStatus;
-use clonebd_driver::Volume;
 use clonebd_driver::exec::runs;
+use clonebd_driver::{BlockExport, IoError, Volume};
 use clonebd_nbd::{
     Backend, BackendFlags, BlockSizes, Extent, NbdError, Route, RouteKind, Segment, ZeroFlags,
 };
@@ -35,14 +35,14 @@ impl CloneExport {
     }
 }
 
-/// The one mapping from engine statuses to NBD errors.
-pub fn nbd_error(s: IoStatus) -> NbdError {
-    match s {
-        IoStatus::Ok | IoStatus::Io => NbdError::Io,
-        IoStatus::NoSpace => NbdError::NoSpace,
-        IoStatus::Invalid => NbdError::Invalid,
-        IoStatus::ReadOnly => NbdError::Permission,
-        IoStatus::NotSupported => NbdError::NotSupported,
+/// The one mapping from the clone's request errors to NBD errors.
+pub fn nbd_error(e: IoError) -> NbdError {
+    match e {
+        IoError::Io => NbdError::Io,
+        IoError::NoSpace => NbdError::NoSpace,
+        IoError::Invalid => NbdError::Invalid,
+        IoError::ReadOnly => NbdError::Permission,
+        IoError::NotSupported => NbdError::NotSupported,
     }
 }
 
@@ -53,24 +53,23 @@ impl Backend for CloneExport {
 
     fn block_sizes(&self) -> BlockSizes {
         let max = 32u32 << 20;
-        let region = u32::try_from(self.vol.geometry().region_bytes())
-            .unwrap_or(max)
-            .min(max);
+        let caps = self.vol.caps();
+        let preferred = u32::try_from(caps.granularity).unwrap_or(max).min(max);
         BlockSizes {
-            minimum: self.vol.logical_block_size(),
-            preferred: region,
+            minimum: caps.logical_block_size,
+            preferred,
             maximum: max,
         }
     }
 
     fn flags(&self) -> BackendFlags {
+        let caps = self.vol.caps();
         BackendFlags {
             read_only: false,
-            flush: true,
-            fua: true,
-            // Discard is always advertised, as the kernel target does (SPEC 1.3).
-            trim: true,
-            write_zeroes: true,
+            flush: caps.flush,
+            fua: caps.fua,
+            trim: caps.discard,
+            write_zeroes: caps.write_zeroes,
             fast_zero: false,
             cache: true,
             // One engine and one destination behind every connection: a flush covers writes
@@ -80,19 +79,19 @@ impl Backend for CloneExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        self.vol.read(offset, buf).map_err(nbd_error)
+        BlockExport::read(&self.vol, offset, buf).map_err(nbd_error)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
-        self.vol.write(offset, data, fua).map_err(nbd_error)
+        BlockExport::write(&self.vol, offset, data, fua).map_err(nbd_error)
     }
 
     fn flush(&self) -> Result<(), NbdError> {
-        self.vol.flush().map_err(nbd_error)
+        BlockExport::flush(&self.vol).map_err(nbd_error)
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), NbdError> {
-        self.vol.discard(offset, len).map_err(nbd_error)?;
+        BlockExport::discard(&self.vol, offset, len).map_err(nbd_error)?;
         if fua { self.flush() } else { Ok(()) }
     }
 
@@ -100,9 +99,7 @@ impl Backend for CloneExport {
         if flags.fast_zero {
             return Err(NbdError::NotSupported);
         }
-        self.vol
-            .write_zeroes(offset, len, flags.fua)
-            .map_err(nbd_error)
+        BlockExport::write_zeroes(&self.vol, offset, len, flags.fua).map_err(nbd_error)
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<(), NbdError> {
@@ -127,7 +124,7 @@ impl Backend for CloneExport {
         Some(Route {
             segments: vec![segment],
             guard: Box::new(routed),
-            error: |e| nbd_error(clonebd_driver::exec::status_of(e)),
+            error: |e| nbd_error(IoError::of_io(e)),
         })
     }
 
@@ -159,5 +156,25 @@ impl Backend for CloneExport {
             })
             .collect();
         Ok(extents)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_own_nbd_error_and_errno() {
+        let want = [
+            (NbdError::Io, libc::EIO),
+            (NbdError::NoSpace, libc::ENOSPC),
+            (NbdError::Invalid, libc::EINVAL),
+            (NbdError::Permission, libc::EROFS),
+            (NbdError::NotSupported, libc::EOPNOTSUPP),
+        ];
+        for (e, (nbd, errno)) in IoError::ALL.into_iter().zip(want) {
+            assert_eq!(nbd_error(e), nbd, "{e:?}");
+            assert_eq!(e.errno(), errno, "{e:?}");
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use clonebd::daemon::{CloneSpec, Daemon, DaemonError, RunOptions};
+use clonebd_driver::BlockExport;
 
 fn files(dir: &Path, size: u64) {
     let src: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();

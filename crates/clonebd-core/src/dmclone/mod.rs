@@ -31,19 +31,18 @@ pub use table::{
 };
 pub use words::{TableLine, TableLineError, parse_table_line, split_table_words};
 
-/// The Linux errno values this module reports (x86-64 and every other Linux architecture
-/// share them).
+/// The Linux errno values this module reports, by name.
 pub mod errno {
     /// Operation not permitted.
-    pub const EPERM: i32 = 1;
+    pub const EPERM: i32 = libc::EPERM;
     /// Out of memory.
-    pub const ENOMEM: i32 = 12;
+    pub const ENOMEM: i32 = libc::ENOMEM;
     /// No such device: what the kernel returns for a device path that does not exist.
-    pub const ENODEV: i32 = 19;
+    pub const ENODEV: i32 = libc::ENODEV;
     /// Invalid argument.
-    pub const EINVAL: i32 = 22;
+    pub const EINVAL: i32 = libc::EINVAL;
     /// Result out of range (`kstrtouint` overflow).
-    pub const ERANGE: i32 = 34;
+    pub const ERANGE: i32 = libc::ERANGE;
     /// Value too large for defined data type.
-    pub const EOVERFLOW: i32 = 75;
+    pub const EOVERFLOW: i32 = libc::EOVERFLOW;
 }

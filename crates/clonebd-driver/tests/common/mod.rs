@@ -27,6 +27,11 @@ struct AtomicMeta {
     committed: Arc<Mutex<Vec<u64>>>,
 }
 
+/// A lock a panicking test thread left poisoned, as a backend failure.
+fn poisoned() -> BackendError {
+    BackendError::Io(std::io::Error::other("poisoned"))
+}
+
 impl MetadataBackend for AtomicMeta {
     fn commit(&mut self, dirty: &DirtySet) -> Result<(), BackendError> {
         if dirty.is_empty() {
@@ -34,7 +39,7 @@ impl MetadataBackend for AtomicMeta {
         }
         self.disk.write_at(&[1u8; 512], 0)?;
         self.disk.flush()?;
-        let mut c = self.committed.lock().map_err(|_| "poisoned")?;
+        let mut c = self.committed.lock().map_err(|_| poisoned())?;
         for (w, m) in dirty.words() {
             c[w as usize] |= m;
         }
@@ -44,7 +49,7 @@ impl MetadataBackend for AtomicMeta {
     fn abort_and_reload(&mut self, map: &HydrationMap) -> Result<(), BackendError> {
         let mut b = [0u8; 512];
         self.disk.read_at(&mut b, 0)?;
-        let c = self.committed.lock().map_err(|_| "poisoned")?;
+        let c = self.committed.lock().map_err(|_| poisoned())?;
         for (w, &v) in c.iter().enumerate() {
             map.store_word(w as u64, v);
         }
