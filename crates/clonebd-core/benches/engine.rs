@@ -40,8 +40,6 @@ fn run(e: &mut Engine, now: u64) -> usize {
         let op = match a {
             Action::WriteDest { op, .. }
             | Action::Copy { op, .. }
-            | Action::ReadSource { op, .. }
-            | Action::ReadDest { op, .. }
             | Action::FlushDest { op }
             | Action::CommitMetadata { op, .. }
             | Action::DiscardDest { op, .. } => op,
@@ -57,48 +55,20 @@ fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
 
     let mut e = engine(false);
-    let mut r = 0u64;
-    g.bench_function("full_region_overwrite", |b| {
-        b.iter(|| {
-            r = (r + 1) % REGIONS;
-            e.apply(
-                0,
-                Input::Request(
-                    r + 1,
-                    Request::Write {
-                        offset: r * 4096,
-                        len: 4096,
-                        fua: false,
-                    },
-                ),
-            );
-            run(&mut e, 0)
-        })
-    });
-
-    let mut e = engine(false);
-    let mut r = 0u64;
-    g.bench_function("partial_write_with_copy", |b| {
-        b.iter(|| {
-            r = (r + 1) % REGIONS;
-            e.apply(
-                0,
-                Input::Request(
-                    r + 1,
-                    Request::Write {
-                        offset: r * 4096 + 512,
-                        len: 512,
-                        fua: false,
-                    },
-                ),
-            );
-            run(&mut e, 0)
-        })
-    });
-
-    let mut e = engine(false);
     let mut id = 0u64;
-    g.bench_function("fua_write_to_hydrated_region", |b| {
+    g.bench_function("write_routing_1mib_hydrated", |b| {
+        // 256 hydrated regions: a 1 MiB write becomes one destination write.
+        e.apply(
+            0,
+            Input::Request(
+                1_000_000,
+                Request::Discard {
+                    offset: 0,
+                    len: 1 << 20,
+                },
+            ),
+        );
+        run(&mut e, 0);
         b.iter(|| {
             id += 1;
             e.apply(
@@ -106,42 +76,9 @@ fn benches(c: &mut Criterion) {
                 Input::Request(
                     id,
                     Request::Write {
-                        offset: 0,
-                        len: 4096,
-                        fua: true,
-                    },
-                ),
-            );
-            run(&mut e, 0)
-        })
-    });
-
-    let mut e = engine(false);
-    let mut id = 0u64;
-    g.bench_function("read_routing_1mib_mixed", |b| {
-        // Every other region hydrated: a 1 MiB read becomes 256 runs.
-        for r in (0..4096).step_by(2) {
-            e.apply(
-                0,
-                Input::Request(
-                    1_000_000 + r,
-                    Request::Discard {
-                        offset: r * 4096,
-                        len: 4096,
-                    },
-                ),
-            );
-            run(&mut e, 0);
-        }
-        b.iter(|| {
-            id += 1;
-            e.apply(
-                0,
-                Input::Request(
-                    id,
-                    Request::Read {
                         offset: 0,
                         len: 1 << 20,
+                        fua: false,
                     },
                 ),
             );

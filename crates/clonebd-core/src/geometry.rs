@@ -20,6 +20,12 @@ pub const MAX_REGIONS: u64 = 1 << 31;
 /// A region number.
 pub type RegionId = u64;
 
+/// The logical block size a clone works in for a configured one: never below a sector (a
+/// device that reports less, or nothing, is taken as 512).
+pub fn logical_block_bytes(configured: u64) -> u64 {
+    configured.max(SECTOR_SIZE)
+}
+
 /// Why a geometry is not acceptable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -146,6 +152,22 @@ impl Geometry {
         !self.target_sectors.is_multiple_of(self.region_sectors)
     }
 
+    /// Whether `[offset, offset+len)` is non-empty and inside the clone (without overflow).
+    pub fn contains_range(&self, offset: u64, len: u64) -> bool {
+        len > 0
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.target_bytes())
+    }
+
+    /// Whether a request's byte range is valid: non-empty, inside the clone, and aligned to
+    /// the logical block size ([`logical_block_bytes`] of `lbs`). The one range check: the
+    /// engine and the driver's fast paths both use it.
+    pub fn is_valid_request(&self, lbs: u64, offset: u64, len: u64) -> bool {
+        let lbs = logical_block_bytes(lbs);
+        self.contains_range(offset, len) && offset.is_multiple_of(lbs) && len.is_multiple_of(lbs)
+    }
+
     /// The regions that a byte range `[offset, offset+len)` touches at all: `(first, count)`.
     /// `len` must be non-zero and the range inside the clone.
     pub fn touched_regions(&self, offset: u64, len: u64) -> (RegionId, u64) {
@@ -173,6 +195,22 @@ impl Geometry {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_range_check_with_one_minimum() {
+        let g = super::Geometry::new(64, 8).expect("geometry");
+        assert!(g.is_valid_request(512, 0, 512));
+        assert!(
+            g.is_valid_request(0, 512, 512),
+            "no block size reported: a sector"
+        );
+        assert!(!g.is_valid_request(1, 100, 512), "below a sector: a sector");
+        assert!(!g.is_valid_request(4096, 512, 4096));
+        assert!(!g.is_valid_request(512, 0, 0));
+        assert!(!g.is_valid_request(512, 64 * 512, 512));
+        assert!(!g.is_valid_request(512, u64::MAX - 511, 512));
+        assert!(g.contains_range(100, 1));
+    }
+
     use super::*;
 
     #[test]

@@ -25,8 +25,6 @@ pub struct Devices<'a> {
 pub enum ReqBuf<'a> {
     /// No buffer (flush, discard, write-zeroes, hydrate, or an action of no request).
     None,
-    /// A read request's buffer.
-    Read(&'a mut [u8]),
     /// A write request's data.
     Write(&'a [u8]),
 }
@@ -49,10 +47,10 @@ fn slice(len: u64, at: u64, total: usize) -> Option<std::ops::Range<usize>> {
     (end <= total).then_some(start..end)
 }
 
-/// Performs a data action (`ReadSource`, `ReadDest`, `WriteDest`, `Copy`, `DiscardDest`,
-/// `FlushDest`) and returns its outcome. `scratch` is the copy buffer; copies are made as
-/// `copy` says, and what they did is added to `copied`. Other actions are not I/O on the
-/// data devices and return `None`.
+/// Performs a data action (`WriteDest`, `Copy`, `DiscardDest`, `FlushDest`) and returns its
+/// outcome. `scratch` is the copy buffer; copies are made as `copy` says, and what they did
+/// is added to `copied`. Other actions are not I/O on the data devices and return `None`.
+/// Reads are not actions: the driver routes them from the shared map ([`read_routed`]).
 pub fn execute_data(
     devs: &Devices<'_>,
     action: &Action,
@@ -62,25 +60,6 @@ pub fn execute_data(
 ) -> Option<(IoStatus, CopyDone)> {
     let mut done = CopyDone::default();
     let status = match *action {
-        Action::ReadSource {
-            offset, len, at, ..
-        }
-        | Action::ReadDest {
-            offset, len, at, ..
-        } => {
-            let dev = if matches!(action, Action::ReadSource { .. }) {
-                devs.source
-            } else {
-                devs.dest
-            };
-            match buf {
-                ReqBuf::Read(b) => match slice(len, at, b.len()) {
-                    Some(r) => st(dev.read_at(&mut b[r], offset)),
-                    None => IoStatus::Invalid,
-                },
-                _ => IoStatus::Invalid,
-            }
-        }
         Action::WriteDest {
             offset,
             len,
@@ -353,9 +332,7 @@ pub fn execute_metadata(
 /// The operation id of an action that must be completed, if any.
 pub fn op_of(a: &Action) -> Option<u64> {
     match *a {
-        Action::ReadSource { op, .. }
-        | Action::ReadDest { op, .. }
-        | Action::WriteDest { op, .. }
+        Action::WriteDest { op, .. }
         | Action::Copy { op, .. }
         | Action::DiscardDest { op, .. }
         | Action::FlushDest { op }
@@ -368,10 +345,7 @@ pub fn op_of(a: &Action) -> Option<u64> {
 /// The request whose thread should run an action, if any.
 pub fn owner_of(a: &Action) -> Option<u64> {
     match *a {
-        Action::ReadSource { req, .. }
-        | Action::ReadDest { req, .. }
-        | Action::WriteDest { req, .. }
-        | Action::DiscardDest { req, .. } => Some(req),
+        Action::WriteDest { req, .. } | Action::DiscardDest { req, .. } => Some(req),
         Action::Copy { owner, .. } => owner,
         _ => None,
     }

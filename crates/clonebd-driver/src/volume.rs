@@ -47,6 +47,7 @@ use clonebd_core::engine::{
     Action, Config, Control, Engine, EngineStatus, Event, Input, IoStatus, Mode, ReqId, Request,
     SharedView, Tick,
 };
+use clonebd_core::geometry::logical_block_bytes;
 use clonebd_core::ranges::ByteRange;
 use clonebd_core::{AlignedBuf, BlockDev, Caps, Clock, Geometry, HydrationMap};
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -410,7 +411,7 @@ impl Volume {
             timer_cv: Condvar::new(),
             stopped: AtomicBool::new(false),
             geometry: opts.engine.geometry,
-            lbs: u64::from(opts.engine.logical_block_size.max(512)),
+            lbs: logical_block_bytes(u64::from(opts.engine.logical_block_size)),
             last_copy_error: Mutex::new(None),
             metrics: IoMetrics::default(),
             copy_mode: CopyMode {
@@ -856,13 +857,11 @@ impl BlockExport for Volume {
 
 impl Shared {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        let ok = len > 0
-            && offset.is_multiple_of(self.lbs)
-            && len.is_multiple_of(self.lbs)
-            && offset
-                .checked_add(len)
-                .is_some_and(|e| e <= self.geometry.target_bytes());
-        if ok { Ok(()) } else { Err(IoError::Invalid) }
+        if self.geometry.is_valid_request(self.lbs, offset, len) {
+            Ok(())
+        } else {
+            Err(IoError::Invalid)
+        }
     }
 
     /// A read of `[offset, offset+len)` not finalized: tells the recorder, if there is one.

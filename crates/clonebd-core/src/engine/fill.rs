@@ -20,7 +20,7 @@
 //! failed full-region write. Nothing here reads the source or touches the bytes.
 
 use super::Action;
-use super::{Engine, Flight, FlightKind, IoStatus, Mode, Op, ReqId, WriteData};
+use super::{Engine, IoStatus, Mode, Op, ReqId, WriteData};
 use crate::geometry::RegionId;
 
 impl Engine {
@@ -48,13 +48,10 @@ impl Engine {
         while r < end {
             // Suspended (shutdown) nothing new starts hydrating, as for background copies.
             let free = |e: &Engine, r: RegionId| {
-                e.mode == Mode::ReadWrite
-                    && !e.suspended
-                    && !e.view.map().is_hydrated(r)
-                    && !e.inflight.contains_key(&r)
+                e.mode() == Mode::ReadWrite && !e.suspended && e.regions.is_cold(r)
             };
             if !free(self, r) {
-                self.fills_refused += 1;
+                self.counters.fills_refused += 1;
                 r += 1;
                 continue;
             }
@@ -62,21 +59,12 @@ impl Engine {
             while r + k < end && free(self, r + k) {
                 k += 1;
             }
-            let op = self.new_op(Op::Fill {
+            let op = self.io.start(Op::Fill {
                 req,
                 first: r,
                 n: k,
             });
-            for x in r..r + k {
-                self.inflight.insert(
-                    x,
-                    Flight {
-                        op,
-                        kind: FlightKind::Fill,
-                        waiters: Vec::new(),
-                    },
-                );
-            }
+            self.regions.start_fill(r, k, op);
             let (s, e) = self.geometry().regions_byte_range(r, k);
             self.hold(req, 1);
             self.emit(Action::WriteDest {
@@ -94,14 +82,14 @@ impl Engine {
     /// A fill's destination write completed: mark its regions if it succeeded (and the
     /// metadata still takes marks), then release what waited on them.
     pub(super) fn complete_fill(&mut self, req: ReqId, first: RegionId, n: u64, status: IoStatus) {
-        let ok = status.is_ok() && self.mode == Mode::ReadWrite;
+        let ok = status.is_ok() && self.mode() == Mode::ReadWrite;
         let released = self.land(first, n, ok);
         if ok {
             let (s, e) = self.geometry().regions_byte_range(first, n);
-            self.bytes_hydrated += e - s;
-            self.regions_filled += n;
+            self.counters.bytes_hydrated += e - s;
+            self.counters.regions_filled += n;
         } else if !status.is_ok() {
-            self.copy_errors += 1;
+            self.counters.copy_errors += 1;
         }
         // The fill's answer carries the write's failure, for the driver's log; nobody else
         // is affected by it.

@@ -1,8 +1,9 @@
-//! Background hydration (SPEC 4) and hydrate requests.
+//! The hydrator part: background hydration (SPEC 4) and the hydrate requests' queue.
 //!
-//! The background pass scans from an offset that wraps, skipping hydrated regions and regions
-//! with a hydration in flight, and issues copies of up to `hydration_batch_size` adjacent
-//! regions while fewer than `hydration_threshold` regions of background copies are in flight.
+//! The background pass scans from an offset that wraps, skipping regions that are not cold
+//! (hydrated, or with a hydration in flight), and issues copies of up to
+//! `hydration_batch_size` adjacent regions while fewer than `hydration_threshold` regions of
+//! background copies are in flight.
 //!
 //! Where we differ from the kernel, deliberately (decision D4, issue "keep the priority,
 //! guarantee progress"):
@@ -22,33 +23,187 @@
 //!
 //! Hydrate requests (NBD CACHE) are served first, with their own small budget, and are not
 //! subject to `hydration_threshold`, the enable flag or the rate limit: they are foreground.
+//!
+//! The hydrator owns its settings, the scan, the queues, the limits and the copy window.
+//! It decides which copies to start and is told how they ended; it never starts an
+//! operation itself. The engine asks it for the next background copy
+//! ([`Hydrator::next_background`]) against the regions as they stand, starts it, and asks
+//! again. Other parts reach its state only through its methods (a metadata reload restarts
+//! the scan with [`Hydrator::restart_scan`]).
 
-use super::{CopyOrigin, Engine, IoStatus, Mode, PriorityRange, RegionId, SECOND, Tick, Waiter};
+use std::collections::VecDeque;
 
-impl Engine {
-    /// Whether background hydration would run if nothing held it back.
-    pub(super) fn hydration_wanted(&self) -> bool {
-        self.mode == Mode::ReadWrite
-            && !self.suspended
-            && self.enabled
-            && self.threshold > 0
-            && !self.view.map().is_complete()
+use super::order::OrderQueue;
+use super::regions::Regions;
+use super::{Config, CopyOrigin, CopyWindow, ReqId, SECOND, Tick};
+use crate::geometry::{Geometry, RegionId};
+
+/// A hydrate request's range still to be scheduled.
+#[derive(Debug)]
+struct PriorityRange {
+    req: ReqId,
+    next: RegionId,
+    end: RegionId,
+}
+
+/// One background pass: what holds for all its copies.
+#[derive(Debug)]
+pub(super) struct Pass {
+    busy: bool,
+    scanned_wrap: bool,
+    done: bool,
+}
+
+/// The hydrator part. See the module documentation.
+#[derive(Debug)]
+pub(super) struct Hydrator {
+    // Tunables (messages change them).
+    enabled: bool,
+    threshold: u32,
+    batch: u32,
+    rate_limit: u64,
+    // Fixed settings.
+    backoff_min: Tick,
+    backoff_max: Tick,
+    request_copy_bytes: u64,
+    request_copies: u64,
+    // The scan.
+    offset: RegionId,
+    /// Every region below it is hydrated (the map only gains bits, except on a reload).
+    scan_floor: RegionId,
+    bg_regions: u64,
+    bg_jobs: u64,
+    /// Hydrate requests, in arrival order.
+    requests: VecDeque<PriorityRange>,
+    request_jobs: u64,
+    /// The hydration order queue, copied before the scan.
+    order: OrderQueue,
+    // Limits.
+    consecutive_failures: u32,
+    not_before: Tick,
+    tokens: i128,
+    tokens_at: Tick,
+    busy_limited: bool,
+    window: CopyWindow,
+}
+
+impl Hydrator {
+    pub(super) fn new(cfg: &Config, now: Tick) -> Self {
+        Self {
+            enabled: cfg.hydration_enabled,
+            threshold: cfg.hydration_threshold,
+            batch: cfg.hydration_batch_size,
+            rate_limit: cfg.hydration_rate_limit,
+            backoff_min: cfg.retry_backoff_min,
+            backoff_max: cfg.retry_backoff_max,
+            request_copy_bytes: cfg.priority_copy_bytes,
+            request_copies: u64::from(cfg.priority_copies_in_flight.max(1)),
+            offset: 0,
+            scan_floor: 0,
+            bg_regions: 0,
+            bg_jobs: 0,
+            requests: VecDeque::new(),
+            request_jobs: 0,
+            order: OrderQueue::default(),
+            consecutive_failures: 0,
+            not_before: 0,
+            tokens: 0,
+            tokens_at: now,
+            busy_limited: false,
+            window: CopyWindow::new(cfg.hydration_priority),
+        }
     }
 
-    /// Records a failed background copy: back off the pass.
-    pub(super) fn note_background_failure(&mut self) {
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        let shift = (self.consecutive_failures - 1).min(20);
-        let delay = self
-            .cfg
-            .retry_backoff_min
-            .saturating_mul(1u64 << shift)
-            .min(self.cfg.retry_backoff_max);
-        self.not_before = self.now.saturating_add(delay);
+    // ----- settings -----
+
+    pub(super) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub(super) fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
+    }
+
+    pub(super) fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    pub(super) fn set_threshold(&mut self, n: u32) {
+        self.threshold = n;
+    }
+
+    pub(super) fn batch(&self) -> u32 {
+        self.batch
+    }
+
+    pub(super) fn set_batch(&mut self, n: u32) {
+        self.batch = n;
+    }
+
+    pub(super) fn rate_limit(&self) -> u64 {
+        self.rate_limit
+    }
+
+    /// A new bandwidth limit, counted from `now` with no credit.
+    pub(super) fn set_rate_limit(&mut self, n: u64, now: Tick) {
+        self.rate_limit = n;
+        self.tokens = 0;
+        self.tokens_at = now;
+    }
+
+    /// Client requests completed with a mean latency of `mean` (the copy window's input).
+    pub(super) fn observe(&mut self, now: Tick, mean: Tick, requests: u64) {
+        self.window.observe(now, mean, requests);
+    }
+
+    /// Queues the regions `[offset, offset+len)` touches in the hydration order queue.
+    pub(super) fn queue_first(&mut self, g: &Geometry, offset: u64, len: u64, front: bool) {
+        self.order.push(g, offset, len, front);
+    }
+
+    /// Regions still in the hydration order queue (counted whole, hydrated or not).
+    #[cfg(test)]
+    pub(super) fn queued_regions(&self) -> u64 {
+        self.order.regions()
+    }
+
+    /// The map may have lost bits anywhere (a metadata reload): scan it from the start.
+    pub(super) fn restart_scan(&mut self) {
+        self.scan_floor = 0;
+    }
+
+    // ----- the background pass -----
+
+    /// Whether background hydration would run if nothing held it back; `open` says the
+    /// engine lets it (mode `rw`, not suspended, not every region hydrated).
+    pub(super) fn wanted(&self, open: bool) -> bool {
+        open && self.enabled && self.threshold > 0
+    }
+
+    /// Reports (to `at`) when the pass next wants to run, if something holds it back.
+    pub(super) fn deadlines(
+        &self,
+        now: Tick,
+        open: bool,
+        busy_window: Tick,
+        at: &mut impl FnMut(Tick),
+    ) {
+        if !self.wanted(open) {
+            return;
+        }
+        if self.not_before > now {
+            at(self.not_before);
+        }
+        if let Some(t) = self.rate_limit_deadline() {
+            at(t);
+        }
+        if self.busy_limited {
+            at(now.saturating_add(busy_window));
+        }
     }
 
     /// When the bandwidth limit next allows a copy, if it is what holds hydration back.
-    pub(super) fn rate_limit_deadline(&self) -> Option<Tick> {
+    fn rate_limit_deadline(&self) -> Option<Tick> {
         if self.rate_limit == 0 || self.tokens >= 0 {
             return None;
         }
@@ -60,192 +215,195 @@ impl Engine {
         )
     }
 
-    fn refill_tokens(&mut self) {
+    fn refill_tokens(&mut self, now: Tick) {
         if self.rate_limit == 0 {
             return;
         }
-        let elapsed = self.now.saturating_sub(self.tokens_at);
+        let elapsed = now.saturating_sub(self.tokens_at);
         let add = u128::from(elapsed) * u128::from(self.rate_limit) / u128::from(SECOND);
         // Cap the credit at one second of bandwidth so an idle period does not burst.
         let cap = i128::from(self.rate_limit);
         self.tokens = (self.tokens + add as i128).min(cap);
-        self.tokens_at = self.now;
+        self.tokens_at = now;
     }
 
-    /// Runs the priority queue and the background pass.
-    pub(super) fn run_hydration(&mut self) {
-        self.run_priority();
+    /// Starts a background pass at `now`, if one may run; `busy` says clients are active.
+    pub(super) fn begin_pass(&mut self, now: Tick, open: bool, busy: bool) -> Option<Pass> {
         self.busy_limited = false;
-        if !self.hydration_wanted() || self.now < self.not_before {
-            return;
+        if !self.wanted(open) || now < self.not_before {
+            return None;
         }
-        self.refill_tokens();
-        let busy =
-            !self.reqs.is_empty() || self.view.foreground_busy(self.now, self.cfg.busy_window);
+        self.refill_tokens(now);
+        Some(Pass {
+            busy,
+            scanned_wrap: false,
+            done: false,
+        })
+    }
+
+    /// The pass's next background copy, `(first region, count)`, counted as started: the
+    /// caller starts it before asking again. `None` ends the pass.
+    pub(super) fn next_background(
+        &mut self,
+        pass: &mut Pass,
+        regions: &Regions,
+        g: &Geometry,
+    ) -> Option<(RegionId, u64)> {
+        if pass.done {
+            return None;
+        }
         let threshold = u64::from(self.threshold);
         let batch_max = u64::from(self.batch.max(1)).min(threshold);
-        let nr = self.geometry().nr_regions();
-        let mut scanned_wrap = false;
-        loop {
-            // Every region left is already in flight: nothing to scan for (this keeps the
-            // end of a hydration from rescanning the whole map at every completion).
-            if self.view.map().nr_hydrated() + self.inflight.len() as u64 >= nr {
-                break;
-            }
-            if self.bg_regions >= threshold {
-                break;
-            }
-            let region = self.geometry().region_bytes();
-            let Some(most) = self.window.allow(
-                busy,
-                self.bg_jobs,
-                self.bg_regions.saturating_mul(region),
-                threshold.saturating_mul(region),
-                region,
-            ) else {
-                self.busy_limited = true;
-                break;
-            };
-            if self.rate_limit > 0 && self.tokens < 0 {
-                break;
-            }
-            // The copy window bounds the bytes in flight (window.rs).
-            let room = (threshold - self.bg_regions)
-                .min(batch_max)
-                .min((most / region).max(1));
-            // The hydration order queue goes first (order.rs).
-            if let Some((r, end)) = self.next_queued() {
-                let n = self.start_background(r, room, end);
-                self.queued_started(r, n);
-                continue;
-            }
-            // Find the next idle unhydrated region at or after the offset, wrapping once.
-            let Some(r) = self.next_candidate(self.offset, nr).or_else(|| {
-                if scanned_wrap {
+        let nr = g.nr_regions();
+        // Every region left is already in flight: nothing to scan for (this keeps the end of
+        // a hydration from rescanning the whole map at every completion).
+        if regions.map().nr_hydrated() + regions.nr_busy() >= nr {
+            return None;
+        }
+        if self.bg_regions >= threshold {
+            return None;
+        }
+        let region = g.region_bytes();
+        let Some(most) = self.window.allow(
+            pass.busy,
+            self.bg_jobs,
+            self.bg_regions.saturating_mul(region),
+            threshold.saturating_mul(region),
+            region,
+        ) else {
+            self.busy_limited = true;
+            return None;
+        };
+        if self.rate_limit > 0 && self.tokens < 0 {
+            return None;
+        }
+        // The copy window bounds the bytes in flight (window.rs).
+        let room = (threshold - self.bg_regions)
+            .min(batch_max)
+            .min((most / region).max(1));
+        // The hydration order queue goes first (order.rs).
+        if let Some((r, end)) = self.order.next(regions) {
+            let n = self.claim(r, room, end, regions, g);
+            self.order.started(r, n);
+            return Some((r, n));
+        }
+        // Find the next cold region at or after the offset, wrapping once.
+        let r = match regions.first_cold_in(self.offset, nr) {
+            Some(r) => r,
+            None => {
+                if pass.scanned_wrap {
                     return None;
                 }
-                scanned_wrap = true;
+                pass.scanned_wrap = true;
                 // Regions below the floor are known hydrated.
+                let to = self.offset.min(nr);
                 let floor = self.scan_floor.min(self.offset);
-                let r = self
-                    .view
-                    .map()
-                    .first_unhydrated_in(floor, self.offset.min(nr));
-                self.scan_floor = r.unwrap_or(self.offset.min(nr));
-                self.next_candidate(self.scan_floor, self.offset.min(nr))
-            }) else {
-                break;
-            };
-            let n = self.start_background(r, room, nr);
-            self.offset = r + n;
-            if self.offset >= nr {
-                self.offset = 0;
-                if scanned_wrap {
-                    break;
-                }
-                scanned_wrap = true;
+                self.scan_floor = regions.map().first_unhydrated_in(floor, to).unwrap_or(to);
+                regions.first_cold_in(self.scan_floor, to)?
             }
+        };
+        let n = self.claim(r, room, nr, regions, g);
+        self.offset = r + n;
+        if self.offset >= nr {
+            self.offset = 0;
+            if pass.scanned_wrap {
+                pass.done = true;
+            }
+            pass.scanned_wrap = true;
         }
+        Some((r, n))
     }
 
-    /// Starts a background copy at the idle region `r` of up to `room` adjacent idle
-    /// regions below `limit`, counting it against the threshold and the bandwidth limit;
-    /// returns how many regions it covers.
-    fn start_background(&mut self, r: RegionId, room: u64, limit: RegionId) -> u64 {
-        let mut n = 1;
-        while n < room
-            && r + n < limit
-            && !self.view.map().is_hydrated(r + n)
-            && !self.inflight.contains_key(&(r + n))
-        {
-            n += 1;
-        }
-        self.start_copy(r, n, CopyOrigin::Background, None);
+    /// Counts a background copy at the cold region `r` of up to `room` adjacent cold regions
+    /// below `limit` against the threshold and the bandwidth limit; returns how many regions
+    /// it covers.
+    fn claim(
+        &mut self,
+        r: RegionId,
+        room: u64,
+        limit: RegionId,
+        regions: &Regions,
+        g: &Geometry,
+    ) -> u64 {
+        let n = regions.cold_run(r, room, limit);
         self.bg_regions += n;
         self.bg_jobs += 1;
         if self.rate_limit > 0 {
-            let (s, e) = self.geometry().regions_byte_range(r, n);
+            let (s, e) = g.regions_byte_range(r, n);
             self.tokens -= i128::from(e - s);
         }
         n
     }
 
-    /// The first unhydrated region in `[from, to)` with no hydration in flight.
-    pub(super) fn next_candidate(&self, from: u64, to: u64) -> Option<u64> {
-        let mut from = from;
-        loop {
-            let r = self.view.map().first_unhydrated_in(from, to)?;
-            if !self.inflight.contains_key(&r) {
-                return Some(r);
-            }
-            // Skip the whole run in flight at once.
-            let mut x = r + 1;
-            while self.inflight.contains_key(&x) {
-                x += 1;
-            }
-            from = x;
-        }
-    }
-
-    /// Schedules copies for hydrate requests, in arrival order.
-    fn run_priority(&mut self) {
-        if self.mode != Mode::ReadWrite {
-            self.fail_priority(IoStatus::ReadOnly);
-            return;
-        }
-        let per_copy = (self.cfg.priority_copy_bytes / self.geometry().region_bytes()).max(1);
-        while self.priority_jobs < u64::from(self.cfg.priority_copies_in_flight.max(1)) {
-            let Some(pr) = self.priority.front_mut() else {
-                break;
-            };
-            let (req, mut next, end) = (pr.req, pr.next, pr.end);
-            // Skip hydrated regions; attach to regions already in flight.
-            while next < end {
-                if self.view.map().is_hydrated(next) {
-                    next += 1;
-                } else if let Some(f) = self.inflight.get_mut(&next) {
-                    f.waiters.push(Waiter::Hydrate(req));
-                    if let Some(s) = self.reqs.get_mut(&req) {
-                        s.pending += 1;
-                    }
-                    next += 1;
+    /// A copy of `n` regions started by `origin` ended (`ok`: it succeeded) at `now`.
+    pub(super) fn copy_done(&mut self, origin: CopyOrigin, n: u64, ok: bool, now: Tick) {
+        match origin {
+            CopyOrigin::Background => {
+                self.bg_regions = self.bg_regions.saturating_sub(n);
+                self.bg_jobs = self.bg_jobs.saturating_sub(1);
+                if ok {
+                    self.consecutive_failures = 0;
                 } else {
-                    break;
+                    // Back the pass off.
+                    self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                    let shift = (self.consecutive_failures - 1).min(20);
+                    let delay = self
+                        .backoff_min
+                        .saturating_mul(1u64 << shift)
+                        .min(self.backoff_max);
+                    self.not_before = now.saturating_add(delay);
                 }
             }
-            if next >= end {
-                self.priority.pop_front();
-                self.settle(req, 1, IoStatus::Ok);
-                continue;
-            }
-            let mut n = 1;
-            while n < per_copy
-                && next + n < end
-                && !self.view.map().is_hydrated(next + n)
-                && !self.inflight.contains_key(&(next + n))
-            {
-                n += 1;
-            }
-            self.start_copy(next, n, CopyOrigin::Priority, None);
-            self.priority_jobs += 1;
-            for r in next..next + n {
-                if let Some(f) = self.inflight.get_mut(&r) {
-                    f.waiters.push(Waiter::Hydrate(req));
-                }
-            }
-            if let Some(s) = self.reqs.get_mut(&req) {
-                s.pending += n;
-            }
-            if let Some(pr) = self.priority.front_mut() {
-                pr.next = next + n;
-            }
+            CopyOrigin::Priority => self.request_jobs = self.request_jobs.saturating_sub(1),
+            CopyOrigin::Write => {}
         }
     }
 
-    /// Fails every hydrate request not yet fully scheduled.
-    pub(super) fn fail_priority(&mut self, status: IoStatus) {
-        while let Some(PriorityRange { req, .. }) = self.priority.pop_front() {
-            self.settle(req, 1, status);
+    /// Regions of background copies in flight, by this part's count.
+    pub(super) fn background_regions(&self) -> u64 {
+        self.bg_regions
+    }
+
+    // ----- hydrate requests -----
+
+    /// Queues hydrate request `req` for regions `[first, end)`.
+    pub(super) fn queue_request(&mut self, req: ReqId, first: RegionId, end: RegionId) {
+        self.requests.push_back(PriorityRange {
+            req,
+            next: first,
+            end,
+        });
+    }
+
+    /// The regions one copy for a hydrate request covers at most.
+    pub(super) fn request_copy_regions(&self, g: &Geometry) -> u64 {
+        (self.request_copy_bytes / g.region_bytes()).max(1)
+    }
+
+    /// The oldest hydrate request not fully scheduled, `(req, next region, end)`, if its
+    /// budget allows another copy.
+    pub(super) fn next_request(&self) -> Option<(ReqId, RegionId, RegionId)> {
+        if self.request_jobs >= self.request_copies {
+            return None;
         }
+        self.requests.front().map(|p| (p.req, p.next, p.end))
+    }
+
+    /// The oldest hydrate request is fully scheduled.
+    pub(super) fn request_scheduled(&mut self) {
+        self.requests.pop_front();
+    }
+
+    /// A copy for the oldest hydrate request started; it goes on at `next`.
+    pub(super) fn request_copy_started(&mut self, next: RegionId) {
+        self.request_jobs += 1;
+        if let Some(p) = self.requests.front_mut() {
+            p.next = next;
+        }
+    }
+
+    /// Drops every hydrate request not yet fully scheduled, returning them.
+    pub(super) fn take_requests(&mut self) -> Vec<ReqId> {
+        self.requests.drain(..).map(|p| p.req).collect()
     }
 }

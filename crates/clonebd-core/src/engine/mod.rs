@@ -7,38 +7,50 @@
 //! therefore reproducible from the sequence of inputs, which is what the model-based and
 //! power-cut tests exploit.
 //!
-//! What the engine owns (SPEC sections 3, 4 and 5):
-//! - request routing: reads of unhydrated regions go to the source, writes to an unhydrated
-//!   region wait for its copy, a full-region write skips the copy, discards fast-hydrate the
-//!   regions they cover wholly;
-//! - one record per region with a hydration in flight, with the writes, discards and
-//!   hydrate requests waiting on it (so a region is never copied twice at once, no user write
-//!   reaches it before its copy, and a discard never races a copy: H1);
-//! - the dirty set of the open transaction and the commit rounds (swap, destination flush,
-//!   metadata commit), flush and FUA semantics, the periodic commit;
-//! - background hydration (a wrapping scan offset, threshold, batching, priority to
-//!   foreground I/O with guaranteed progress, a bandwidth limit, back-off on failures),
-//!   and the hydration order queue copied before the scan;
-//! - the metadata modes `rw`, `ro`, `fail` and their I/O matrix.
+//! What the engine owns (SPEC sections 3, 4 and 5), part by part, each in its own file with
+//! private state that the others change only through its methods:
+//! - the regions (`regions.rs`): each region's state (cold, copying, filling, overwrite
+//!   routed, overwriting, hydrated) behind one transition table, and the writes, discards and
+//!   hydrate requests waiting on a busy region (so a region is never copied twice at once,
+//!   no user write reaches it before its copy, and a discard never races a copy: H1); the
+//!   only writer of the hydration map's bits;
+//! - the hydrator (`hydrate.rs`, with `order.rs` and `window.rs`): background hydration (a
+//!   wrapping scan offset, threshold, batching, priority to foreground I/O with guaranteed
+//!   progress, a bandwidth limit, back-off on failures), the hydration order queue copied
+//!   before the scan, and the queue of hydrate requests;
+//! - the commit state (`commit.rs`): the metadata modes `rw`, `ro`, `fail`, the dirty set of
+//!   the open transaction, the commit rounds (swap, destination flush, metadata commit) and
+//!   who waits on them;
+//! - the glue (this file, `requests.rs`, `fill.rs`): the requests in flight, routing (writes
+//!   to an unhydrated region wait for its copy, a full-region write skips the copy, discards
+//!   fast-hydrate the regions they cover wholly, fills hydrate from a read's data), flush
+//!   and FUA semantics, the periodic commit, suspend, and the I/O matrix of the modes.
 //!
-//! The in-core hydration map lives in a [`SharedView`] so export threads can route reads and
-//! plain writes of hydrated regions without entering the engine (the driver's fast path);
-//! only the engine sets bits in it.
+//! Reads are not requests of the engine: they never wait (SPEC 3.1), so the driver routes
+//! each run of regions lock-free from the shared map, hydrated runs from the destination and
+//! the others from the source. The in-core hydration map lives in a [`SharedView`] so export
+//! threads can route reads and plain writes of hydrated regions without entering the engine
+//! (the driver's fast path); only the engine sets bits in it.
 
 mod commit;
 mod fill;
 mod hydrate;
 mod invariants;
 mod order;
+mod regions;
 mod requests;
 mod window;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use crate::bitmap::{DirtySet, HydrationMap};
 use crate::geometry::{Geometry, RegionId};
+
+use commit::Commit;
+use hydrate::Hydrator;
+use regions::Regions;
 
 pub use invariants::Violation;
 pub use window::{CopyWindow, HydrationPriority};
@@ -101,16 +113,11 @@ impl Mode {
 }
 
 /// A request from a user of the clone. Offsets and lengths are in bytes and must be
-/// multiples of the clone's logical block size, inside the clone.
+/// multiples of the clone's logical block size, inside the clone
+/// ([`Geometry::is_valid_request`]). Reads are not among them: they never wait, and the
+/// driver routes them from the [`SharedView`]'s map without the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    /// Read `len` bytes at `offset` into the request's buffer.
-    Read {
-        /// Byte offset.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
     /// Write the request's buffer (`len` bytes) at `offset`.
     Write {
         /// Byte offset.
@@ -219,32 +226,6 @@ pub enum WriteData {
 /// [`Input::Completed`] exactly once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Read `len` bytes of the source at `offset` into request `req`'s buffer at `at`.
-    ReadSource {
-        /// Operation id.
-        op: OpId,
-        /// The request whose buffer receives the data.
-        req: ReqId,
-        /// Byte offset on the source.
-        offset: u64,
-        /// Length.
-        len: u64,
-        /// Offset into the request's buffer.
-        at: u64,
-    },
-    /// Read `len` bytes of the destination at `offset` into request `req`'s buffer at `at`.
-    ReadDest {
-        /// Operation id.
-        op: OpId,
-        /// The request whose buffer receives the data.
-        req: ReqId,
-        /// Byte offset on the destination.
-        offset: u64,
-        /// Length.
-        len: u64,
-        /// Offset into the request's buffer.
-        at: u64,
-    },
     /// Write `len` bytes to the destination at `offset`.
     WriteDest {
         /// Operation id.
@@ -517,25 +498,6 @@ pub struct EngineStatus {
     pub requests_in_flight: u64,
 }
 
-/// Why a region is in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FlightKind {
-    /// Copied from the source (background, for a write, or for a hydrate request).
-    Copy,
-    /// Written wholly by a user request.
-    Overwrite,
-    /// Written from the source's data a read returned (copy-on-read, [`Request::Fill`]).
-    Fill,
-}
-
-/// A region with a hydration in flight, and who waits on it.
-#[derive(Debug)]
-struct Flight {
-    op: OpId,
-    kind: FlightKind,
-    waiters: Vec<Waiter>,
-}
-
 /// A write request's piece within one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Part {
@@ -560,7 +522,6 @@ enum Waiter {
 /// What a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReqKind {
-    Read,
     Write,
     Flush,
     Discard { offset: u64, len: u64 },
@@ -582,8 +543,6 @@ struct ReqState {
 /// An operation in flight.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    /// Reads for a read request.
-    Read { req: ReqId },
     /// Destination writes of a request covering `parts` pieces, none of which hydrates.
     Write { req: ReqId, parts: u64 },
     /// Destination writes that hydrate regions `[first, first+n)` (full-region writes).
@@ -634,88 +593,75 @@ enum CommitWaiter {
     Token(u64),
 }
 
-/// Commit round phases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Nothing to commit; a flush was passed down.
-    Plain,
-    /// Flushing the destination before the metadata.
-    FlushingDest,
-    /// Writing the metadata.
-    Writing,
+/// The operations in flight and the actions not yet polled: every part issues its
+/// operations here.
+#[derive(Debug)]
+struct Io {
+    ops: HashMap<OpId, Op>,
+    next_op: OpId,
+    outbox: VecDeque<Action>,
 }
 
-#[derive(Debug)]
-struct Round {
-    phase: Phase,
-    op: OpId,
-    /// The transaction being committed (until it is handed to the metadata write).
-    dirty: Option<DirtySet>,
-    /// Regions in the transaction (for invariants and `changed`).
-    nr_dirty: u64,
-    waiters: Vec<CommitWaiter>,
+impl Io {
+    fn new() -> Self {
+        Self {
+            ops: HashMap::new(),
+            next_op: 1,
+            outbox: VecDeque::new(),
+        }
+    }
+
+    /// Records a new operation in flight and returns its id.
+    fn start(&mut self, op: Op) -> OpId {
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(id, op);
+        id
+    }
+
+    /// The operation `op` completed: forgets it.
+    fn finish(&mut self, op: OpId) -> Option<Op> {
+        self.ops.remove(&op)
+    }
+
+    fn get(&self, op: OpId) -> Option<&Op> {
+        self.ops.get(&op)
+    }
+
+    fn emit(&mut self, a: Action) {
+        self.outbox.push_back(a);
+    }
 }
 
-/// A hydrate request's range still to be scheduled.
-#[derive(Debug)]
-struct PriorityRange {
-    req: ReqId,
-    next: RegionId,
-    end: RegionId,
+/// Counters for status reports.
+#[derive(Debug, Default)]
+struct Counters {
+    copy_errors: u64,
+    bytes_hydrated: u64,
+    regions_filled: u64,
+    fills_refused: u64,
 }
 
 /// The clone engine. See the module documentation.
+///
+/// A composition of owned parts, each with its own state behind its own methods: the
+/// regions (each region's state and waiters, one transition table), the hydrator (scan,
+/// queues, limits, copy window) and the commit state (mode, dirty set, rounds, waiters),
+/// plus the requests in flight and the glue that routes inputs between them.
 #[derive(Debug)]
 pub struct Engine {
     cfg: Config,
     view: Arc<SharedView>,
     now: Tick,
-    mode: Mode,
-    // Tunables (messages change them).
-    enabled: bool,
-    threshold: u32,
-    batch: u32,
-    rate_limit: u64,
+    io: Io,
+    reqs: HashMap<ReqId, ReqState>,
+    regions: Regions,
+    hydrator: Hydrator,
+    commit: Commit,
     discard_passdown: bool,
     suspended: bool,
     suspend_token: Option<u64>,
-    // Requests and operations.
-    reqs: HashMap<ReqId, ReqState>,
-    ops: HashMap<OpId, Op>,
-    next_op: OpId,
-    inflight: BTreeMap<RegionId, Flight>,
-    // Transactions.
-    current: DirtySet,
-    commit_failed: bool,
-    round: Option<Round>,
-    next_round: Vec<CommitWaiter>,
-    want_commit: bool,
-    last_commit: Tick,
-    completion_reported: bool,
-    abort_pending: bool,
-    // Hydration.
-    offset: RegionId,
-    /// Every region below it is hydrated (the map only gains bits, except on a reload).
-    scan_floor: RegionId,
-    bg_regions: u64,
-    bg_jobs: u64,
-    priority: VecDeque<PriorityRange>,
-    priority_jobs: u64,
-    /// The hydration order queue: region ranges `[next, end)` the background pass copies
-    /// before it scans (see `order.rs`).
-    first: VecDeque<(RegionId, RegionId)>,
-    consecutive_failures: u32,
-    not_before: Tick,
-    tokens: i128,
-    tokens_at: Tick,
-    busy_limited: bool,
-    window: CopyWindow,
-    // Counters.
-    copy_errors: u64,
-    bytes_hydrated: u64,
-    regions_filled: u64,
-    fills_refused: u64,
-    outbox: VecDeque<Action>,
+    counters: Counters,
 }
 
 impl Engine {
@@ -723,49 +669,19 @@ impl Engine {
     /// `now`. Like a freshly constructed dm-clone target, it starts **suspended**: nothing
     /// hydrates in the background and no periodic commit runs until [`Control::Resume`].
     pub fn new(cfg: Config, view: Arc<SharedView>, now: Tick) -> Self {
-        let completion_reported = view.map().is_complete();
         Self {
-            enabled: cfg.hydration_enabled,
-            threshold: cfg.hydration_threshold,
-            batch: cfg.hydration_batch_size,
-            rate_limit: cfg.hydration_rate_limit,
+            regions: Regions::new(Arc::clone(&view)),
+            hydrator: Hydrator::new(&cfg, now),
+            commit: Commit::new(Arc::clone(&view), now),
             discard_passdown: cfg.discard_passdown,
             cfg,
             view,
             now,
-            mode: Mode::ReadWrite,
+            io: Io::new(),
+            reqs: HashMap::new(),
             suspended: true,
             suspend_token: None,
-            reqs: HashMap::new(),
-            ops: HashMap::new(),
-            next_op: 1,
-            inflight: BTreeMap::new(),
-            current: DirtySet::new(),
-            commit_failed: false,
-            round: None,
-            next_round: Vec::new(),
-            want_commit: false,
-            last_commit: now,
-            completion_reported,
-            abort_pending: false,
-            offset: 0,
-            scan_floor: 0,
-            bg_regions: 0,
-            bg_jobs: 0,
-            priority: VecDeque::new(),
-            priority_jobs: 0,
-            first: VecDeque::new(),
-            consecutive_failures: 0,
-            not_before: 0,
-            tokens: 0,
-            tokens_at: now,
-            busy_limited: false,
-            window: CopyWindow::new(cfg.hydration_priority),
-            copy_errors: 0,
-            bytes_hydrated: 0,
-            regions_filled: 0,
-            fills_refused: 0,
-            outbox: VecDeque::new(),
+            counters: Counters::default(),
         }
     }
 
@@ -781,7 +697,7 @@ impl Engine {
 
     /// The current mode.
     pub fn mode(&self) -> Mode {
-        self.mode
+        self.commit.mode()
     }
 
     /// Feeds one input at time `now` (which must not go backwards).
@@ -793,7 +709,7 @@ impl Engine {
             Input::Control(c) => self.control(c),
             Input::Tick => {}
             Input::ForegroundLatency { mean, requests } => {
-                self.window.observe(self.now, mean, requests);
+                self.hydrator.observe(self.now, mean, requests);
             }
         }
         self.tick();
@@ -801,27 +717,25 @@ impl Engine {
 
     /// The next action to perform, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.outbox.pop_front()
+        self.io.outbox.pop_front()
     }
 
     /// When the engine next needs a [`Input::Tick`], if ever.
     pub fn next_deadline(&self) -> Option<Tick> {
         let mut d: Option<Tick> = None;
         let mut at = |t: Tick| d = Some(d.map_or(t, |x: Tick| x.min(t)));
-        if !self.suspended && !self.current.is_empty() && self.mode == Mode::ReadWrite {
-            at(self.last_commit.saturating_add(self.cfg.commit_interval));
+        if !self.suspended
+            && self.commit.mode() == Mode::ReadWrite
+            && let Some(t) = self.commit.periodic_due(self.cfg.commit_interval)
+        {
+            at(t);
         }
-        if self.hydration_wanted() {
-            if self.not_before > self.now {
-                at(self.not_before);
-            }
-            if let Some(t) = self.rate_limit_deadline() {
-                at(t);
-            }
-            if self.busy_limited {
-                at(self.now.saturating_add(self.cfg.busy_window));
-            }
-        }
+        self.hydrator.deadlines(
+            self.now,
+            self.hydration_open(),
+            self.cfg.busy_window,
+            &mut at,
+        );
         d
     }
 
@@ -829,83 +743,68 @@ impl Engine {
     pub fn status(&self) -> EngineStatus {
         let map = self.view.map();
         EngineStatus {
-            mode: self.mode,
+            mode: self.commit.mode(),
             nr_hydrated: map.nr_hydrated(),
             nr_regions: map.nr_regions(),
-            hydrating: self.inflight.len() as u64,
-            hydration_enabled: self.enabled,
+            hydrating: self.regions.nr_busy(),
+            hydration_enabled: self.hydrator.enabled(),
             discard_passdown: self.discard_passdown,
-            hydration_threshold: self.threshold,
-            hydration_batch_size: self.batch,
-            hydration_rate_limit: self.rate_limit,
+            hydration_threshold: self.hydrator.threshold(),
+            hydration_batch_size: self.hydrator.batch(),
+            hydration_rate_limit: self.hydrator.rate_limit(),
             suspended: self.suspended,
-            copy_errors: self.copy_errors,
-            bytes_hydrated: self.bytes_hydrated,
-            regions_filled: self.regions_filled,
-            fills_refused: self.fills_refused,
-            nr_dirty: self.current.len(),
+            copy_errors: self.counters.copy_errors,
+            bytes_hydrated: self.counters.bytes_hydrated,
+            regions_filled: self.counters.regions_filled,
+            fills_refused: self.counters.fills_refused,
+            nr_dirty: self.commit.nr_dirty(),
             requests_in_flight: self.reqs.len() as u64,
         }
     }
 
     /// Whether nothing is in flight: no request, no operation, no commit round.
     pub fn is_idle(&self) -> bool {
-        self.reqs.is_empty() && self.ops.is_empty() && self.round.is_none()
+        self.reqs.is_empty() && self.io.ops.is_empty() && self.commit.is_idle()
     }
 
     /// Whether the metadata changed in the open or the committing transaction (the kernel's
     /// `dm_clone_changed_this_transaction`), or a failed commit left it so.
     pub fn changed(&self) -> bool {
-        !self.current.is_empty()
-            || self.commit_failed
-            || self.round.as_ref().is_some_and(|r| r.nr_dirty > 0)
+        self.commit.changed()
     }
 
-    // ----- internals shared by the submodules -----
+    /// Regions still in the hydration order queue.
+    #[cfg(test)]
+    fn queued_regions(&self) -> u64 {
+        self.hydrator.queued_regions()
+    }
+
+    // ----- glue between the parts -----
 
     fn geometry(&self) -> &Geometry {
         &self.cfg.geometry
     }
 
-    fn new_op(&mut self, op: Op) -> OpId {
-        let id = self.next_op;
-        self.next_op += 1;
-        self.ops.insert(id, op);
-        id
-    }
-
     fn emit(&mut self, a: Action) {
-        self.outbox.push_back(a);
+        self.io.emit(a);
     }
 
-    fn set_mode(&mut self, mode: Mode) {
-        if mode > self.mode {
-            self.mode = mode;
-            self.view.set_mode(mode);
-            self.emit(Action::Event(Event::ModeChanged(mode)));
-        }
-    }
-
-    /// Marks region `r` hydrated in core and in the open transaction.
-    fn mark(&mut self, r: RegionId) {
-        if self.view.map().set(r) {
-            self.current.insert(r);
-        }
+    /// Whether the engine lets background hydration run: mode `rw`, not suspended, and
+    /// something left to hydrate.
+    fn hydration_open(&self) -> bool {
+        self.commit.mode() == Mode::ReadWrite && !self.suspended && !self.view.map().is_complete()
     }
 
     fn control(&mut self, c: Control) {
         match c {
-            Control::EnableHydration => self.enabled = true,
-            Control::DisableHydration => self.enabled = false,
-            Control::SetHydrationThreshold(n) => self.threshold = n,
-            Control::SetHydrationBatchSize(n) => self.batch = n,
-            Control::SetHydrationRateLimit(n) => {
-                self.rate_limit = n;
-                self.tokens = 0;
-                self.tokens_at = self.now;
-            }
+            Control::EnableHydration => self.hydrator.set_enabled(true),
+            Control::DisableHydration => self.hydrator.set_enabled(false),
+            Control::SetHydrationThreshold(n) => self.hydrator.set_threshold(n),
+            Control::SetHydrationBatchSize(n) => self.hydrator.set_batch(n),
+            Control::SetHydrationRateLimit(n) => self.hydrator.set_rate_limit(n, self.now),
             Control::HydrateFirst { offset, len, front } => {
-                self.queue_first(offset, len, front);
+                let g = self.cfg.geometry;
+                self.hydrator.queue_first(&g, offset, len, front);
             }
             Control::Commit { token } => {
                 if self.suspended {
@@ -914,7 +813,7 @@ impl Engine {
                         status: IoStatus::Ok,
                     });
                 } else {
-                    self.next_round.push(CommitWaiter::Token(token));
+                    self.commit.wait(CommitWaiter::Token(token));
                 }
             }
             Control::Suspend { token } => {
@@ -926,7 +825,7 @@ impl Engine {
                 // its caller waiting for an answer that never comes.
                 if self.suspend_token.is_none() {
                     self.suspended = false;
-                    self.last_commit = self.now;
+                    self.commit.restart_clock(self.now);
                 }
             }
         }
@@ -935,24 +834,146 @@ impl Engine {
     /// Runs after every input: periodic commits, suspend completion, hydration.
     fn tick(&mut self) {
         if let Some(token) = self.suspend_token
-            && self.inflight.is_empty()
+            && self.regions.nr_busy() == 0
             && self.reqs.is_empty()
-            && self.round.is_none()
+            && self.commit.is_idle()
         {
             // Requests and hydrations drained (SPEC 4.5 step 3; the device-mapper core drains
             // user I/O before that): commit (step 5) and answer.
             self.suspend_token = None;
-            self.next_round.push(CommitWaiter::Token(token));
-            self.want_commit = true;
+            self.commit.wait(CommitWaiter::Token(token));
+            self.commit.want();
         }
         if !self.suspended
-            && !self.current.is_empty()
-            && self.now >= self.last_commit.saturating_add(self.cfg.commit_interval)
+            && self
+                .commit
+                .periodic_due(self.cfg.commit_interval)
+                .is_some_and(|t| self.now >= t)
         {
-            self.want_commit = true;
+            self.commit.want();
         }
         self.maybe_start_round();
         self.run_hydration();
+    }
+
+    // ----- commit glue -----
+
+    /// Starts a commit round if one is wanted, or answers its waiters if none is needed.
+    fn maybe_start_round(&mut self) {
+        if let Some((waiters, status)) = self.commit.start_round(&mut self.io) {
+            self.finish_waiters(waiters, status);
+        }
+    }
+
+    /// A step of the running round completed.
+    fn complete_round_step(&mut self, op: OpId, status: IoStatus) {
+        match self.commit.step(op, status, self.now, &mut self.io) {
+            None => return,
+            Some(commit::Stepped::Continues) => {}
+            Some(commit::Stepped::Finished(waiters, status)) => {
+                self.finish_waiters(waiters, status)
+            }
+            Some(commit::Stepped::Failed(waiters, name)) => {
+                self.metadata_operation_failed(name);
+                self.finish_waiters(waiters, IoStatus::Io);
+            }
+        }
+        self.maybe_start_round();
+    }
+
+    /// Answers everyone who waited for a round.
+    fn finish_waiters(&mut self, waiters: Vec<CommitWaiter>, status: IoStatus) {
+        for w in waiters {
+            match w {
+                CommitWaiter::Flush(req) | CommitWaiter::HeldReply(req) => {
+                    self.settle(req, 1, status)
+                }
+                CommitWaiter::FuaWrite(part) => {
+                    if status.is_ok() {
+                        self.issue_after_commit(part);
+                    } else {
+                        self.settle(part.req, 1, status);
+                    }
+                }
+                CommitWaiter::Token(token) => self.emit(Action::ControlDone { token, status }),
+            }
+        }
+    }
+
+    /// SPEC 5.4 `metadata_operation_failed`: log, go read-only, fail the hydrate requests
+    /// not yet scheduled, abort and reload.
+    fn metadata_operation_failed(&mut self, name: &'static str) {
+        self.commit.operation_failed(name, &mut self.io);
+        self.fail_priority(IoStatus::Io);
+        self.commit.abort(&mut self.io);
+    }
+
+    /// The abort and reload finished.
+    fn complete_abort(&mut self, status: IoStatus) {
+        self.commit.abort_done(status, &mut self.io);
+        // The reload may have cleared bits anywhere.
+        self.hydrator.restart_scan();
+        self.maybe_start_round();
+    }
+
+    // ----- hydration glue -----
+
+    /// Runs the hydrate requests and the background pass.
+    fn run_hydration(&mut self) {
+        self.run_priority();
+        let busy =
+            !self.reqs.is_empty() || self.view.foreground_busy(self.now, self.cfg.busy_window);
+        let open = self.hydration_open();
+        let Some(mut pass) = self.hydrator.begin_pass(self.now, open, busy) else {
+            return;
+        };
+        let g = self.cfg.geometry;
+        while let Some((first, n)) = self.hydrator.next_background(&mut pass, &self.regions, &g) {
+            self.start_copy(first, n, CopyOrigin::Background, None);
+        }
+    }
+
+    /// Schedules copies for hydrate requests, in arrival order.
+    fn run_priority(&mut self) {
+        if self.commit.mode() != Mode::ReadWrite {
+            self.fail_priority(IoStatus::ReadOnly);
+            return;
+        }
+        let g = self.cfg.geometry;
+        let per_copy = self.hydrator.request_copy_regions(&g);
+        while let Some((req, mut next, end)) = self.hydrator.next_request() {
+            // Skip hydrated regions; wait on regions already in flight.
+            while next < end {
+                if self.regions.is_hydrated(next) {
+                    next += 1;
+                } else if self.regions.wait(next, Waiter::Hydrate(req)).is_ok() {
+                    self.hold(req, 1);
+                    next += 1;
+                } else {
+                    break;
+                }
+            }
+            if next >= end {
+                self.hydrator.request_scheduled();
+                self.settle(req, 1, IoStatus::Ok);
+                continue;
+            }
+            let n = self.regions.cold_run(next, per_copy, end);
+            self.start_copy(next, n, CopyOrigin::Priority, None);
+            self.hydrator.request_copy_started(next + n);
+            for r in next..next + n {
+                let queued = self.regions.wait(r, Waiter::Hydrate(req));
+                debug_assert!(queued.is_ok(), "the region is busy");
+            }
+            self.hold(req, n);
+        }
+    }
+
+    /// Fails every hydrate request not yet fully scheduled.
+    fn fail_priority(&mut self, status: IoStatus) {
+        for req in self.hydrator.take_requests() {
+            self.settle(req, 1, status);
+        }
     }
 }
 

@@ -1,14 +1,16 @@
-//! Request routing (SPEC 3) and the completion of the operations it starts.
+//! Request routing (SPEC 3.2 to 3.8) and the completion of the operations it starts: glue
+//! between the parts, which it changes only through their methods. Reads (SPEC 3.1) are not
+//! routed here: the driver serves them from the shared map.
 //!
 //! Requests are split at region boundaries (a device-mapper core duty, SPEC 1.3), but
 //! adjacent pieces that go the same way are issued as one operation, so a 1 MiB write over
 //! hydrated regions is one destination write, not 256.
 
 use super::{
-    Action, CommitWaiter, CopyOrigin, Engine, Event, Flight, FlightKind, IoStatus, Mode, Op, OpId,
-    Part, ReqId, ReqKind, ReqState, Request, Waiter, WriteData,
+    Action, CommitWaiter, CopyOrigin, Engine, Event, IoStatus, Mode, Op, OpId, Part, ReqId,
+    ReqKind, ReqState, Request, Waiter, WriteData,
 };
-use crate::geometry::RegionId;
+use crate::geometry::{RegionId, logical_block_bytes};
 
 /// A piece ready to go to the destination at once, before merging.
 #[derive(Debug, Clone, Copy)]
@@ -21,7 +23,7 @@ enum Ready {
 
 impl Engine {
     pub(super) fn submit(&mut self, req: ReqId, r: Request) {
-        if self.mode == Mode::Fail {
+        if self.mode() == Mode::Fail {
             // SPEC 3.0 step 1: every bio fails.
             self.emit(Action::Reply {
                 req,
@@ -30,8 +32,7 @@ impl Engine {
             return;
         }
         let range = match r {
-            Request::Read { offset, len }
-            | Request::Write { offset, len, .. }
+            Request::Write { offset, len, .. }
             | Request::WriteZeroes { offset, len, .. }
             | Request::Discard { offset, len }
             | Request::Hydrate { offset, len }
@@ -42,8 +43,10 @@ impl Engine {
             // A discard is advisory: only its range must lie in the device; what is not
             // aligned to the logical block size is ignored below (as dm-clone ignores what
             // does not cover whole regions), and QEMU passes unaligned heads and tails down.
-            Request::Discard { offset, len } => self.in_device(offset, len),
-            _ => range.is_none_or(|(offset, len)| self.valid_range(offset, len)),
+            Request::Discard { offset, len } => self.geometry().contains_range(offset, len),
+            _ => range.is_none_or(|(offset, len)| {
+                self.geometry().is_valid_request(self.lbs(), offset, len)
+            }),
         };
         if !valid {
             self.emit(Action::Reply {
@@ -67,7 +70,6 @@ impl Engine {
             r => r,
         };
         let kind = match r {
-            Request::Read { .. } => ReqKind::Read,
             Request::Write { .. } | Request::WriteZeroes { .. } => ReqKind::Write,
             Request::Flush => ReqKind::Flush,
             Request::Discard { offset, len } => ReqKind::Discard { offset, len },
@@ -92,7 +94,6 @@ impl Engine {
             },
         );
         match r {
-            Request::Read { offset, len } => self.submit_read(req, offset, len),
             Request::Write { offset, len, fua } => {
                 self.submit_write(req, offset, len, WriteData::Buffer { at: 0 }, fua)
             }
@@ -109,21 +110,7 @@ impl Engine {
     }
 
     fn lbs(&self) -> u64 {
-        u64::from(self.cfg.logical_block_size.max(1))
-    }
-
-    /// Whether `[offset, offset+len)` is non-empty and inside the device.
-    fn in_device(&self, offset: u64, len: u64) -> bool {
-        len > 0
-            && offset
-                .checked_add(len)
-                .is_some_and(|end| end <= self.geometry().target_bytes())
-    }
-
-    /// Whether the range is inside the device and aligned to the logical block size.
-    fn valid_range(&self, offset: u64, len: u64) -> bool {
-        let lbs = self.lbs();
-        self.in_device(offset, len) && offset.is_multiple_of(lbs) && len.is_multiple_of(lbs)
+        logical_block_bytes(u64::from(self.cfg.logical_block_size))
     }
 
     /// The whole logical blocks inside an in-device range, if there are any.
@@ -157,54 +144,17 @@ impl Engine {
             // SPEC 3.5: a FUA overwrite completes only after a metadata commit.
             s.hold_for_commit = false;
             s.pending = 1;
-            if self.mode != Mode::ReadWrite {
+            if self.commit.mode() != Mode::ReadWrite {
                 s.pending = 0;
                 s.status = IoStatus::Io;
             } else {
-                self.next_round.push(CommitWaiter::HeldReply(req));
+                self.commit.wait(CommitWaiter::HeldReply(req));
                 return;
             }
         }
         let status = s.status;
         self.reqs.remove(&req);
         self.emit(Action::Reply { req, status });
-    }
-
-    // ----- reads -----
-
-    fn submit_read(&mut self, req: ReqId, offset: u64, len: u64) {
-        // Runs of regions with the same routing become one read each (SPEC 3.1: hydrated
-        // regions from the destination, the others from the source; reads never wait).
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let r = self.geometry().region_of_byte(pos);
-            let (hydrated, run_end_region) =
-                self.view.map().run_from(r, self.geometry().nr_regions());
-            let run_end = self.geometry().region_start_byte(run_end_region).min(end);
-            let op = self.new_op(Op::Read { req });
-            self.hold(req, 1);
-            let (o, l, at) = (pos, run_end - pos, pos - offset);
-            let a = if hydrated {
-                Action::ReadDest {
-                    op,
-                    req,
-                    offset: o,
-                    len: l,
-                    at,
-                }
-            } else {
-                Action::ReadSource {
-                    op,
-                    req,
-                    offset: o,
-                    len: l,
-                    at,
-                }
-            };
-            self.emit(a);
-            pos = run_end;
-        }
     }
 
     // ----- writes -----
@@ -238,47 +188,39 @@ impl Engine {
     fn dispatch_part(&mut self, part: Part, ready: &mut Vec<Ready>) {
         let g = *self.geometry();
         let r = g.region_of_byte(part.offset);
-        if self.mode == Mode::Fail {
+        if self.mode() == Mode::Fail {
             self.fail_part(part, IoStatus::Io);
-        } else if self.view.map().is_hydrated(r) {
+        } else if self.regions.is_hydrated(r) {
             if part.fua && self.changed() {
                 // SPEC 3.3: commit first, then write with FUA.
                 self.hold(part.req, 1);
-                if self.mode != Mode::ReadWrite {
+                if self.mode() != Mode::ReadWrite {
                     self.settle(part.req, 1, IoStatus::Io);
                 } else {
-                    self.next_round.push(CommitWaiter::FuaWrite(part));
+                    self.commit.wait(CommitWaiter::FuaWrite(part));
                 }
             } else {
                 self.hold(part.req, 1);
                 ready.push(Ready::Direct(part));
             }
-        } else if let Some(f) = self.inflight.get_mut(&r) {
+        } else if self.regions.is_busy(r) {
             // Queue behind the region's hydration (SPEC 3.2 step 1).
-            f.waiters.push(Waiter::Write(part));
+            let queued = self.regions.wait(r, Waiter::Write(part));
+            debug_assert!(queued.is_ok(), "the region is busy");
             self.hold(part.req, 1);
-        } else if self.mode != Mode::ReadWrite {
+        } else if self.mode() != Mode::ReadWrite {
             self.fail_part(part, IoStatus::Io);
         } else if part.len == g.region_bytes() {
             // A full-region write hydrates the region without a copy. The short last region
             // can never match, as its length is below the region size (SPEC 3.7).
             self.hold(part.req, 1);
-            self.inflight.insert(
-                r,
-                Flight {
-                    op: 0,
-                    kind: FlightKind::Overwrite,
-                    waiters: Vec::new(),
-                },
-            );
+            self.regions.route_overwrite(r);
             ready.push(Ready::Overwrite(part, r));
         } else {
             self.hold(part.req, 1);
-            let op = self.start_copy(r, 1, CopyOrigin::Write, Some(part.req));
-            if let Some(f) = self.inflight.get_mut(&r) {
-                debug_assert_eq!(f.op, op);
-                f.waiters.push(Waiter::Write(part));
-            }
+            self.start_copy(r, 1, CopyOrigin::Write, Some(part.req));
+            let queued = self.regions.wait(r, Waiter::Write(part));
+            debug_assert!(queued.is_ok(), "the region is busy");
         }
     }
 
@@ -312,22 +254,18 @@ impl Engine {
             };
             let n = group.len() as u64;
             let op = match group[0] {
-                Ready::Direct(p) => self.new_op(Op::Write {
+                Ready::Direct(p) => self.io.start(Op::Write {
                     req: p.req,
                     parts: n,
                 }),
                 Ready::Overwrite(p, r) => {
-                    let op = self.new_op(Op::Overwrite {
+                    let op = self.io.start(Op::Overwrite {
                         req: p.req,
                         first: r,
                         n,
                         fua: p.fua,
                     });
-                    for k in 0..n {
-                        if let Some(f) = self.inflight.get_mut(&(r + k)) {
-                            f.op = op;
-                        }
-                    }
+                    self.regions.issue_overwrite(r, n, op);
                     op
                 }
             };
@@ -345,7 +283,7 @@ impl Engine {
 
     /// Issues a FUA write piece after its commit round (SPEC 3.3).
     pub(super) fn issue_after_commit(&mut self, part: Part) {
-        let op = self.new_op(Op::Write {
+        let op = self.io.start(Op::Write {
             req: part.req,
             parts: 1,
         });
@@ -365,10 +303,10 @@ impl Engine {
         self.hold(req, 1);
         if self.changed() {
             // SPEC 3.4: wait for a commit, whose destination flush stands in for this one.
-            self.next_round.push(CommitWaiter::Flush(req));
+            self.commit.wait(CommitWaiter::Flush(req));
         } else {
             // Nothing changed: pass the flush to the destination only.
-            let op = self.new_op(Op::PlainFlush { req });
+            let op = self.io.start(Op::PlainFlush { req });
             self.emit(Action::FlushDest { op });
         }
     }
@@ -386,50 +324,30 @@ impl Engine {
             // F4: nothing wholly covered, nothing passed down.
             return;
         }
-        if self.mode == Mode::Fail {
+        if self.mode() == Mode::Fail {
             self.hold(req, 1);
             self.settle(req, 1, IoStatus::Io);
             return;
         }
-        if self.view.map().is_range_hydrated(rs, n) {
+        if self.regions.map().is_range_hydrated(rs, n) {
             self.pass_down(req, rs, n);
             return;
         }
-        if self.mode != Mode::ReadWrite {
+        if self.mode() != Mode::ReadWrite {
             // SPEC 3.6 step 4: ignored, reported as success.
             return;
         }
-        if let Some((&r, _)) = self.inflight.range(rs..rs + n).next() {
+        if let Some(r) = self.regions.first_busy_in(rs, n) {
             // H1: marking now would let new writes race the copy's destination write.
             self.hold(req, 1);
-            if let Some(f) = self.inflight.get_mut(&r) {
-                f.waiters.push(Waiter::Discard(req));
-            }
+            let queued = self.regions.wait(r, Waiter::Discard(req));
+            debug_assert!(queued.is_ok(), "the region is busy");
             return;
         }
-        self.mark_range(rs, n);
+        let commit = &mut self.commit;
+        self.regions
+            .discard(rs, n, |w, bits| commit.record_bits(w, bits));
         self.pass_down(req, rs, n);
-    }
-
-    /// Marks every unhydrated region of `[rs, rs+n)` (the kernel's `cond_set_range`).
-    fn mark_range(&mut self, rs: RegionId, n: u64) {
-        let end = rs + n;
-        let mut w = rs / 64;
-        while w * 64 < end {
-            let lo = (w * 64).max(rs) - w * 64;
-            let hi = ((w + 1) * 64).min(end) - w * 64;
-            let mask = if hi - lo == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            let new = mask & !self.view.map().word(w);
-            if new != 0 {
-                self.view.map().set_word_bits(w, new);
-                self.current.insert_word_bits(w, new);
-            }
-            w += 1;
-        }
     }
 
     fn pass_down(&mut self, req: ReqId, rs: RegionId, n: u64) {
@@ -437,7 +355,7 @@ impl Engine {
             return;
         }
         let (start, end) = self.geometry().regions_byte_range(rs, n);
-        let op = self.new_op(Op::Discard { req });
+        let op = self.io.start(Op::Discard { req });
         self.hold(req, 1);
         self.emit(Action::DiscardDest {
             op,
@@ -450,28 +368,23 @@ impl Engine {
     // ----- hydrate -----
 
     fn submit_hydrate(&mut self, req: ReqId, offset: u64, len: u64) {
-        if self.mode != Mode::ReadWrite {
+        if self.mode() != Mode::ReadWrite {
             self.hold(req, 1);
             self.settle(req, 1, IoStatus::ReadOnly);
             return;
         }
         let (first, n) = self.geometry().touched_regions(offset, len);
         self.hold(req, 1);
-        self.priority.push_back(super::PriorityRange {
-            req,
-            next: first,
-            end: first + n,
-        });
+        self.hydrator.queue_request(req, first, first + n);
     }
 
     // ----- completions -----
 
     pub(super) fn complete(&mut self, op: OpId, status: IoStatus) {
-        let Some(o) = self.ops.remove(&op) else {
+        let Some(o) = self.io.finish(op) else {
             return;
         };
         match o {
-            Op::Read { req } => self.settle(req, 1, status),
             Op::Write { req, parts } => self.settle(req, parts, status),
             Op::Overwrite { req, first, n, fua } => {
                 self.complete_overwrite(req, first, n, fua, status)
@@ -493,7 +406,7 @@ impl Engine {
         fua: bool,
         status: IoStatus,
     ) {
-        let ok = status.is_ok() && self.mode == Mode::ReadWrite;
+        let ok = status.is_ok() && self.mode() == Mode::ReadWrite;
         let released = self.land(first, n, ok);
         if ok
             && fua
@@ -516,28 +429,15 @@ impl Engine {
     }
 
     fn complete_copy(&mut self, first: RegionId, n: u64, origin: CopyOrigin, status: IoStatus) {
-        match origin {
-            CopyOrigin::Background => {
-                self.bg_regions = self.bg_regions.saturating_sub(n);
-                self.bg_jobs = self.bg_jobs.saturating_sub(1);
-            }
-            CopyOrigin::Priority => self.priority_jobs = self.priority_jobs.saturating_sub(1),
-            CopyOrigin::Write => {}
-        }
-        let ok = status.is_ok() && self.mode == Mode::ReadWrite;
+        self.hydrator.copy_done(origin, n, status.is_ok(), self.now);
+        let ok = status.is_ok() && self.mode() == Mode::ReadWrite;
         let released = self.land(first, n, ok);
         if status.is_ok() {
             let (s, e) = self.geometry().regions_byte_range(first, n);
-            self.bytes_hydrated += e - s;
-            if origin == CopyOrigin::Background {
-                self.consecutive_failures = 0;
-            }
+            self.counters.bytes_hydrated += e - s;
         } else {
-            self.copy_errors += 1;
+            self.counters.copy_errors += 1;
             let background = origin == CopyOrigin::Background;
-            if background {
-                self.note_background_failure();
-            }
             self.emit(Action::Event(Event::CopyFailed {
                 first,
                 n,
@@ -549,19 +449,11 @@ impl Engine {
         self.release(released, fail);
     }
 
-    /// Ends the hydration of regions `[first, first+n)`: removes their records, marks them
-    /// when `ok`, and returns who waited on them.
+    /// Ends the hydration of regions `[first, first+n)`: hydrated when `ok` (and marked in
+    /// the open transaction), cold again otherwise; returns who waited on them.
     pub(super) fn land(&mut self, first: RegionId, n: u64, ok: bool) -> Vec<Waiter> {
-        let mut released = Vec::new();
-        for r in first..first + n {
-            if let Some(f) = self.inflight.remove(&r) {
-                released.extend(f.waiters);
-            }
-            if ok {
-                self.mark(r);
-            }
-        }
-        released
+        let commit = &mut self.commit;
+        self.regions.land(first, n, ok, |r| commit.record(r))
     }
 
     /// Settles or re-routes what waited on a region. With `fail`, writes and hydrate requests
@@ -588,7 +480,7 @@ impl Engine {
         self.issue_ready(ready);
     }
 
-    /// Starts a copy of `[first, first+n)` (all unhydrated and idle) and records the flights.
+    /// Starts a copy of the cold regions `[first, first+n)`.
     pub(super) fn start_copy(
         &mut self,
         first: RegionId,
@@ -596,17 +488,8 @@ impl Engine {
         origin: CopyOrigin,
         owner: Option<ReqId>,
     ) -> OpId {
-        let op = self.new_op(Op::Copy { first, n, origin });
-        for r in first..first + n {
-            self.inflight.insert(
-                r,
-                Flight {
-                    op,
-                    kind: FlightKind::Copy,
-                    waiters: Vec::new(),
-                },
-            );
-        }
+        let op = self.io.start(Op::Copy { first, n, origin });
+        self.regions.start_copy(first, n, op);
         let (offset, end) = self.geometry().regions_byte_range(first, n);
         self.emit(Action::Copy {
             op,

@@ -497,7 +497,6 @@ impl<'f> Sim<'f> {
         let status = match owner.and_then(|r| self.reqs.get_mut(&r)) {
             Some(req) => {
                 let mut buf = match req.kind {
-                    Kind::Read => ReqBuf::Read(&mut req.buf),
                     Kind::Write { .. } | Kind::Fill => ReqBuf::Write(&req.buf),
                     _ => ReqBuf::None,
                 };
@@ -559,41 +558,22 @@ impl<'f> Sim<'f> {
         self.next_id += 1;
         match kind {
             Kind::Read => {
-                if self.rng.chance(2, 3) {
-                    // The driver's fast path: reads never enter the engine.
-                    let mut buf = vec![0u8; len as usize];
-                    let devs = Devices {
-                        source: &self.source,
-                        dest: &self.dest,
-                    };
-                    let st = read_routed(&self.view, &self.g, &devs, offset, &mut buf);
-                    if st.is_ok() {
-                        self.check_read(offset, &buf, "fast-path read")?;
-                        if self.engine.mode() == Mode::ReadWrite {
-                            self.offer_fills(offset, &buf);
-                        }
-                    } else {
-                        self.note_error(st)?;
+                // Reads never enter the engine: the driver routes them from the shared map.
+                let mut buf = vec![0u8; len as usize];
+                let devs = Devices {
+                    source: &self.source,
+                    dest: &self.dest,
+                };
+                let st = read_routed(&self.view, &self.g, &devs, offset, &mut buf);
+                if st.is_ok() {
+                    self.check_read(offset, &buf, "fast-path read")?;
+                    if self.engine.mode() == Mode::ReadWrite {
+                        self.offer_fills(offset, &buf);
                     }
-                    return Ok(());
+                } else {
+                    self.note_error(st)?;
                 }
-                // A read overlapping writes in flight may see any value from its submission
-                // to its reply: remember where each block's history stood.
-                let cover = self.blocks[self.block_range(offset, len)]
-                    .iter()
-                    .map(|h| h.alt.map_or(h.completed, |a| a.min(h.completed)))
-                    .collect();
-                self.reqs.insert(
-                    id,
-                    SimReq {
-                        kind,
-                        offset,
-                        len,
-                        buf: vec![0; len as usize],
-                        cover,
-                    },
-                );
-                self.input(Input::Request(id, Request::Read { offset, len }))
+                Ok(())
             }
             Kind::Write { fua } => {
                 let mut buf = Vec::with_capacity(len as usize);
@@ -767,9 +747,9 @@ impl<'f> Sim<'f> {
         }
         match req.kind {
             Kind::Read => {
-                if st.is_ok() {
-                    self.check_read_since(req.offset, &req.buf, &req.cover, "engine read")?;
-                }
+                return Err(format!(
+                    "reply for read {id}, which never enters the engine"
+                ));
             }
             Kind::Write { fua } | Kind::Zeroes { fua } => {
                 self.settle_mutation(req.offset, req.len, st, fua)
@@ -840,37 +820,6 @@ impl<'f> Sim<'f> {
             None => true,
             Some(e) => e == got,
         })
-    }
-
-    /// Checks a read that was in flight: each block may hold any value from `since[i]` (its
-    /// history index at submission) to the newest.
-    fn check_read_since(
-        &mut self,
-        offset: u64,
-        buf: &[u8],
-        since: &[usize],
-        what: &str,
-    ) -> Result<(), String> {
-        if self.engine.mode() != Mode::ReadWrite && !self.ro_settled {
-            return Ok(());
-        }
-        self.stats.reads_checked += 1;
-        for (i, blk) in self.block_range(offset, buf.len() as u64).enumerate() {
-            let got = &buf[i * BLOCK as usize..(i + 1) * BLOCK as usize];
-            let h = &self.blocks[blk];
-            let from = since.get(i).copied().unwrap_or(0).min(h.vals.len() - 1);
-            let allowed: Vec<Val> = h.vals[from..].to_vec();
-            if !self.matches_any(got, blk, &allowed) {
-                return Err(format!(
-                    "{what}: block {blk} (region {}) read {} but allowed {:?} (mode {:?})",
-                    blk as u64 * BLOCK / self.g.region_bytes(),
-                    self.describe(got, blk),
-                    allowed,
-                    self.engine.mode()
-                ));
-            }
-        }
-        Ok(())
     }
 
     fn check_read(&mut self, offset: u64, buf: &[u8], what: &str) -> Result<(), String> {
