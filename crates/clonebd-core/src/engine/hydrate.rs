@@ -35,6 +35,7 @@ use std::collections::VecDeque;
 
 use super::order::OrderQueue;
 use super::regions::Regions;
+use super::window::Allow;
 use super::{Config, CopyOrigin, CopyWindow, ReqId, SECOND, Tick};
 use crate::geometry::{Geometry, RegionId};
 
@@ -49,6 +50,7 @@ struct PriorityRange {
 /// One background pass: what holds for all its copies.
 #[derive(Debug)]
 pub(super) struct Pass {
+    now: Tick,
     busy: bool,
     scanned_wrap: bool,
     done: bool,
@@ -84,6 +86,8 @@ pub(super) struct Hydrator {
     tokens: i128,
     tokens_at: Tick,
     busy_limited: bool,
+    /// The copy window paces copies: the pass runs again at this time.
+    paced_until: Option<Tick>,
     window: CopyWindow,
 }
 
@@ -110,6 +114,7 @@ impl Hydrator {
             tokens: 0,
             tokens_at: now,
             busy_limited: false,
+            paced_until: None,
             window: CopyWindow::new(cfg.hydration_priority),
         }
     }
@@ -200,6 +205,9 @@ impl Hydrator {
         if self.busy_limited {
             at(now.saturating_add(busy_window));
         }
+        if let Some(t) = self.paced_until {
+            at(t.max(now));
+        }
     }
 
     /// When the bandwidth limit next allows a copy, if it is what holds hydration back.
@@ -230,11 +238,13 @@ impl Hydrator {
     /// Starts a background pass at `now`, if one may run; `busy` says clients are active.
     pub(super) fn begin_pass(&mut self, now: Tick, open: bool, busy: bool) -> Option<Pass> {
         self.busy_limited = false;
+        self.paced_until = None;
         if !self.wanted(open) || now < self.not_before {
             return None;
         }
         self.refill_tokens(now);
         Some(Pass {
+            now,
             busy,
             scanned_wrap: false,
             done: false,
@@ -264,15 +274,23 @@ impl Hydrator {
             return None;
         }
         let region = g.region_bytes();
-        let Some(most) = self.window.allow(
+        let most = match self.window.allow(
+            pass.now,
             pass.busy,
             self.bg_jobs,
             self.bg_regions.saturating_mul(region),
             threshold.saturating_mul(region),
             region,
-        ) else {
-            self.busy_limited = true;
-            return None;
+        ) {
+            Allow::Bytes(most) => most,
+            Allow::Wait => {
+                self.busy_limited = true;
+                return None;
+            }
+            Allow::Until(t) => {
+                self.paced_until = Some(t);
+                return None;
+            }
         };
         if self.rate_limit > 0 && self.tokens < 0 {
             return None;
@@ -341,6 +359,7 @@ impl Hydrator {
             CopyOrigin::Background => {
                 self.bg_regions = self.bg_regions.saturating_sub(n);
                 self.bg_jobs = self.bg_jobs.saturating_sub(1);
+                self.window.copy_ended(now);
                 if ok {
                     self.consecutive_failures = 0;
                 } else {

@@ -1517,3 +1517,60 @@ fn fill_in_read_only_mode_takes_nothing() {
     assert!(f.iter().any(|x| is_reply(x, 3, IoStatus::Ok)));
     assert!(!h.hydrated(1) && !h.hydrated(2));
 }
+
+/// Copies of a window far below one piece are paced: with the piece in flight nothing more
+/// starts; once it ends, the engine asks to be woken when the gap is over, and only then
+/// starts the next piece, by itself (D4: progress whatever the latency).
+#[test]
+fn paced_copies_wait_out_their_gap_then_go_on_by_themselves() {
+    let (mut h, mut a) = busy_harness(HydrationPriority::Background);
+    run_busy(&mut h, &mut a, 20, |_| 100_000);
+    // Latency a hundred times the idle level, long enough to halve the window to nothing.
+    run_busy(&mut h, &mut a, 300, |_| 10_000_000);
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Copy { .. })),
+        "the last paced copy ended: the next waits for its gap: {a:?}"
+    );
+    // The first wake-up is the end of that gap: one piece, alone.
+    let wake =
+        h.e.next_deadline()
+            .expect("a wake-up for the end of the gap");
+    let a = h.advance(wake - h.now);
+    let copies: Vec<OpId> = a
+        .iter()
+        .filter(|x| matches!(x, Action::Copy { .. }))
+        .filter_map(op_of)
+        .collect();
+    assert_eq!(copies.len(), 1, "one paced piece: {a:?}");
+    // It takes 2 ms; nothing else starts meanwhile.
+    let during = h.advance(MS);
+    assert!(
+        !during.iter().any(|x| matches!(x, Action::Copy { .. })),
+        "{during:?}"
+    );
+    h.now += MS;
+    let after = h.done(copies[0], IoStatus::Ok);
+    assert!(
+        !after.iter().any(|x| matches!(x, Action::Copy { .. })),
+        "{after:?}"
+    );
+    let wake =
+        h.e.next_deadline()
+            .expect("a wake-up for the end of the gap");
+    assert!(
+        wake > h.now && wake <= h.now + window::MAX_GAP,
+        "woken {} after the copy ended",
+        wake.saturating_sub(h.now)
+    );
+    let early = h.advance(wake - h.now - 1);
+    assert!(
+        !early.iter().any(|x| matches!(x, Action::Copy { .. })),
+        "{early:?}"
+    );
+    let next = h.advance(1);
+    let n = next
+        .iter()
+        .filter(|x| matches!(x, Action::Copy { .. }))
+        .count();
+    assert_eq!(n, 1, "the next piece starts when the gap is over: {next:?}");
+}

@@ -7,10 +7,18 @@
 //! minimum filter, [`BASE_BUCKETS`] buckets of [`BASE_BUCKET`] each, so it follows a device
 //! that gets slower or faster); the latency target is that level times the priority's ratio
 //! ([`HydrationPriority::target_percent`]). Each time a smoothed latency above the target is
-//! reported the window halves (at most once per [`ADJUST_PERIOD`]); each period in which it
-//! is at or below the target the window grows by one piece. While clients are active copies
-//! are also split into pieces of [`HydrationPriority::piece_bytes`], so one foreground
-//! request waits behind a small copy I/O at worst rather than a large one.
+//! reported the window halves (at most once per [`HALVING_HOLD`]); each period of
+//! [`ADJUST_PERIOD`] in which it
+//! is at or below the target the window grows by one piece (by a sixteenth of one while it
+//! is below a piece). While clients are active copies are also split into pieces of
+//! [`HydrationPriority::piece_bytes`], so one foreground request waits behind a small copy
+//! I/O at worst rather than a large one.
+//!
+//! A window below one piece is kept by pacing, as a congestion window below one packet is:
+//! one piece at a time, each started only after a gap after the last one ended, so that the
+//! copies keep the device busy for the window's share of a piece (`window / piece` of the
+//! time). The gap is the last paced copy's own duration times `piece / window - 1`, at most
+//! [`MAX_GAP`].
 //!
 //! What it assumes and guarantees:
 //! - the latency comes in as an input, with the time ([`CopyWindow::observe`]); the window
@@ -18,8 +26,9 @@
 //! - with no client active the window does not limit anything: hydration runs at full
 //!   speed, up to `hydration_threshold` (only the bytes/s limit, outside this module, still
 //!   applies);
-//! - it never stops hydration (decision D4): with no background copy in flight one copy is
-//!   always allowed, whatever the latency, and the window never goes below one region.
+//! - it never stops hydration (decision D4): with no background copy in flight one piece is
+//!   always allowed, at the latest [`MAX_GAP`] after the last one ended, whatever the
+//!   latency.
 
 use super::{MS, SECOND, Tick};
 
@@ -90,8 +99,30 @@ pub const BASE_BUCKET: Tick = 10 * SECOND;
 pub const BASE_BUCKETS: usize = 6;
 /// The window changes at most once per this period.
 pub const ADJUST_PERIOD: Tick = 10 * MS;
+/// The window halves at most once per this time: about as long as the smoothed latency
+/// takes to show the last halving.
+pub const HALVING_HOLD: Tick = 50 * MS;
+/// The gain of the latency's exponential average is 1/this. Over reports every 10 ms, 16
+/// smooth the noise of single requests enough that the idle level (a minimum) is not far
+/// below the idle mean, which would set the target below the latency clients see idle.
+const SMOOTHING: u64 = 16;
 /// Where the window starts, and its smallest growth step when pieces are not split.
 const START_BYTES: u64 = 1 << 20;
+/// The longest gap a paced copy waits after the last one ended (D4: progress, at least one
+/// piece per gap and copy, whatever the latency).
+pub const MAX_GAP: Tick = 50 * MS;
+
+/// What [`CopyWindow::allow`] allows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allow {
+    /// A copy of at most this many bytes (at least one region).
+    Bytes(u64),
+    /// Nothing until a copy in flight ends.
+    Wait,
+    /// Nothing before this time: the window is below one piece, and the gap after the last
+    /// paced copy runs until then.
+    Until(Tick),
+}
 
 /// The copy window. See the module documentation.
 #[derive(Debug, Clone)]
@@ -101,13 +132,20 @@ pub struct CopyWindow {
     window: u64,
     /// The largest window that made sense when it was last used (the threshold's bytes).
     cap: u64,
-    /// Smoothed foreground latency (an exponential average, gain 1/4).
+    /// Smoothed foreground latency (an exponential average, gain 1/[`SMOOTHING`]).
     smoothed: Option<Tick>,
     /// Minimum reported latency per bucket, newest at `bucket`.
     base: [Option<Tick>; BASE_BUCKETS],
     bucket: usize,
     bucket_start: Tick,
     last_change: Tick,
+    last_halving: Tick,
+    /// When the paced copy in flight started, if one is.
+    paced_since: Option<Tick>,
+    /// The earliest start of the next paced copy.
+    paced_next: Tick,
+    /// The bytes of one region, as last told.
+    region: u64,
 }
 
 impl CopyWindow {
@@ -122,6 +160,10 @@ impl CopyWindow {
             bucket: 0,
             bucket_start: 0,
             last_change: 0,
+            last_halving: 0,
+            paced_since: None,
+            paced_next: 0,
+            region: 1,
         }
     }
 
@@ -154,7 +196,7 @@ impl CopyWindow {
         }
         let s = match self.smoothed {
             None => mean,
-            Some(s) => s - s / 4 + mean / 4,
+            Some(s) => s - s / SMOOTHING + mean / SMOOTHING,
         };
         self.smoothed = Some(s);
         // The smoothed value, not the report: a report may hold a single request, and the
@@ -171,9 +213,19 @@ impl CopyWindow {
                 .unwrap_or(u64::MAX);
         self.last_change = now;
         if s > target {
-            self.window = (self.window / 2).max(1);
+            // The smoothed latency shows a halving only after a while: one per hold.
+            if now >= self.last_halving.saturating_add(HALVING_HOLD) {
+                self.window = (self.window / 2).max(1);
+                self.last_halving = now;
+            }
         } else if self.window < self.cap {
-            let step = self.priority.piece_bytes().min(START_BYTES);
+            let piece = self.priority.piece_bytes().min(START_BYTES);
+            // Below a piece the window sets the pacing's duty: it climbs back gently.
+            let step = if self.window < piece {
+                (piece / 16).max(1)
+            } else {
+                piece
+            };
             self.window = self.window.saturating_add(step).min(self.cap);
         }
     }
@@ -193,37 +245,66 @@ impl CopyWindow {
         *b = Some(b.map_or(mean, |x| x.min(mean)));
     }
 
-    /// Whether the next background copy may start, and how large it may be: the most bytes
-    /// it may cover (at least one region), or `None` to wait for a copy in flight.
+    /// Whether the next background copy may start at `now`, and how large it may be.
     ///
     /// `busy`: clients are active; `jobs` and `in_flight`: background copies in flight and
     /// the bytes they cover; `cap`: the bytes `hydration_threshold` allows in flight;
-    /// `region`: the bytes of one region.
+    /// `region`: the bytes of one region. A copy allowed while the window is below one
+    /// piece is paced: the caller reports its end with [`CopyWindow::copy_ended`].
     pub fn allow(
         &mut self,
+        now: Tick,
         busy: bool,
         jobs: u64,
         in_flight: u64,
         cap: u64,
         region: u64,
-    ) -> Option<u64> {
+    ) -> Allow {
         self.cap = cap.max(region);
         self.window = self.window.min(self.cap);
+        self.region = region.max(1);
         if !busy {
-            return Some(u64::MAX);
+            self.paced_next = 0;
+            return Allow::Bytes(u64::MAX);
         }
         let piece = self.priority.piece_bytes().max(region);
+        // The smallest copy: a piece, or one region when pieces are not split.
+        let floor = if piece == u64::MAX { region } else { piece };
         if jobs == 0 {
-            // Progress whatever the latency (D4): one copy of a piece (at least one region),
-            // or as large as the window when pieces are not split.
-            let floor = if piece == u64::MAX { region } else { piece };
-            return Some(piece.min(self.bytes().max(floor)));
+            if self.bytes() >= floor || piece == u64::MAX {
+                // One copy whatever the latency (D4), as large as the window allows.
+                return Allow::Bytes(piece.min(self.bytes().max(floor)));
+            }
+            if now < self.paced_next {
+                return Allow::Until(self.paced_next);
+            }
+            self.paced_since = Some(now);
+            return Allow::Bytes(floor);
         }
         let room = self.bytes().saturating_sub(in_flight);
-        if room < region {
-            return None;
+        if room < region || self.paced_since.is_some() {
+            return Allow::Wait;
         }
-        Some(room.min(piece))
+        Allow::Bytes(room.min(piece))
+    }
+
+    /// A background copy ended at `now`. If it was paced, the next waits for a gap of its
+    /// duration times `piece / window - 1` (at most [`MAX_GAP`]), so that copies take the
+    /// window's share of a piece of the device's time.
+    pub fn copy_ended(&mut self, now: Tick) {
+        let Some(since) = self.paced_since.take() else {
+            return;
+        };
+        let piece = self.priority.piece_bytes().max(self.region);
+        let window = self.bytes().max(1);
+        let took = now.saturating_sub(since);
+        let gap = if window >= piece {
+            0
+        } else {
+            let g = u128::from(took) * u128::from(piece - window) / u128::from(window);
+            u64::try_from(g).unwrap_or(u64::MAX).min(MAX_GAP)
+        };
+        self.paced_next = now.saturating_add(gap);
     }
 }
 
@@ -248,7 +329,7 @@ mod tests {
 
     fn idle_then(priority: HydrationPriority) -> (CopyWindow, Tick) {
         let mut w = CopyWindow::new(priority);
-        w.allow(true, 1, 0, CAP, REGION);
+        w.allow(0, true, 1, 0, CAP, REGION);
         let t = feed(&mut w, 0, 50, 100 * US);
         (w, t)
     }
@@ -257,7 +338,7 @@ mod tests {
     fn window_shrinks_when_latency_rises_above_the_target() {
         let (mut w, t) = idle_then(HydrationPriority::Balanced);
         let before = w.bytes();
-        feed(&mut w, t, 20, 300 * US);
+        feed(&mut w, t, 40, 300 * US);
         assert!(w.bytes() < before / 16, "{} -> {}", before, w.bytes());
         assert_eq!(w.idle_latency(), Some(100 * US));
     }
@@ -283,35 +364,98 @@ mod tests {
     #[test]
     fn window_never_stops_progress_d4() {
         let (mut w, t) = idle_then(HydrationPriority::Background);
-        feed(&mut w, t, 1000, 10_000 * US);
+        let t = feed(&mut w, t, 1000, 10_000 * US);
         assert!(w.bytes() < REGION);
         // One piece stays allowed, never less, however high the latency.
-        assert_eq!(w.allow(true, 0, 0, CAP, REGION), Some(64 << 10));
-        assert_eq!(w.allow(true, 1, REGION, CAP, REGION), None);
+        assert_eq!(w.allow(t, true, 0, 0, CAP, REGION), Allow::Bytes(64 << 10));
+        assert_eq!(w.allow(t, true, 1, REGION, CAP, REGION), Allow::Wait);
+    }
+
+    #[test]
+    fn a_window_far_below_a_piece_paces_pieces_at_most_max_gap_apart_d4() {
+        let (mut w, t) = idle_then(HydrationPriority::Background);
+        let t = feed(&mut w, t, 1000, 10_000 * US);
+        assert_eq!(w.allow(t, true, 0, 0, CAP, REGION), Allow::Bytes(64 << 10));
+        // The paced piece is the only copy.
+        assert_eq!(w.allow(t, true, 1, 64 << 10, CAP, REGION), Allow::Wait);
+        w.copy_ended(t + MS);
+        let next = t + MS + MAX_GAP;
+        assert_eq!(
+            w.allow(t + 2 * MS, true, 0, 0, CAP, REGION),
+            Allow::Until(next)
+        );
+        assert_eq!(
+            w.allow(next, true, 0, 0, CAP, REGION),
+            Allow::Bytes(64 << 10)
+        );
+        // Clients gone: no pacing.
+        w.copy_ended(next + MS);
+        assert_eq!(
+            w.allow(next + 2 * MS, false, 0, 0, CAP, REGION),
+            Allow::Bytes(u64::MAX)
+        );
+        assert_eq!(
+            w.allow(next + 2 * MS, true, 0, 0, CAP, REGION),
+            Allow::Bytes(64 << 10)
+        );
+    }
+
+    #[test]
+    fn a_paced_gap_gives_copies_the_window_s_share_of_the_time() {
+        let (mut w, mut t) = idle_then(HydrationPriority::Background);
+        let piece: u64 = 64 << 10;
+        while w.bytes() >= piece {
+            t = feed(&mut w, t, 1, 300 * US);
+        }
+        let b = w.bytes();
+        assert!(b >= piece / 4, "halved once below a piece: {b}");
+        assert_eq!(w.allow(t, true, 0, 0, CAP, REGION), Allow::Bytes(piece));
+        // The copy took 2 ms: the gap is 2 ms * (piece - window) / window.
+        w.copy_ended(t + 2 * MS);
+        let gap = 2 * MS * (piece - b) / b;
+        assert!(gap > 0 && gap < MAX_GAP, "{gap}");
+        assert_eq!(
+            w.allow(t + 2 * MS, true, 0, 0, CAP, REGION),
+            Allow::Until(t + 2 * MS + gap)
+        );
+        // Latency back within the target: the window climbs back over a piece, and copies
+        // are no longer paced.
+        let t = feed(&mut w, t + 2 * MS + gap, 200, 100 * US);
+        assert!(w.bytes() >= piece);
+        assert_eq!(w.allow(t, true, 0, 0, CAP, REGION), Allow::Bytes(piece));
+        assert_eq!(w.allow(t, true, 1, piece, CAP, REGION), Allow::Bytes(piece));
     }
 
     #[test]
     fn window_does_not_limit_an_idle_volume() {
         let (mut w, t) = idle_then(HydrationPriority::Background);
-        feed(&mut w, t, 100, 10_000 * US);
-        assert_eq!(w.allow(false, 100, CAP, CAP, REGION), Some(u64::MAX));
+        let t = feed(&mut w, t, 100, 10_000 * US);
+        assert_eq!(
+            w.allow(t, false, 100, CAP, CAP, REGION),
+            Allow::Bytes(u64::MAX)
+        );
     }
 
     #[test]
     fn window_splits_copies_while_clients_are_active() {
         let (mut w, _) = idle_then(HydrationPriority::Balanced);
-        assert_eq!(w.allow(true, 1, 0, CAP, REGION), Some(256 << 10));
-        assert_eq!(w.allow(true, 0, 0, CAP, 1 << 20), Some(1 << 20));
+        assert_eq!(w.allow(0, true, 1, 0, CAP, REGION), Allow::Bytes(256 << 10));
+        assert_eq!(w.allow(0, true, 0, 0, CAP, 1 << 20), Allow::Bytes(1 << 20));
     }
 
     #[test]
     fn window_idle_level_follows_a_slower_device() {
         let (mut w, t) = idle_then(HydrationPriority::Balanced);
         let later = t + BASE_BUCKET * (BASE_BUCKETS as u64 + 1);
-        feed(&mut w, later, 100, 400 * US);
-        // The old level is forgotten; the new one is reached as the smoothing settles.
+        let t = feed(&mut w, later, 100, 400 * US);
+        // The old level is forgotten at once; the new one is reached once the buckets that
+        // saw the smoothing settle have gone too.
         let idle = w.idle_latency().unwrap_or(0);
-        assert!(idle > 150 * US && idle <= 400 * US, "{idle}");
+        assert!(idle > 100 * US && idle <= 400 * US, "{idle}");
+        let periods = BASE_BUCKET * (BASE_BUCKETS as u64 + 1) / ADJUST_PERIOD;
+        feed(&mut w, t, periods, 400 * US);
+        let idle = w.idle_latency().unwrap_or(0);
+        assert!(idle > 390 * US && idle <= 400 * US, "{idle}");
     }
 
     #[test]
@@ -341,9 +485,9 @@ mod tests {
     #[test]
     fn hydration_priority_keeps_one_full_copy_in_flight() {
         let (mut w, t) = idle_then(HydrationPriority::Hydration);
-        feed(&mut w, t, 100, 10_000 * US);
-        assert_eq!(w.allow(true, 0, 0, CAP, 1 << 20), Some(1 << 20));
-        assert_eq!(w.allow(true, 1, 1 << 20, CAP, 1 << 20), None);
+        let t = feed(&mut w, t, 100, 10_000 * US);
+        assert_eq!(w.allow(t, true, 0, 0, CAP, 1 << 20), Allow::Bytes(1 << 20));
+        assert_eq!(w.allow(t, true, 1, 1 << 20, CAP, 1 << 20), Allow::Wait);
     }
 
     #[test]
