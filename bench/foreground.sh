@@ -17,7 +17,9 @@
 # Environment: SIZE (default 4G), RUNTIME seconds per fio job (default 10), REPEAT rounds
 # (default 3), PRIORITIES (default "balanced"; any of background balanced hydration),
 # BEFORE (another clonebd binary, measured loaded beside this one, as a baseline: its
-# --hydration-priority is not given), CARGO_TARGET_DIR.
+# --hydration-priority is not given), FLOOR (piece sizes, e.g. "64k 256k": the disk's own
+# floor, the reads beside a plain `dd` copy stream of that size, see measure_floor),
+# CARGO_TARGET_DIR.
 #
 # Every round measures each case once, back to back (idle, loaded for each priority, the
 # full hydration and the raw copy), so a machine shared with other
@@ -33,6 +35,7 @@ RUNTIME="${RUNTIME:-10}"
 REPEAT="${REPEAT:-3}"
 PRIORITIES="${PRIORITIES:-balanced}"
 BEFORE="${BEFORE:-}"
+FLOOR="${FLOOR:-}"
 cargo build --release -q --locked -p clonebd
 bin="$CARGO_TARGET_DIR/release/clonebd"
 for t in fio jq qemu-img; do
@@ -117,6 +120,31 @@ measure_loaded() { # label binary [args]
     done
 }
 
+# The disk's own floor: the same reads, hydration off, beside one `dd` stream copying the
+# source into a scratch file in BS pieces with O_DIRECT: what any copy of that piece size,
+# issued back to back, costs the reads here; its bandwidth is reported as the hydration's.
+measure_floor() { # bs
+    for qd in 1 32; do
+        fresh_dest
+        start "$bin" --no-hydration
+        rm -f "$dir/floor.img"
+        dd if="$dir/src.img" of="$dir/floor.img" bs="$1" iflag=direct oflag=direct 2>/dev/null &
+        dpid=$!
+        t0=$(now)
+        fio_job "$qd" >"$dir/job.out"
+        t1=$(now)
+        copied=$(stat -c %s "$dir/floor.img")
+        kill "$dpid" 2>/dev/null || true; wait "$dpid" 2>/dev/null || true
+        rm -f "$dir/floor.img"
+        read -r iops p50 p99 <"$dir/job.out"
+        stop
+        record "dd-$1.qd$qd.iops" "$iops"
+        record "dd-$1.qd$qd.p50" "$p50"
+        record "dd-$1.qd$qd.p99" "$p99"
+        record "dd-$1.qd$qd.bw" "$(echo "$copied / ($t1 - $t0) / 1048576" | bc -l)"
+    done
+}
+
 echo "making a $SIZE source in $dir ($(df -h --output=source,fstype "$dir" | tail -1))" >&2
 head -c "$SIZE" /dev/urandom >"$dir/src.img"
 sync
@@ -144,6 +172,9 @@ EOF
     if [ -n "$BEFORE" ]; then
         measure_loaded before "$BEFORE"
     fi
+    for bs in $FLOOR; do
+        measure_floor "$bs"
+    done
     # Idle hydration, whole (its mean bandwidth is the unloaded one), against a raw copy.
     rm -f "$dir/q.img"; truncate -s "$SIZE" "$dir/q.img"
     sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
@@ -178,7 +209,7 @@ printf '%-11s %3s %9s %8s %8s | %6s %6s %6s | %8s %6s\n' case qd iops p50 p99 io
 for qd in 1 32; do
     i_iops=$(median "idle.qd$qd.iops"); i_p50=$(median "idle.qd$qd.p50"); i_p99=$(median "idle.qd$qd.p99")
     printf '%-11s %3s %9.0f %8.1f %8.1f | %6s %6s %6s | %8s %6s\n' idle "$qd" "$i_iops" "$i_p50" "$i_p99" - - - - -
-    for p in $PRIORITIES ${BEFORE:+before}; do
+    for p in $PRIORITIES ${BEFORE:+before} $(for bs in $FLOOR; do echo "dd-$bs"; done); do
         iops=$(median "$p.qd$qd.iops"); p50=$(median "$p.qd$qd.p50"); p99=$(median "$p.qd$qd.p99"); bw=$(median "$p.qd$qd.bw")
         printf '%-11s %3s %9.0f %8.1f %8.1f | %6s %6s %6s | %8.1f %6s\n' "$p" "$qd" "$iops" "$p50" "$p99" \
             "$(ratio "$iops" "$i_iops")" "$(ratio "$p50" "$i_p50")" "$(ratio "$p99" "$i_p99")" "$bw" "$(ratio "$bw" "$unloaded")"

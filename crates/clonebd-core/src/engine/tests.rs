@@ -761,14 +761,27 @@ fn busy_harness(priority: HydrationPriority) -> (H, Vec<Action>) {
     });
     h.e.view().foreground_started(h.now);
     let a = h.apply(Input::Tick);
-    // The copy issued at resume, before the read came, was full size; complete it.
+    // The copy issued at resume, before the client came, was full size; complete it.
     let first: Vec<OpId> = a
         .iter()
         .filter(|x| matches!(x, Action::Copy { .. }))
         .filter_map(op_of)
         .collect();
     assert_eq!(first.len(), 1, "{a:?}");
+    // The first client activity starts a probe of the idle level: no copy until it ends.
     let a = h.done(first[0], IoStatus::Ok);
+    assert!(!a.iter().any(|x| matches!(x, Action::Copy { .. })), "{a:?}");
+    let mut a = Vec::new();
+    for _ in 0..window::PROBE_LEN / (10 * MS) {
+        assert!(!a.iter().any(|x| matches!(x, Action::Copy { .. })), "{a:?}");
+        h.now += 10 * MS;
+        a.extend(h.apply(Input::ForegroundLatency {
+            mean: 100_000,
+            requests: 10,
+        }));
+    }
+    a.extend(h.advance(0));
+    assert!(a.iter().any(|x| matches!(x, Action::Copy { .. })), "{a:?}");
     (h, a)
 }
 

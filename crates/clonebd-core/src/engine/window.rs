@@ -28,7 +28,12 @@
 //!   applies);
 //! - it never stops hydration (decision D4): with no background copy in flight one piece is
 //!   always allowed, at the latest [`MAX_GAP`] after the last one ended, whatever the
-//!   latency.
+//!   latency; copies pause only for a probe, [`PROBE_LEN`] every [`PROBE_EVERY`] while
+//!   clients are active.
+//!
+//! The idle level is measured by those probes: copies are held back for a moment and the
+//! latency clients see then is taken as idle (a window that never shrank could not learn
+//! it from latencies seen under copies).
 
 use super::{MS, SECOND, Tick};
 
@@ -112,6 +117,24 @@ const START_BYTES: u64 = 1 << 20;
 /// piece per gap and copy, whatever the latency).
 pub const MAX_GAP: Tick = 50 * MS;
 
+/// How often the idle level is measured while clients are active: a probe, in which no
+/// copy starts (the first at the first client activity).
+pub const PROBE_EVERY: Tick = 10 * SECOND;
+/// How long a probe holds copies back.
+pub const PROBE_LEN: Tick = 60 * MS;
+/// Reports in the first part of a probe are not taken: copies started before it are still
+/// in flight.
+pub const PROBE_SETTLE: Tick = 20 * MS;
+
+/// A probe of the idle level in progress.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    start: Tick,
+    /// Sum of the latencies of the requests reported after the settling time, and their count.
+    sum: u128,
+    n: u64,
+}
+
 /// What [`CopyWindow::allow`] allows now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allow {
@@ -146,6 +169,8 @@ pub struct CopyWindow {
     paced_next: Tick,
     /// The bytes of one region, as last told.
     region: u64,
+    probe: Option<Probe>,
+    next_probe: Tick,
 }
 
 impl CopyWindow {
@@ -164,6 +189,8 @@ impl CopyWindow {
             paced_since: None,
             paced_next: 0,
             region: 1,
+            probe: None,
+            next_probe: 0,
         }
     }
 
@@ -192,6 +219,15 @@ impl CopyWindow {
     /// grows the window.
     pub fn observe(&mut self, now: Tick, mean: Tick, requests: u64) {
         if requests == 0 {
+            return;
+        }
+        self.end_probe(now);
+        if let Some(p) = &mut self.probe {
+            // No copy starts during a probe: what clients see is the idle level.
+            if now >= p.start.saturating_add(PROBE_SETTLE) {
+                p.sum += u128::from(mean) * u128::from(requests);
+                p.n += requests;
+            }
             return;
         }
         let s = match self.smoothed {
@@ -267,6 +303,9 @@ impl CopyWindow {
             self.paced_next = 0;
             return Allow::Bytes(u64::MAX);
         }
+        if let Some(until) = self.probing(now) {
+            return Allow::Until(until);
+        }
         let piece = self.priority.piece_bytes().max(region);
         // The smallest copy: a piece, or one region when pieces are not split.
         let floor = if piece == u64::MAX { region } else { piece };
@@ -286,6 +325,52 @@ impl CopyWindow {
             return Allow::Wait;
         }
         Allow::Bytes(room.min(piece))
+    }
+
+    /// Whether copies are held back for a probe of the idle level at `now` (clients are
+    /// active), and until when: starts one when it is due, and ends the one that ran out,
+    /// taking the mean latency clients saw in it as an idle level (and as the smoothed
+    /// latency, which the copies held back brought down too).
+    ///
+    /// The idle level cannot be learnt from latencies alone while copies run: a window
+    /// never small enough to show the idle latency would take the loaded latency for it
+    /// and never shrink.
+    fn probing(&mut self, now: Tick) -> Option<Tick> {
+        self.end_probe(now);
+        match self.probe {
+            Some(p) => Some(p.start.saturating_add(PROBE_LEN)),
+            None if now >= self.next_probe => {
+                self.probe = Some(Probe {
+                    start: now,
+                    sum: 0,
+                    n: 0,
+                });
+                Some(now.saturating_add(PROBE_LEN))
+            }
+            None => None,
+        }
+    }
+
+    /// Ends the probe in progress if it ran out by `now`, taking the mean latency reported
+    /// in it as an idle level and as the smoothed latency.
+    fn end_probe(&mut self, now: Tick) {
+        let Some(p) = self.probe else { return };
+        if now < p.start.saturating_add(PROBE_LEN) {
+            return;
+        }
+        self.probe = None;
+        self.next_probe = now.saturating_add(PROBE_EVERY);
+        if let Some(mean) =
+            u128::checked_div(p.sum, u128::from(p.n)).and_then(|m| u64::try_from(m).ok())
+        {
+            self.note_base(now, mean);
+            self.smoothed = Some(mean);
+        }
+    }
+
+    /// When the probe in progress ends, if one is.
+    pub fn probe_until(&self) -> Option<Tick> {
+        self.probe.map(|p| p.start.saturating_add(PROBE_LEN))
     }
 
     /// A background copy ended at `now`. If it was paced, the next waits for a gap of its
@@ -335,6 +420,57 @@ mod tests {
     }
 
     #[test]
+    fn the_idle_level_is_what_clients_see_while_a_probe_holds_copies_back() {
+        let mut w = CopyWindow::new(HydrationPriority::Balanced);
+        // The first client activity: a probe, no copy until it ends.
+        assert_eq!(w.allow(0, true, 0, 0, CAP, REGION), Allow::Until(PROBE_LEN));
+        assert_eq!(w.probe_until(), Some(PROBE_LEN));
+        // Copies started before it still run at first: those reports are not taken.
+        w.observe(10 * MS, 900 * US, 10);
+        for t in (2..6).map(|i| i * 10 * MS) {
+            w.observe(t, 100 * US, 10);
+        }
+        assert_eq!(
+            w.allow(PROBE_LEN, true, 0, 0, CAP, REGION),
+            Allow::Bytes(256 << 10)
+        );
+        assert_eq!(w.probe_until(), None);
+        assert_eq!(w.idle_latency(), Some(100 * US));
+        // Under copies clients see three times that: the window shrinks.
+        let before = w.bytes();
+        feed(&mut w, PROBE_LEN, 40, 300 * US);
+        assert!(w.bytes() < before / 8, "{before} -> {}", w.bytes());
+    }
+
+    #[test]
+    fn a_window_that_never_saw_the_idle_latency_learns_it_from_the_next_probe() {
+        let mut w = CopyWindow::new(HydrationPriority::Balanced);
+        // A first probe that saw only loaded latencies (say the device was busy elsewhere).
+        assert!(matches!(
+            w.allow(0, true, 0, 0, CAP, REGION),
+            Allow::Until(_)
+        ));
+        let t = feed(&mut w, 0, 10, 300 * US);
+        assert_eq!(w.idle_latency(), Some(300 * US));
+        let t = feed(&mut w, t, 100, 300 * US);
+        assert!(w.bytes() >= START_BYTES, "300 us looks idle: {}", w.bytes());
+        // The next probe, PROBE_EVERY later, sees 100 us: the window then yields.
+        let due = PROBE_LEN + PROBE_EVERY;
+        let t = feed(&mut w, t, (due - t) / ADJUST_PERIOD, 300 * US);
+        let until = t + PROBE_LEN;
+        assert_eq!(w.allow(t, true, 1, 0, CAP, REGION), Allow::Until(until));
+        let t = feed(&mut w, t, PROBE_LEN / ADJUST_PERIOD, 100 * US);
+        assert!(matches!(
+            w.allow(t, true, 1, 0, CAP, REGION),
+            Allow::Bytes(_)
+        ));
+        assert_eq!(w.idle_latency(), Some(100 * US));
+        let before = w.bytes();
+        feed(&mut w, t, 40, 300 * US);
+        assert!(w.bytes() < before / 8, "{before} -> {}", w.bytes());
+    }
+
+    #[test]
     fn window_shrinks_when_latency_rises_above_the_target() {
         let (mut w, t) = idle_then(HydrationPriority::Balanced);
         let before = w.bytes();
@@ -364,7 +500,7 @@ mod tests {
     #[test]
     fn window_never_stops_progress_d4() {
         let (mut w, t) = idle_then(HydrationPriority::Background);
-        let t = feed(&mut w, t, 1000, 10_000 * US);
+        let t = feed(&mut w, t, 400, 10_000 * US);
         assert!(w.bytes() < REGION);
         // One piece stays allowed, never less, however high the latency.
         assert_eq!(w.allow(t, true, 0, 0, CAP, REGION), Allow::Bytes(64 << 10));
@@ -374,7 +510,7 @@ mod tests {
     #[test]
     fn a_window_far_below_a_piece_paces_pieces_at_most_max_gap_apart_d4() {
         let (mut w, t) = idle_then(HydrationPriority::Background);
-        let t = feed(&mut w, t, 1000, 10_000 * US);
+        let t = feed(&mut w, t, 400, 10_000 * US);
         assert_eq!(w.allow(t, true, 0, 0, CAP, REGION), Allow::Bytes(64 << 10));
         // The paced piece is the only copy.
         assert_eq!(w.allow(t, true, 1, 64 << 10, CAP, REGION), Allow::Wait);
