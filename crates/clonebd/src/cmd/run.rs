@@ -190,11 +190,13 @@ pub struct RunArgs {
     hydrate_on_read_budget: String,
     /// How background hydration and client I/O trade while clients are active. Background
     /// copies are bounded by a window that shrinks when the clients' latency rises above its
-    /// idle level and grows back when it falls, and are split into small pieces; one copy
-    /// always goes on, so hydration never stops. `background`: yield at 10 % above the idle
-    /// latency, 16 KiB pieces; `balanced`: at 30 %, 64 KiB pieces; `hydration`: only when
-    /// the latency doubles, copies kept whole. With no client I/O hydration runs at full
-    /// speed whatever the setting; --hydration-rate-limit applies on top.
+    /// idle level and grows back when it falls, and are split into small pieces, paced with
+    /// gaps when the window is below one piece; a piece always comes within 50 ms, so
+    /// hydration never stops. The idle level is measured by holding copies back for 60 ms at
+    /// the first client activity and every 10 s of it. `background`: yield at 10 % above the
+    /// idle latency, 64 KiB pieces; `balanced`: at 30 %, 256 KiB pieces; `hydration`: only
+    /// when the latency doubles, copies kept whole. With no client I/O hydration runs at
+    /// full speed whatever the setting; --hydration-rate-limit applies on top.
     #[arg(long, value_name = "PRIORITY", value_enum, default_value_t = Priority::Balanced)]
     hydration_priority: Priority,
     /// The clone in dm-clone's table language:
