@@ -1,6 +1,7 @@
 //! ARCHITECTURE.md's crate graph is the workspace's: every edge it draws is a dependency in
 //! that crate's manifest, and every dependency between workspace crates is drawn. A crate
-//! added, or a dependency added or dropped, without the map being updated fails here.
+//! added, or a dependency added or dropped, without the map being updated fails here; so
+//! does a source file added or removed without the module map following.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -94,5 +95,51 @@ fn architecture_crate_graph_matches_the_manifests() {
     assert_eq!(
         documented, real,
         "ARCHITECTURE.md's crate graph (left) differs from the manifests (right)"
+    );
+}
+
+/// Every `.rs` file under `dir`, as paths relative to `base`, sorted.
+fn source_files(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+    for e in std::fs::read_dir(dir).expect("read a source directory") {
+        let p = e.expect("a directory entry").path();
+        if p.is_dir() {
+            source_files(base, &p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            let rel = p.strip_prefix(base).expect("under the crates directory");
+            out.insert(rel.to_string_lossy().into_owned());
+        }
+    }
+}
+
+#[test]
+fn architecture_module_map_lists_every_source_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let map = &doc[doc.find("## Module map").expect("a Module map section")..];
+    let map = &map[..map[3..].find("\n## ").map_or(map.len(), |i| i + 3)];
+    let listed: BTreeSet<String> = map
+        .lines()
+        .filter_map(|l| l.strip_prefix("- `"))
+        .filter_map(|l| l.split_once('`'))
+        .map(|(path, _)| path.to_string())
+        .collect();
+    let crates = root.join("crates");
+    let mut real = BTreeSet::new();
+    for c in std::fs::read_dir(&crates).expect("crates/") {
+        let src = c.expect("a crate").path().join("src");
+        if src.is_dir() {
+            source_files(&crates, &src, &mut real);
+        }
+    }
+    assert!(
+        real.len() >= 100,
+        "too few source files found: {}",
+        real.len()
+    );
+    let missing: Vec<_> = real.difference(&listed).collect();
+    let gone: Vec<_> = listed.difference(&real).collect();
+    assert!(
+        missing.is_empty() && gone.is_empty(),
+        "ARCHITECTURE.md's module map lacks {missing:?} and lists files that are gone: {gone:?}"
     );
 }
