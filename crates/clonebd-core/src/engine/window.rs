@@ -374,7 +374,7 @@ impl CopyWindow {
     }
 
     /// A background copy ended at `now`. If it was paced, the next waits for a gap of its
-    /// duration times `piece / window - 1` (at most [`MAX_GAP`]), so that copies take the
+    /// duration times `piece / window - 1` (at most `MAX_GAP`), so that copies take the
     /// window's share of a piece of the device's time.
     pub fn copy_ended(&mut self, now: Tick) {
         let Some(since) = self.paced_since.take() else {
