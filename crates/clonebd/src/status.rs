@@ -105,6 +105,11 @@ pub struct StatusJson {
     /// (this run).
     #[serde(default)]
     pub fills_refused: u64,
+    /// Regions still in the hydration order queue (`--hydrate-first`, `hydrate_range`),
+    /// hydrated before the rest of the background pass; counted whole, so some may be
+    /// hydrated already.
+    #[serde(default)]
+    pub regions_queued: u64,
     /// Reads whose data was not kept, as it would have gone over --hydrate-on-read-budget
     /// (this run).
     #[serde(default)]
@@ -237,6 +242,7 @@ pub fn status_json(
         last_copy_error: s.last_copy_error.clone(),
         regions_filled: s.engine.regions_filled,
         fills_refused: s.engine.fills_refused,
+        regions_queued: s.engine.regions_queued,
         fills_dropped: s.fills.dropped,
         fill_bytes_pending: s.fills.pending_bytes,
         dirty_regions: s.engine.nr_dirty,

@@ -170,11 +170,15 @@ fn hydrate_range_message_goes_to_the_front_of_the_order() {
             "{words:?}: {err}"
         );
     }
-    // Disabled: the queue waits.
+    // Disabled: the queue waits, and status counts what it holds (1 region from the file,
+    // 2 from the message).
     std::thread::sleep(Duration::from_millis(500));
     assert!(hydrated_regions(&d.hydrated_map()).is_empty());
+    assert_eq!(d.status_json()["regions_queued"], 3);
     d.ctl_ok("message", &["enable_hydration"]);
     assert_hydrates_in_order(&d, &[32, 33, 96], 2);
+    let st = d.wait_complete(Duration::from_secs(60));
+    assert_eq!(st["regions_queued"], 0, "{st}");
 }
 
 /// A malformed line or a range past the end, in either file, stops the start naming the

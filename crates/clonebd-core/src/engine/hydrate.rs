@@ -167,7 +167,6 @@ impl Hydrator {
     }
 
     /// Regions still in the hydration order queue (counted whole, hydrated or not).
-    #[cfg(test)]
     pub(super) fn queued_regions(&self) -> u64 {
         self.order.regions()
     }

@@ -492,6 +492,9 @@ pub struct EngineStatus {
     /// Regions offered by fills and left alone: already hydrated, in flight, suspended, or
     /// not in mode `rw`.
     pub fills_refused: u64,
+    /// Regions in the hydration order queue (`--hydrate-first`, `hydrate_range`), counted
+    /// whole: some may have been hydrated meanwhile by other means.
+    pub regions_queued: u64,
     /// Regions hydrated in the open (uncommitted) transaction.
     pub nr_dirty: u64,
     /// Requests in flight inside the engine.
@@ -757,6 +760,7 @@ impl Engine {
             bytes_hydrated: self.counters.bytes_hydrated,
             regions_filled: self.counters.regions_filled,
             fills_refused: self.counters.fills_refused,
+            regions_queued: self.hydrator.queued_regions(),
             nr_dirty: self.commit.nr_dirty(),
             requests_in_flight: self.reqs.len() as u64,
         }

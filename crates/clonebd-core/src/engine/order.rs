@@ -72,8 +72,7 @@ impl OrderQueue {
         }
     }
 
-    /// Regions still queued (counted whole, hydrated or not), for tests.
-    #[cfg(test)]
+    /// Regions still queued (counted whole, hydrated or not).
     pub(super) fn regions(&self) -> u64 {
         self.ranges.iter().map(|(next, end)| end - next).sum()
     }
