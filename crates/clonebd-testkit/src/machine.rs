@@ -4,6 +4,7 @@
 //! fails instead, so that nothing CI reports green was silently left out.
 
 use std::path::PathBuf;
+use std::process::{Command, Output};
 
 /// Whether the tests run under CI (`CI=true`).
 pub fn under_ci() -> bool {
@@ -34,6 +35,30 @@ pub fn have(program: &str, hint: &str) -> bool {
     which(program).is_some() || skip(&format!("{program} is not installed ({hint})"))
 }
 
+/// Runs `program` with `args` under `timeout SECONDS` (a client that hangs must not hang the
+/// test), and returns what it did whatever its status. Panics only if it cannot be started.
+pub fn run_status(program: &str, args: &[&str], seconds: u32) -> Output {
+    Command::new("timeout")
+        .arg(seconds.to_string())
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// As [`run_status`], and it must succeed: panics with its status and both outputs if not.
+pub fn run_ok(program: &str, args: &[&str], seconds: u32) -> Output {
+    let out = run_status(program, args, seconds);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +70,21 @@ mod tests {
         if !under_ci() {
             assert!(!have("clonebd-no-such-program", "nowhere"));
         }
+    }
+
+    #[test]
+    fn programs_run_under_a_timeout_and_failures_show_their_output() {
+        let out = run_ok("sh", &["-c", "echo hello"], 10);
+        assert_eq!(out.stdout, b"hello\n");
+        assert!(!run_status("sh", &["-c", "exit 3"], 10).status.success());
+        let r = std::panic::catch_unwind(|| run_ok("sh", &["-c", "echo why >&2; exit 3"], 10));
+        let msg = r
+            .err()
+            .and_then(|e| e.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(msg.contains("why"), "{msg}");
+        // `timeout` ends what runs too long (status 124).
+        assert_eq!(run_status("sleep", &["5"], 1).status.code(), Some(124));
     }
 
     #[test]

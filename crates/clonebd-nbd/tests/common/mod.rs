@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -465,25 +465,12 @@ pub fn have(program: &str) -> bool {
 
 /// Run a program with a timeout; panics with its output if it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
-    let out = run_status(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    clonebd_testkit::machine::run_ok(program, args, 120)
 }
 
 /// Run a program under `timeout 120`, returning its output whatever the status.
 pub fn run_status(program: &str, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg("120")
-        .arg(program)
-        .args(args)
-        .output()
-        .unwrap()
+    clonebd_testkit::machine::run_status(program, args, 120)
 }
 
 pub fn stdout(out: &Output) -> String {

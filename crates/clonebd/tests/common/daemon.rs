@@ -435,25 +435,13 @@ pub fn have(program: &str) -> bool {
 
 /// Run a program (under `timeout 300`); it must succeed. Returns its standard output.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = run_status(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = clonebd_testkit::machine::run_ok(program, args, 300);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Run a program under `timeout 300`, whatever its status.
 pub fn run_status(program: &str, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg("300")
-        .arg(program)
-        .args(args)
-        .output()
-        .expect("run program")
+    clonebd_testkit::machine::run_status(program, args, 300)
 }
 
 /// Read `len` bytes at `offset` of a file.
