@@ -87,6 +87,30 @@ fn hydrate_then_flush(
     (e, flush.clone(), done)
 }
 
+/// Runs the commit round's destination flush, then the metadata commit that follows it.
+fn flush_and_commit(
+    e: &mut Engine,
+    flush: &Action,
+    devs: &Devices<'_>,
+    backend: &mut StoreBackend<SimDisk>,
+    view: &SharedView,
+) {
+    let mut scratch = AlignedBuf::new(0);
+    let (st, _) = execute_data(devs, flush, &mut ReqBuf::None, SPARSE_COPY, &mut scratch)
+        .expect("a data action");
+    assert_eq!(st, IoStatus::Ok);
+    e.apply(0, Input::Completed(op_of(flush).expect("op"), st));
+    let acts = drain(e);
+    let commit = acts
+        .iter()
+        .find(|a| matches!(a, Action::CommitMetadata { .. }))
+        .expect("the commit follows the flush");
+    assert_eq!(
+        execute_metadata(backend, view.map(), commit),
+        Some(IoStatus::Ok)
+    );
+}
+
 #[test]
 fn zeroed_region_is_not_recorded_hydrated_before_its_zeroing_is_durable() {
     let trace = Trace::new();
@@ -158,18 +182,7 @@ fn zeroed_region_committed_after_the_flush_survives_a_power_cut_as_zeros() {
         dest: &dst,
     };
     let (mut e, flush, _) = hydrate_then_flush(g, &devs, &view);
-    let mut scratch = AlignedBuf::new(0);
-    let (st, _) = execute_data(&devs, &flush, &mut ReqBuf::None, SPARSE_COPY, &mut scratch)
-        .expect("a data action");
-    assert_eq!(st, IoStatus::Ok);
-    e.apply(0, Input::Completed(op_of(&flush).expect("op"), st));
-    let acts = drain(&mut e);
-    let commit = acts
-        .iter()
-        .find(|a| matches!(a, Action::CommitMetadata { .. }))
-        .expect("the commit follows the flush");
-    let st = execute_metadata(&mut backend, view.map(), commit).expect("a metadata action");
-    assert_eq!(st, IoStatus::Ok);
+    flush_and_commit(&mut e, &flush, &devs, &mut backend, &view);
     drop(backend);
     dst.power_cut(&mut Rng::new(2), CutStyle::Random);
     meta.power_cut(&mut Rng::new(2), CutStyle::Random);
@@ -223,20 +236,7 @@ fn zeros_over_a_destination_hole_are_not_zeroed_again() {
         vec![(4 * REGION, REGION), (5 * REGION, REGION)],
         "only the regions that held garbage are zeroed"
     );
-    let mut scratch = AlignedBuf::new(0);
-    let (st, _) = execute_data(&devs, &flush, &mut ReqBuf::None, SPARSE_COPY, &mut scratch)
-        .expect("a data action");
-    assert_eq!(st, IoStatus::Ok);
-    e.apply(0, Input::Completed(op_of(&flush).expect("op"), st));
-    let acts = drain(&mut e);
-    let commit = acts
-        .iter()
-        .find(|a| matches!(a, Action::CommitMetadata { .. }))
-        .expect("the commit follows the flush");
-    assert_eq!(
-        execute_metadata(&mut backend, view.map(), commit),
-        Some(IoStatus::Ok)
-    );
+    flush_and_commit(&mut e, &flush, &devs, &mut backend, &view);
     drop(backend);
     dst.power_cut(&mut Rng::new(3), CutStyle::Random);
     meta.power_cut(&mut Rng::new(3), CutStyle::Random);

@@ -25,18 +25,7 @@ pub fn can_run(test: &str) -> bool {
 
 /// Runs a command and returns its output; panics with its stderr if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    clonebd_testkit::machine::run_ok(cmd, args, 300)
 }
 
 /// stdout of a successful command, trimmed.
