@@ -181,6 +181,27 @@ fn hydrate_range_message_goes_to_the_front_of_the_order() {
     assert_eq!(st["regions_queued"], 0, "{st}");
 }
 
+/// `clonebd run` of `files` in 64 KiB regions with `extra`, which must refuse to start:
+/// returns what it printed on stderr. Under `timeout`: a start that wrongly went on would
+/// otherwise serve forever.
+fn refused_start(files: &Files, extra: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        "--source",
+        files.source.to_str().unwrap(),
+        "--dest",
+        files.dest.to_str().unwrap(),
+        "--metadata",
+        files.meta.to_str().unwrap(),
+        "--region-size",
+        "64k",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_status(CLONEBD, &args);
+    assert!(!out.status.success(), "started with {extra:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A malformed line or a range past the end, in either file, stops the start naming the
 /// file and the line, before anything is opened for writing: no metadata is created, and
 /// the record file is left as it was.
@@ -190,27 +211,9 @@ fn malformed_order_files_are_refused_with_their_line_numbers() {
     let order = files.path("order.txt");
     let record = files.path("reads.txt");
     let start = |flag: &str, path: &std::path::Path| {
-        // Under `timeout`: a start that wrongly went on would otherwise serve forever.
-        let out = run_status(
-            CLONEBD,
-            &[
-                "run",
-                "--create",
-                "--source",
-                files.source.to_str().unwrap(),
-                "--dest",
-                files.dest.to_str().unwrap(),
-                "--metadata",
-                files.meta.to_str().unwrap(),
-                "--region-size",
-                "64k",
-                flag,
-                path.to_str().unwrap(),
-            ],
-        );
-        assert!(!out.status.success(), "{flag} started");
+        let err = refused_start(&files, &["--create", flag, path.to_str().unwrap()]);
         assert!(!files.meta.exists(), "{flag}: metadata was created");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        err
     };
     let cases = [
         (
@@ -260,28 +263,11 @@ fn malformed_order_files_are_refused_with_their_line_numbers() {
 fn the_record_file_is_never_the_clone_s_storage_nor_left_by_a_failed_start() {
     let files = Files::new(SIZE, 15);
     let run = |record: &std::path::Path, create: bool| {
-        let mut args = vec![
-            "run",
-            "--source",
-            files.source.to_str().unwrap(),
-            "--dest",
-            files.dest.to_str().unwrap(),
-            "--metadata",
-            files.meta.to_str().unwrap(),
-            "--region-size",
-            "64k",
-            "--record-reads",
-            record.to_str().unwrap(),
-        ];
+        let mut args = vec!["--record-reads", record.to_str().unwrap()];
         if create {
             args.push("--create");
         }
-        let out = run_status(CLONEBD, &args);
-        assert!(
-            !out.status.success(),
-            "started with --record-reads {record:?}"
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        refused_start(&files, &args)
     };
     let dest_before = files.dest_bytes();
     let source_before = files.source_bytes();
