@@ -749,9 +749,19 @@ fn background_copy_failure_backs_off_and_is_counted() {
     assert!(matches!(a[..], [Action::Copy { .. }]), "{a:?}");
 }
 
+/// The operations of the copies among `a`.
+fn copy_ops(a: &[Action]) -> Vec<OpId> {
+    a.iter()
+        .filter(|x| matches!(x, Action::Copy { .. }))
+        .filter_map(op_of)
+        .collect()
+}
+
 /// A harness with a foreground read in flight the whole time (so clients are active; reads
 /// are served by the driver outside the engine, which only hears of them through the shared
-/// view), 65536 regions, threshold 32 and batch 32, and `priority`.
+/// view), 65536 regions, threshold 128 and batch 128, and `priority`, past the probe of the
+/// idle level that the first client activity starts (its latency 100 us): `a` holds the
+/// copies started after it.
 fn busy_harness(priority: HydrationPriority) -> (H, Vec<Action>) {
     let mut h = H::with(65536 * 8, |c| {
         c.hydration_enabled = true;
@@ -762,18 +772,14 @@ fn busy_harness(priority: HydrationPriority) -> (H, Vec<Action>) {
     h.e.view().foreground_started(h.now);
     let a = h.apply(Input::Tick);
     // The copy issued at resume, before the client came, was full size; complete it.
-    let first: Vec<OpId> = a
-        .iter()
-        .filter(|x| matches!(x, Action::Copy { .. }))
-        .filter_map(op_of)
-        .collect();
+    let first: Vec<OpId> = copy_ops(&a);
     assert_eq!(first.len(), 1, "{a:?}");
     // The first client activity starts a probe of the idle level: no copy until it ends.
     let a = h.done(first[0], IoStatus::Ok);
-    assert!(!a.iter().any(|x| matches!(x, Action::Copy { .. })), "{a:?}");
+    assert!(copy_ops(&a).is_empty(), "{a:?}");
     let mut a = Vec::new();
     for _ in 0..window::PROBE_LEN / (10 * MS) {
-        assert!(!a.iter().any(|x| matches!(x, Action::Copy { .. })), "{a:?}");
+        assert!(copy_ops(&a).is_empty(), "{a:?}");
         h.now += 10 * MS;
         a.extend(h.apply(Input::ForegroundLatency {
             mean: 100_000,
@@ -781,7 +787,7 @@ fn busy_harness(priority: HydrationPriority) -> (H, Vec<Action>) {
         }));
     }
     a.extend(h.advance(0));
-    assert!(a.iter().any(|x| matches!(x, Action::Copy { .. })), "{a:?}");
+    assert!(!copy_ops(&a).is_empty(), "{a:?}");
     (h, a)
 }
 
@@ -1456,7 +1462,7 @@ fn write_arriving_during_a_fill_waits_for_it_and_lands_after_it() {
         w.iter().map(|&(_, o, l, _)| (o, l)).collect::<Vec<_>>(),
         vec![(512, 512), (RB, RB)]
     );
-    assert!(!a.iter().any(|x| matches!(x, Action::Copy { .. })));
+    assert!(copy_ops(&a).is_empty());
     let mut replies = h.settle_all(a);
     replies.sort_unstable_by_key(|&(r, _)| r);
     assert_eq!(
@@ -1541,7 +1547,7 @@ fn paced_copies_wait_out_their_gap_then_go_on_by_themselves() {
     // Latency a hundred times the idle level, long enough to halve the window to nothing.
     run_busy(&mut h, &mut a, 300, |_| 10_000_000);
     assert!(
-        !a.iter().any(|x| matches!(x, Action::Copy { .. })),
+        copy_ops(&a).is_empty(),
         "the last paced copy ended: the next waits for its gap: {a:?}"
     );
     // The first wake-up is the end of that gap: one piece, alone.
@@ -1549,24 +1555,14 @@ fn paced_copies_wait_out_their_gap_then_go_on_by_themselves() {
         h.e.next_deadline()
             .expect("a wake-up for the end of the gap");
     let a = h.advance(wake - h.now);
-    let copies: Vec<OpId> = a
-        .iter()
-        .filter(|x| matches!(x, Action::Copy { .. }))
-        .filter_map(op_of)
-        .collect();
+    let copies: Vec<OpId> = copy_ops(&a);
     assert_eq!(copies.len(), 1, "one paced piece: {a:?}");
     // It takes 2 ms; nothing else starts meanwhile.
     let during = h.advance(MS);
-    assert!(
-        !during.iter().any(|x| matches!(x, Action::Copy { .. })),
-        "{during:?}"
-    );
+    assert!(copy_ops(&during).is_empty(), "{during:?}");
     h.now += MS;
     let after = h.done(copies[0], IoStatus::Ok);
-    assert!(
-        !after.iter().any(|x| matches!(x, Action::Copy { .. })),
-        "{after:?}"
-    );
+    assert!(copy_ops(&after).is_empty(), "{after:?}");
     let wake =
         h.e.next_deadline()
             .expect("a wake-up for the end of the gap");
@@ -1576,14 +1572,11 @@ fn paced_copies_wait_out_their_gap_then_go_on_by_themselves() {
         wake.saturating_sub(h.now)
     );
     let early = h.advance(wake - h.now - 1);
-    assert!(
-        !early.iter().any(|x| matches!(x, Action::Copy { .. })),
-        "{early:?}"
-    );
+    assert!(copy_ops(&early).is_empty(), "{early:?}");
     let next = h.advance(1);
-    let n = next
-        .iter()
-        .filter(|x| matches!(x, Action::Copy { .. }))
-        .count();
-    assert_eq!(n, 1, "the next piece starts when the gap is over: {next:?}");
+    assert_eq!(
+        copy_ops(&next).len(),
+        1,
+        "the next piece starts when the gap is over: {next:?}"
+    );
 }
