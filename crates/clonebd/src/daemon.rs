@@ -430,7 +430,8 @@ struct Opener {
     /// (the clone's length) to the parser.
     no_source: Option<u64>,
     create_meta: Option<u64>,
-    created_meta: Option<PathBuf>,
+    /// Metadata this start created: removed again if the start fails.
+    created_meta: CreatedFile,
     meta: Option<FileDevice>,
     dest: Option<FileDevice>,
     source: Option<Opened>,
@@ -463,7 +464,7 @@ impl TableDevices for Opener {
                 .open(p)
                 .and_then(|f| f.set_len(size));
             match f {
-                Ok(()) => self.created_meta = Some(p.to_path_buf()),
+                Ok(()) => self.created_meta = CreatedFile(Some(p.to_path_buf())),
                 Err(e) => {
                     return Err(OpenFailure {
                         errno: e.raw_os_error().unwrap_or(libc::EIO),
@@ -868,7 +869,7 @@ impl Daemon {
             direct: opts.direct_io,
             no_source: no_source.then(|| target_sectors * SECTOR_SIZE),
             create_meta,
-            created_meta: None,
+            created_meta: CreatedFile(None),
             meta: None,
             dest: None,
             source: None,
@@ -878,9 +879,6 @@ impl Daemon {
         let table = match parse_table(target_sectors, &refs, &mut opener) {
             Ok(t) => t,
             Err(error) => {
-                if let Some(p) = opener.created_meta.take() {
-                    let _ = std::fs::remove_file(p);
-                }
                 return Err(DaemonError::Table { error });
             }
         };
@@ -917,9 +915,6 @@ impl Daemon {
             Some(_) => match PinFile::for_metadata(&meta_path, opts.source_pin.as_deref()) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    if let Some(p) = opener.created_meta.take() {
-                        let _ = std::fs::remove_file(p);
-                    }
                     return Err(DaemonError::Pin(e));
                 }
             },
@@ -928,9 +923,6 @@ impl Daemon {
         let (store, map) = match MetadataStore::open(meta_dev, geometry, StoreOptions::default()) {
             Ok(x) => x,
             Err(source) => {
-                if let Some(p) = opener.created_meta.take() {
-                    let _ = std::fs::remove_file(p);
-                }
                 return Err(DaemonError::Metadata {
                     path: meta_path,
                     error: source,
@@ -963,9 +955,6 @@ impl Daemon {
                     remote.identity().marks
                 ),
                 Err(e) => {
-                    if let Some(p) = opener.created_meta.take() {
-                        let _ = std::fs::remove_file(p);
-                    }
                     return Err(DaemonError::Pin(e));
                 }
             }
@@ -993,9 +982,6 @@ impl Daemon {
                     );
                 }
                 Err(error) => {
-                    if let Some(p) = opener.created_meta.take() {
-                        let _ = std::fs::remove_file(p);
-                    }
                     return Err(DaemonError::Preallocate {
                         path: PathBuf::from(&table.destination_path),
                         bytes,
@@ -1004,6 +990,8 @@ impl Daemon {
                 }
             }
         }
+        // From here on the clone's metadata stays, as the volume starts on it.
+        opener.created_meta.keep();
         let mut passdown = !table.no_discard_passdown;
         if passdown && !dest.caps().discard {
             tracing::warn!(
@@ -1537,12 +1525,13 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         })
 }
 
-/// A file a start created, removed again unless the start succeeds
-/// ([`CreatedFile::keep`]): a failed start leaves nothing behind.
+/// A file a start created (the metadata with `--create`, a `--record-reads` file), removed
+/// again when dropped unless kept ([`CreatedFile::keep`]) once the start got far enough to
+/// need it: a failed start leaves nothing behind.
 struct CreatedFile(Option<PathBuf>);
 
 impl CreatedFile {
-    /// The start succeeded: the file stays.
+    /// The file stays.
     fn keep(&mut self) {
         self.0 = None;
     }
