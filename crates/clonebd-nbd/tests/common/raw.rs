@@ -183,6 +183,26 @@ impl RawClient {
         len: u64,
         payload: &[u8],
     ) {
+        let b = self.request_bytes(flags, ty, cookie, offset, len, payload);
+        self.stream.write_all(&b).unwrap();
+    }
+
+    /// Writes `bytes` (requests made by [`RawClient::request_bytes`]) in one write, so the
+    /// server finds them all buffered together.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The bytes of a request as [`RawClient::request`] sends it.
+    pub fn request_bytes(
+        &self,
+        flags: u16,
+        ty: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut b = Vec::with_capacity(32 + payload.len());
         if self.extended {
             b.extend_from_slice(&0x21e4_1c71u32.to_be_bytes());
@@ -199,7 +219,7 @@ impl RawClient {
             b.extend_from_slice(&(len as u32).to_be_bytes());
         }
         b.extend_from_slice(payload);
-        self.stream.write_all(&b).unwrap();
+        b
     }
 
     /// Read one complete reply. `simple_read_len` is the data length that follows a simple
